@@ -1,0 +1,61 @@
+//! Dropless dispatch: **plan** (sort pairs by expert), **permute** (gather rows into expert
+//! order), **experts** (one segment per expert), **unpermute + combine** (gather back and sum
+//! the k weighted rows of each token). Deterministic: no scatter-add touches activations.
+
+mod plan;
+
+pub use plan::DispatchPlan;
+
+use burn::tensor::{DType, Tensor};
+
+use crate::experts::Experts;
+use crate::router::Routing;
+
+/// Step 3, **permute**: the first `active_rows` expert-sorted rows of `x` (the rows of unused
+/// slots, which sort last, are left out).
+///
+/// # Shapes
+/// - `x`: `[T, d_model]` → `[active_rows, d_model]`
+pub fn permute(x: Tensor<2>, plan: &DispatchPlan, active_rows: usize) -> Tensor<2> {
+    let rows = plan.sorted_tokens.clone().narrow(0, 0, active_rows);
+    x.select(0, rows)
+}
+
+/// Step 5, **unpermute + combine**: gathers each token's k expert outputs back into token order
+/// and sums them weighted by the routing weights, accumulating in f32. Rows missing from
+/// `expert_rows` (unused slots) count as zero.
+///
+/// # Shapes
+/// - `expert_rows`: `[active_rows, d_model]` in expert order
+/// - `weights`: `[T, k]`
+/// - output: `[T, d_model]`, in `expert_rows`' dtype
+pub fn combine(expert_rows: Tensor<2>, plan: &DispatchPlan, weights: &Tensor<2>) -> Tensor<2> {
+    let [active_rows, d_model] = expert_rows.dims();
+    let (t, k) = (plan.num_tokens, plan.top_k);
+    let dtype = expert_rows.dtype();
+    let rows = if active_rows < t * k {
+        let device = expert_rows.device();
+        let unused = Tensor::<2>::zeros([t * k - active_rows, d_model], (&device, dtype));
+        Tensor::cat(vec![expert_rows, unused], 0)
+    } else {
+        expert_rows
+    };
+    let per_slot = rows
+        .select(0, plan.inverse.clone())
+        .reshape([t, k, d_model]);
+    let weighted = per_slot.cast(DType::F32) * weights.clone().cast(DType::F32).unsqueeze_dim(2);
+    weighted.sum_dim(1).reshape([t, d_model]).cast(dtype)
+}
+
+/// Steps 2–5 for one routing: plan, the host read of the counts, permute, experts, combine.
+///
+/// # Shapes
+/// - `x`: `[T, d_model]` → `[T, d_model]`
+pub fn run_experts(experts: &Experts, x: Tensor<2>, routing: &Routing) -> Tensor<2> {
+    let plan = DispatchPlan::new(&routing.expert_ids, routing.num_experts);
+    let counts = plan.counts_to_host();
+    let active_rows = counts.iter().sum();
+    let sorted_rows = permute(x, &plan, active_rows);
+    let expert_rows = experts.forward_segments(sorted_rows, &counts);
+    combine(expert_rows, &plan, &routing.weights)
+}

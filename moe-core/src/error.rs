@@ -1,0 +1,100 @@
+//! The one error type of `moe-core`.
+
+/// Every way a configuration, a parameter or an input can be rejected by `moe-core`.
+///
+/// Each variant carries the numbers that were wrong, and its message says what was expected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MoeError {
+    /// A size in a configuration is zero.
+    #[error("{name} must be at least 1, got 0")]
+    ZeroSize {
+        /// The configuration field.
+        name: &'static str,
+    },
+    /// `top_k` is 0 or larger than the number of experts.
+    #[error("top_k ({top_k}) must be in 1..={num_experts}")]
+    TopKOutOfRange {
+        /// The requested number of experts per token.
+        top_k: usize,
+        /// The number of routed experts.
+        num_experts: usize,
+    },
+    /// Group-limited routing with a group count that does not divide the experts.
+    #[error("n_group ({n_group}) must divide num_experts ({num_experts})")]
+    GroupsDoNotDivide {
+        /// The number of expert groups.
+        n_group: usize,
+        /// The number of routed experts.
+        num_experts: usize,
+    },
+    /// Group-limited routing keeping more groups than exist (or none).
+    #[error("topk_group ({topk_group}) must be in 1..={n_group}")]
+    TopKGroupOutOfRange {
+        /// The number of groups kept per token.
+        topk_group: usize,
+        /// The number of expert groups.
+        n_group: usize,
+    },
+    /// `top_k` is larger than the experts the kept groups leave to choose from.
+    #[error(
+        "top_k ({top_k}) exceeds the {available} experts left by keeping {topk_group} of {n_group} groups"
+    )]
+    TopKExceedsGroups {
+        /// The requested number of experts per token.
+        top_k: usize,
+        /// `topk_group * num_experts / n_group`.
+        available: usize,
+        /// The number of groups kept per token.
+        topk_group: usize,
+        /// The number of expert groups.
+        n_group: usize,
+    },
+    /// `routed_scaling_factor` is not a finite positive number.
+    #[error("routed_scaling_factor must be finite and > 0, got {value}")]
+    InvalidScalingFactor {
+        /// The rejected factor.
+        value: f64,
+    },
+    /// The input's last axis is not the layer's hidden size.
+    #[error("input hidden size is {got}, but the layer expects d_model = {expected}")]
+    HiddenSizeMismatch {
+        /// The layer's `d_model`.
+        expected: usize,
+        /// The size of the input's last axis.
+        got: usize,
+    },
+    /// The input is neither `[T, d_model]` nor `[B, S, d_model]`.
+    #[error("input must have rank 2 [T, d_model] or 3 [B, S, d_model], got rank {rank}")]
+    WrongRank {
+        /// The input's rank.
+        rank: usize,
+    },
+    /// A per-row `top_k` list does not have one entry per row.
+    #[error("per-row top_k has {got} entries, but the input has {expected} rows")]
+    RowTopKLength {
+        /// Tokens (per-token k) or sequences (per-sequence k) in the input.
+        expected: usize,
+        /// Entries in the list.
+        got: usize,
+    },
+    /// One entry of a per-row `top_k` list is out of range.
+    #[error("per-row top_k of row {row} is {k}, but it must be in 1..={max}")]
+    RowTopKOutOfRange {
+        /// The offending row.
+        row: usize,
+        /// Its requested k.
+        k: usize,
+        /// The largest k the router allows.
+        max: usize,
+    },
+    /// A parameter or a hand-made routing has the wrong shape.
+    #[error("{name} has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// What was checked.
+        name: String,
+        /// The shape it should have.
+        expected: Vec<usize>,
+        /// The shape it has.
+        got: Vec<usize>,
+    },
+}

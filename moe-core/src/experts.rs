@@ -1,0 +1,217 @@
+//! Step 4 of a forward pass, **experts**: the routed expert FFNs, stored stacked as `[E, …]`
+//! tensors and applied to contiguous, expert-sorted segments of rows.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::Initializer;
+use burn::tensor::activation::{gelu, silu};
+use burn::tensor::{Device, Tensor};
+
+use crate::dispatch;
+use crate::error::MoeError;
+use crate::router::Routing;
+
+/// The expert FFN's form.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum ExpertActivation {
+    /// `down(silu(x · gate) ⊙ (x · up))` (OLMoE, Mixtral, Qwen, DeepSeek).
+    SwiGlu,
+    /// `down(gelu(x · up))`, exact (erf) GELU.
+    Gelu,
+}
+
+/// Configuration of the stacked routed [`Experts`].
+#[derive(Config, Debug)]
+pub struct ExpertsConfig {
+    /// Hidden size `d_model`.
+    pub d_model: usize,
+    /// Intermediate size `d_ff` of each expert.
+    pub d_ff: usize,
+    /// Number of experts `E`.
+    pub num_experts: usize,
+    /// FFN form.
+    #[config(default = "ExpertActivation::SwiGlu")]
+    pub activation: ExpertActivation,
+    /// Initializer of every expert matrix (fan-in is the matrix's input size).
+    /// The default is Burn's `Linear` default, uniform in ±1/√fan_in.
+    #[config(
+        default = "Initializer::KaimingUniform { gain: 0.5773502691896258, fan_out_only: false }"
+    )]
+    pub initializer: Initializer,
+}
+
+impl ExpertsConfig {
+    /// Checks the configuration without allocating anything.
+    pub fn validate(&self) -> Result<(), MoeError> {
+        for (name, value) in [
+            ("d_model", self.d_model),
+            ("d_ff", self.d_ff),
+            ("num_experts", self.num_experts),
+        ] {
+            if value == 0 {
+                return Err(MoeError::ZeroSize { name });
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates the configuration and creates the stacked parameters on `device`.
+    pub fn init(&self, device: &Device) -> Result<Experts, MoeError> {
+        self.validate()?;
+        let (e, d, f) = (self.num_experts, self.d_model, self.d_ff);
+        let init = |shape: [usize; 3], fan_in: usize, fan_out: usize| {
+            self.initializer
+                .init_with(shape, Some(fan_in), Some(fan_out), device)
+        };
+        let gate = match self.activation {
+            ExpertActivation::SwiGlu => Some(init([e, d, f], d, f)),
+            ExpertActivation::Gelu => None,
+        };
+        Ok(Experts {
+            gate,
+            up: init([e, d, f], d, f),
+            down: init([e, f, d], f, d),
+        })
+    }
+}
+
+/// `E` expert FFNs with stacked parameters.
+///
+/// SwiGLU experts have a `gate`; GELU MLP experts do not.
+#[derive(Module, Debug)]
+pub struct Experts {
+    /// Gate projections, `[E, d_model, d_ff]` (SwiGLU only).
+    pub gate: Option<Param<Tensor<3>>>,
+    /// Up projections, `[E, d_model, d_ff]`.
+    pub up: Param<Tensor<3>>,
+    /// Down projections, `[E, d_ff, d_model]`.
+    pub down: Param<Tensor<3>>,
+}
+
+impl Experts {
+    /// Builds experts from existing stacked tensors, checking that their shapes agree.
+    ///
+    /// # Shapes
+    /// - `gate`, `up`: `[E, d_model, d_ff]`
+    /// - `down`: `[E, d_ff, d_model]`
+    pub fn from_tensors(
+        gate: Option<Tensor<3>>,
+        up: Tensor<3>,
+        down: Tensor<3>,
+    ) -> Result<Self, MoeError> {
+        let [e, d, f] = up.dims();
+        if e == 0 || d == 0 || f == 0 {
+            return Err(MoeError::ShapeMismatch {
+                name: "experts.up".into(),
+                expected: vec![e.max(1), d.max(1), f.max(1)],
+                got: vec![e, d, f],
+            });
+        }
+        let check = |name: &str, got: [usize; 3], expected: [usize; 3]| {
+            if got == expected {
+                Ok(())
+            } else {
+                Err(MoeError::ShapeMismatch {
+                    name: name.into(),
+                    expected: expected.to_vec(),
+                    got: got.to_vec(),
+                })
+            }
+        };
+        if let Some(g) = &gate {
+            check("experts.gate", g.dims(), [e, d, f])?;
+        }
+        check("experts.down", down.dims(), [e, f, d])?;
+        Ok(Experts {
+            gate: gate.map(Param::from_tensor),
+            up: Param::from_tensor(up),
+            down: Param::from_tensor(down),
+        })
+    }
+
+    /// Number of experts `E`.
+    pub fn num_experts(&self) -> usize {
+        self.up.dims()[0]
+    }
+
+    /// Hidden size `d_model`.
+    pub fn d_model(&self) -> usize {
+        self.up.dims()[1]
+    }
+
+    /// Intermediate size `d_ff`.
+    pub fn d_ff(&self) -> usize {
+        self.up.dims()[2]
+    }
+
+    /// The FFN form, given by the presence of a gate.
+    pub fn activation(&self) -> ExpertActivation {
+        match self.gate {
+            Some(_) => ExpertActivation::SwiGlu,
+            None => ExpertActivation::Gelu,
+        }
+    }
+
+    /// Applies expert `expert` to every row of `x`.
+    ///
+    /// # Shapes
+    /// - `x`: `[n, d_model]` → `[n, d_model]`
+    pub fn forward_expert(&self, expert: usize, x: Tensor<2>) -> Tensor<2> {
+        let (d, f) = (self.d_model(), self.d_ff());
+        let slice = |p: &Param<Tensor<3>>, rows: usize, cols: usize| {
+            p.val().narrow(0, expert, 1).reshape([rows, cols])
+        };
+        let up = x.clone().matmul(slice(&self.up, d, f));
+        let hidden = match &self.gate {
+            Some(gate) => silu(x.matmul(slice(gate, d, f))) * up,
+            None => gelu(up),
+        };
+        hidden.matmul(slice(&self.down, f, d))
+    }
+
+    /// Applies the experts to `x` as `routing` says (any routing, not only this crate's router):
+    /// plan, permute, [`Experts::forward_segments`], combine.
+    ///
+    /// # Shapes
+    /// - `x`: `[T, d_model]`, `routing`: `T` tokens → `[T, d_model]`
+    pub fn forward(&self, x: Tensor<2>, routing: &Routing) -> Result<Tensor<2>, MoeError> {
+        let [t, d] = x.dims();
+        if d != self.d_model() {
+            return Err(MoeError::HiddenSizeMismatch {
+                expected: self.d_model(),
+                got: d,
+            });
+        }
+        if routing.num_experts != self.num_experts() || routing.num_tokens() != t {
+            return Err(MoeError::ShapeMismatch {
+                name: "routing [tokens, experts]".into(),
+                expected: vec![t, self.num_experts()],
+                got: vec![routing.num_tokens(), routing.num_experts],
+            });
+        }
+        Ok(dispatch::run_experts(self, x, routing))
+    }
+
+    /// Runs each expert on its contiguous segment of expert-sorted rows: rows
+    /// `offset_e .. offset_e + counts[e]` go to expert `e`, empty experts are skipped.
+    ///
+    /// # Shapes
+    /// - `sorted_rows`: `[Σ counts, d_model]` → `[Σ counts, d_model]`
+    pub fn forward_segments(&self, sorted_rows: Tensor<2>, counts: &[usize]) -> Tensor<2> {
+        let mut outputs = Vec::with_capacity(counts.len());
+        let mut start = 0;
+        for (expert, &count) in counts.iter().enumerate() {
+            if count == 0 {
+                continue;
+            }
+            let segment = sorted_rows.clone().narrow(0, start, count);
+            outputs.push(self.forward_expert(expert, segment));
+            start += count;
+        }
+        match outputs.len() {
+            0 => sorted_rows,
+            1 => outputs.pop().unwrap_or(sorted_rows),
+            _ => Tensor::cat(outputs, 0),
+        }
+    }
+}

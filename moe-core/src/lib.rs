@@ -1,0 +1,66 @@
+//! # moe-core
+//!
+//! Mixture-of-Experts building blocks for [Burn](https://burn.dev): routers, stacked expert
+//! FFNs, shared experts and a dropless, deterministic sort-based dispatch. Every module works on
+//! any Burn device (flex and ndarray on the CPU, wgpu, CUDA) through the same code.
+//!
+//! One forward pass of a [`MoeLayer`], each step in one named place:
+//!
+//! | step | where |
+//! |---|---|
+//! | route: logits (f32), scores, top-k, weights | [`router::Router::route`] |
+//! | plan: sort `(token, slot)` pairs by expert | [`dispatch::DispatchPlan::new`] |
+//! | permute: gather rows into expert order | [`dispatch::permute`] |
+//! | experts: one FFN per contiguous segment | [`experts::Experts::forward_segments`] |
+//! | unpermute + combine: gather back, weighted sum over k | [`dispatch::combine`] |
+//! | shared: dense expert for every token | [`shared::SharedExpert::forward`] |
+//!
+//! ## Embedding a layer in your own module
+//!
+//! ```
+//! use burn::module::Module;
+//! use burn::nn::{RmsNorm, RmsNormConfig};
+//! use burn::tensor::{Device, Distribution, Tensor};
+//! use moe_core::{MoeError, MoeLayer, MoeLayerConfig, TopK};
+//!
+//! #[derive(Module, Debug)]
+//! struct Block {
+//!     norm: RmsNorm,
+//!     moe: MoeLayer,
+//! }
+//!
+//! impl Block {
+//!     fn new(device: &Device) -> Result<Self, MoeError> {
+//!         let moe = MoeLayerConfig::olmoe(64, 32, 8, 2).init(device)?; // d, d_ff, E, k
+//!         Ok(Block { norm: RmsNormConfig::new(64).init(device), moe })
+//!     }
+//!
+//!     /// `x`: `[batch, seq, 64]`; `k` experts per token for this call.
+//!     fn forward(&self, x: Tensor<3>, k: usize) -> Result<Tensor<3>, MoeError> {
+//!         let out = self.moe.try_forward(self.norm.forward(x.clone()), &TopK::Fixed(k))?;
+//!         Ok(x + out.hidden)
+//!     }
+//! }
+//!
+//! let device = Device::default();
+//! let block = Block::new(&device)?;
+//! let x = Tensor::<3>::random([2, 5, 64], Distribution::Normal(0.0, 1.0), &device);
+//! assert_eq!(block.forward(x.clone(), 2)?.dims(), [2, 5, 64]);
+//! assert_eq!(block.forward(x, 8)?.dims(), [2, 5, 64]); // same weights, all 8 experts
+//! # Ok::<(), MoeError>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod dispatch;
+pub mod error;
+pub mod experts;
+pub mod layer;
+pub mod reference;
+pub mod router;
+pub mod shared;
+
+pub use error::MoeError;
+pub use experts::{ExpertActivation, Experts, ExpertsConfig};
+pub use layer::{MoeLayer, MoeLayerConfig, MoeOutput};
+pub use router::{GroupLimit, Router, RouterConfig, RouterSettings, Routing, Scoring, TopK};
+pub use shared::{SharedExpert, SharedExpertConfig};

@@ -1,0 +1,204 @@
+//! One sparse-MoE block in Hugging Face layout → a [`MoeLayer`].
+//!
+//! Names are relative to the block (prefix them with e.g. `model.layers.3.mlp.`):
+//!
+//! | part | OLMoE / Qwen | Mixtral |
+//! |---|---|---|
+//! | router | `gate.weight` `[E, H]` | `gate.weight` |
+//! | expert gate | `experts.{j}.gate_proj.weight` `[I, H]` | `experts.{j}.w1.weight` |
+//! | expert up | `experts.{j}.up_proj.weight` `[I, H]` | `experts.{j}.w3.weight` |
+//! | expert down | `experts.{j}.down_proj.weight` `[H, I]` | `experts.{j}.w2.weight` |
+//! | packed gate+up | `experts.gate_up_proj` `[E, 2I, H]`, gate rows first | — |
+//! | packed down | `experts.down_proj` `[E, H, I]` | — |
+//! | shared expert (Qwen2-MoE) | `shared_expert.{gate,up,down}_proj.weight` | — |
+//! | shared gate (Qwen2-MoE) | `shared_expert_gate.weight` `[1, H]` | — |
+//! | selection bias (DeepSeek-V3) | `gate.e_score_correction_bias` `[E]` | — |
+//!
+//! Every matrix is transposed once, at load, into the layer's `[in, out]` layout.
+
+use burn::module::Param;
+use burn::tensor::{Device, Tensor, TensorData};
+use moe_core::{Experts, MoeLayer, MoeLayerConfig, Router, SharedExpert};
+
+use crate::error::LoadError;
+use crate::tensors::ReadTensors;
+
+/// Expert tensor names of a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertNaming {
+    /// `gate_proj` / `up_proj` / `down_proj` (OLMoE, Qwen2-MoE, Qwen3-MoE, DeepSeek).
+    Proj,
+    /// `w1` / `w3` / `w2` (Mixtral).
+    Mixtral,
+}
+
+impl ExpertNaming {
+    fn names(self) -> [&'static str; 3] {
+        match self {
+            ExpertNaming::Proj => ["gate_proj", "up_proj", "down_proj"],
+            ExpertNaming::Mixtral => ["w1", "w3", "w2"],
+        }
+    }
+}
+
+/// Reads `[out, in]` matrices and returns them transposed and stacked: `[n, in, out]`.
+fn stacked_transposed(
+    source: &dyn ReadTensors,
+    names: &[String],
+    out_dim: usize,
+    in_dim: usize,
+) -> Result<TensorData, LoadError> {
+    let mut stacked = vec![0f32; names.len() * in_dim * out_dim];
+    for (n, name) in names.iter().enumerate() {
+        let m = source.read_f32(name, &[out_dim, in_dim])?;
+        let dst = &mut stacked[n * in_dim * out_dim..(n + 1) * in_dim * out_dim];
+        for o in 0..out_dim {
+            for i in 0..in_dim {
+                dst[i * out_dim + o] = m[o * in_dim + i];
+            }
+        }
+    }
+    Ok(TensorData::new(stacked, [names.len(), in_dim, out_dim]))
+}
+
+/// Loads routed experts: the packed layout when `{prefix}experts.gate_up_proj` exists,
+/// per-expert tensors otherwise.
+fn load_experts(
+    source: &dyn ReadTensors,
+    prefix: &str,
+    naming: ExpertNaming,
+    config: &MoeLayerConfig,
+    device: &Device,
+) -> Result<Experts, LoadError> {
+    let (e, h, i) = (config.num_experts, config.d_model, config.d_ff);
+    let upload = |data: TensorData| Tensor::<3>::from_data(data, device);
+    let packed = format!("{prefix}experts.gate_up_proj");
+    if source.contains(&packed) {
+        let gate_up = source.read_f32(&packed, &[e, 2 * i, h])?;
+        let mut gate = vec![0f32; e * h * i];
+        let mut up = vec![0f32; e * h * i];
+        for x in 0..e {
+            for r in 0..2 * i {
+                let (dst, col) = if r < i {
+                    (&mut gate, r)
+                } else {
+                    (&mut up, r - i)
+                };
+                for c in 0..h {
+                    dst[x * h * i + c * i + col] = gate_up[x * 2 * i * h + r * h + c];
+                }
+            }
+        }
+        let down_names = [format!("{prefix}experts.down_proj")];
+        let down = source.read_f32(&down_names[0], &[e, h, i])?;
+        let mut down_t = vec![0f32; e * i * h];
+        for x in 0..e {
+            for r in 0..h {
+                for c in 0..i {
+                    down_t[x * i * h + c * h + r] = down[x * h * i + r * i + c];
+                }
+            }
+        }
+        return Ok(Experts::from_tensors(
+            Some(upload(TensorData::new(gate, [e, h, i]))),
+            upload(TensorData::new(up, [e, h, i])),
+            upload(TensorData::new(down_t, [e, i, h])),
+        )?);
+    }
+    let [gate, up, down] = naming.names();
+    let names = |part: &str| -> Vec<String> {
+        (0..e)
+            .map(|j| format!("{prefix}experts.{j}.{part}.weight"))
+            .collect()
+    };
+    Ok(Experts::from_tensors(
+        Some(upload(stacked_transposed(source, &names(gate), i, h)?)),
+        upload(stacked_transposed(source, &names(up), i, h)?),
+        upload(stacked_transposed(source, &names(down), h, i)?),
+    )?)
+}
+
+/// Reads `[out, in]` matrix `name` as a `[in, out]` tensor.
+fn matrix_transposed(
+    source: &dyn ReadTensors,
+    name: String,
+    out_dim: usize,
+    in_dim: usize,
+    device: &Device,
+) -> Result<Tensor<2>, LoadError> {
+    let data = stacked_transposed(source, &[name], out_dim, in_dim)?;
+    Ok(Tensor::<3>::from_data(data, device).reshape([in_dim, out_dim]))
+}
+
+/// Loads a dense SwiGLU FFN (`{prefix}gate_proj.weight`, …) as a one-expert [`Experts`].
+fn load_dense(
+    source: &dyn ReadTensors,
+    prefix: &str,
+    d_model: usize,
+    d_ff: usize,
+    device: &Device,
+) -> Result<Experts, LoadError> {
+    let load = |part: &str, out_dim: usize, in_dim: usize| -> Result<Tensor<3>, LoadError> {
+        let data =
+            stacked_transposed(source, &[format!("{prefix}{part}.weight")], out_dim, in_dim)?;
+        Ok(Tensor::<3>::from_data(data, device))
+    };
+    Ok(Experts::from_tensors(
+        Some(load("gate_proj", d_ff, d_model)?),
+        load("up_proj", d_ff, d_model)?,
+        load("down_proj", d_model, d_ff)?,
+    )?)
+}
+
+/// Loads one MoE block whose weights are named `{prefix}…` in `source`, for `config`.
+///
+/// The router reads `gate.weight` (and `gate.e_score_correction_bias` when the config asks for
+/// a selection bias); a shared expert reads `shared_expert.*` and, when gated,
+/// `shared_expert_gate.weight`.
+pub fn load_block(
+    source: &dyn ReadTensors,
+    prefix: &str,
+    naming: ExpertNaming,
+    config: &MoeLayerConfig,
+    device: &Device,
+) -> Result<MoeLayer, LoadError> {
+    config.validate()?;
+    let (e, h) = (config.num_experts, config.d_model);
+    let mut router: Router = config.router().init(device)?;
+    router.weight = Param::from_tensor(matrix_transposed(
+        source,
+        format!("{prefix}gate.weight"),
+        e,
+        h,
+        device,
+    )?);
+    if let Some(bias) = &mut router.selection_bias {
+        let data = source.read_f32(&format!("{prefix}gate.e_score_correction_bias"), &[e])?;
+        *bias = Param::from_tensor(Tensor::<1>::from_data(TensorData::new(data, [e]), device));
+    }
+    let experts = load_experts(source, prefix, naming, config, device)?;
+    let shared = match &config.shared_expert {
+        None => None,
+        Some(s) => {
+            let ffn = load_dense(
+                source,
+                &format!("{prefix}shared_expert."),
+                h,
+                s.d_ff,
+                device,
+            )?;
+            let gate = match s.gated {
+                true => Some(matrix_transposed(
+                    source,
+                    format!("{prefix}shared_expert_gate.weight"),
+                    1,
+                    h,
+                    device,
+                )?),
+                false => None,
+            };
+            Some(SharedExpert::from_parts(ffn, gate)?)
+        }
+    };
+    Ok(MoeLayer::from_parts(router, experts, shared)?)
+}

@@ -1,0 +1,16 @@
+//! # moe-models
+//!
+//! Hugging Face Mixture-of-Experts checkpoints (config.json + safetensors) for `moe-core`.
+//! This release loads single MoE blocks in the OLMoE, Qwen2/3-MoE, DeepSeek (per-expert or
+//! packed experts) and Mixtral layouts, from F32, BF16 or F16 tensors.
+#![warn(missing_docs)]
+
+pub mod block;
+pub mod checkpoint;
+pub mod error;
+pub mod tensors;
+
+pub use block::{ExpertNaming, load_block};
+pub use checkpoint::Checkpoint;
+pub use error::LoadError;
+pub use tensors::{ReadTensors, TensorSource};
