@@ -119,7 +119,7 @@ fn load_experts(
 }
 
 /// Reads `[out, in]` matrix `name` as a `[in, out]` tensor.
-fn matrix_transposed(
+pub(crate) fn matrix_transposed(
     source: &dyn ReadTensors,
     name: String,
     out_dim: usize,

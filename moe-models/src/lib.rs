@@ -8,9 +8,11 @@
 pub mod block;
 pub mod checkpoint;
 pub mod error;
+pub mod olmoe;
 pub mod tensors;
 
 pub use block::{ExpertNaming, load_block};
 pub use checkpoint::Checkpoint;
 pub use error::LoadError;
+pub use olmoe::{KvCache, LoadReport, OlmoeConfig, OlmoeModel};
 pub use tensors::{ReadTensors, TensorSource};

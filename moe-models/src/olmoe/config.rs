@@ -1,0 +1,279 @@
+//! `config.json` of an OLMoE checkpoint, with the Hugging Face field names.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use moe_core::MoeLayerConfig;
+
+use crate::error::LoadError;
+
+/// The fields of an OLMoE `config.json` this engine reads (Hugging Face names and defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OlmoeConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden size `H`.
+    pub hidden_size: usize,
+    /// Intermediate size of each expert `I`.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (defaults to the query heads).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Expert activation; only `silu` is supported.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// RoPE scaling; only `null` is supported.
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    /// Biases on the attention projections; only `false` is supported.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Clamp q, k and v to ±`clip_qkv`.
+    #[serde(default)]
+    pub clip_qkv: Option<f64>,
+    /// Routed experts `E`.
+    pub num_experts: usize,
+    /// Experts per token `k`.
+    pub num_experts_per_tok: usize,
+    /// Renormalise the top-k weights (false for the released OLMoE models).
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+    /// `lm_head` shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Padding token.
+    #[serde(default)]
+    pub pad_token_id: Option<i64>,
+    /// End-of-sequence token(s): an id or a list of ids.
+    #[serde(default)]
+    pub eos_token_id: Option<Value>,
+    /// Longest position the model was trained for.
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
+}
+
+fn default_act() -> String {
+    "silu".into()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+
+const REQUIRED_SIZES: [&str; 7] = [
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_experts",
+    "num_experts_per_tok",
+];
+
+fn invalid(field: &str, reason: impl Into<String>) -> LoadError {
+    LoadError::Config {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl OlmoeConfig {
+    /// OLMoE-1B-7B (0924/0125): 16 layers, H 2048, 16 heads, 64 experts of I 1024, top-8.
+    pub fn olmoe_1b_7b() -> Self {
+        OlmoeConfig {
+            vocab_size: 50304,
+            hidden_size: 2048,
+            intermediate_size: 1024,
+            num_hidden_layers: 16,
+            num_attention_heads: 16,
+            num_key_value_heads: Some(16),
+            hidden_act: default_act(),
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            attention_bias: false,
+            clip_qkv: None,
+            num_experts: 64,
+            num_experts_per_tok: 8,
+            norm_topk_prob: false,
+            tie_word_embeddings: false,
+            pad_token_id: Some(1),
+            eos_token_id: Some(Value::from(50279)),
+            max_position_embeddings: Some(4096),
+        }
+    }
+
+    /// Parses `config.json` text and validates it; errors name the offending field.
+    pub fn from_json(text: &str) -> Result<Self, LoadError> {
+        let value: Value = serde_json::from_str(text).map_err(|e| LoadError::Config {
+            field: "config.json".into(),
+            reason: format!("not valid JSON: {e}"),
+        })?;
+        let object = value
+            .as_object()
+            .ok_or_else(|| invalid("config.json", "must be a JSON object"))?;
+        for field in REQUIRED_SIZES {
+            match object.get(field) {
+                None => return Err(invalid(field, "is missing")),
+                Some(v) => match v.as_i64() {
+                    Some(n) if n >= 1 => {}
+                    _ => {
+                        return Err(invalid(
+                            field,
+                            format!("must be a positive integer, got {v}"),
+                        ));
+                    }
+                },
+            }
+        }
+        let config: OlmoeConfig =
+            serde_json::from_value(value).map_err(|e| invalid("config.json", e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// End-of-sequence ids.
+    pub fn eos_ids(&self) -> Vec<i64> {
+        match &self.eos_token_id {
+            Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+            Some(Value::Array(ids)) => ids.iter().filter_map(Value::as_i64).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Checks what this engine supports; errors name the field.
+    pub fn validate(&self) -> Result<(), LoadError> {
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+            ("num_experts", self.num_experts),
+            ("num_experts_per_tok", self.num_experts_per_tok),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be at least 1, got 0"));
+            }
+        }
+        if self.hidden_act != "silu" {
+            return Err(invalid(
+                "hidden_act",
+                format!("`{}` is not supported (only `silu`)", self.hidden_act),
+            ));
+        }
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(invalid(
+                "rope_scaling",
+                "RoPE scaling is not supported (only null)",
+            ));
+        }
+        if self.attention_bias {
+            return Err(invalid(
+                "attention_bias",
+                "attention biases are not supported",
+            ));
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(invalid(
+                "num_attention_heads",
+                format!(
+                    "{} does not divide hidden_size {}",
+                    self.num_attention_heads, self.hidden_size
+                ),
+            ));
+        }
+        if self.num_attention_heads % self.kv_heads() != 0 {
+            return Err(invalid(
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    self.kv_heads(),
+                    self.num_attention_heads
+                ),
+            ));
+        }
+        if self.num_experts_per_tok > self.num_experts {
+            return Err(invalid(
+                "num_experts_per_tok",
+                format!(
+                    "{} exceeds num_experts {}",
+                    self.num_experts_per_tok, self.num_experts
+                ),
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(invalid(
+                "rms_norm_eps",
+                format!("must be > 0, got {}", self.rms_norm_eps),
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(invalid(
+                "rope_theta",
+                format!("must be > 0, got {}", self.rope_theta),
+            ));
+        }
+        if let Some(clip) = self.clip_qkv
+            && !(clip.is_finite() && clip > 0.0)
+        {
+            return Err(invalid("clip_qkv", format!("must be > 0, got {clip}")));
+        }
+        Ok(())
+    }
+
+    /// The MoE layer of every decoder block.
+    pub fn moe_layer(&self) -> MoeLayerConfig {
+        MoeLayerConfig::olmoe(
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_experts,
+            self.num_experts_per_tok,
+        )
+        .with_normalize_top_k(self.norm_topk_prob)
+    }
+
+    /// Parameters in total and those one token uses (`k` of `E` experts).
+    pub fn parameter_counts(&self) -> (u64, u64) {
+        let (h, i, v) = (
+            self.hidden_size as u64,
+            self.intermediate_size as u64,
+            self.vocab_size as u64,
+        );
+        let kv = (self.kv_heads() * self.head_dim()) as u64;
+        let attention = h * h * 2 + h * kv * 2 + h + kv; // q, o, k, v, q_norm, k_norm
+        let norms = 2 * h;
+        let router = h * self.num_experts as u64;
+        let expert = 3 * h * i;
+        let dense_per_layer = attention + norms + router;
+        let layers = self.num_hidden_layers as u64;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        let embed = v * h + head + h;
+        let total = embed + layers * (dense_per_layer + self.num_experts as u64 * expert);
+        let active = embed + layers * (dense_per_layer + self.num_experts_per_tok as u64 * expert);
+        (total, active)
+    }
+}

@@ -1,0 +1,363 @@
+//! The OLMoE decoder: embeddings, RMSNorm, attention with q/k norms over the full projection
+//! width, optional `clip_qkv`, rotary embeddings, the MoE MLP from `moe-core`, final norm and an
+//! untied `lm_head`; a KV cache for incremental decoding and left-padded batches.
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, RmsNorm};
+use burn::tensor::activation::softmax;
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use moe_core::{MoeError, MoeLayer, Routing, TopK};
+
+/// Self-attention of one decoder layer.
+#[derive(Module, Debug)]
+pub struct OlmoeAttention {
+    /// `[H, heads · head_dim]`.
+    pub q_proj: Linear,
+    /// `[H, kv_heads · head_dim]`.
+    pub k_proj: Linear,
+    /// `[H, kv_heads · head_dim]`.
+    pub v_proj: Linear,
+    /// `[heads · head_dim, H]`.
+    pub o_proj: Linear,
+    /// RMSNorm over the whole query projection (not per head).
+    pub q_norm: RmsNorm,
+    /// RMSNorm over the whole key projection.
+    pub k_norm: RmsNorm,
+    /// Query heads.
+    #[module(skip)]
+    pub heads: usize,
+    /// Key/value heads.
+    #[module(skip)]
+    pub kv_heads: usize,
+    /// Size of one head.
+    #[module(skip)]
+    pub head_dim: usize,
+    /// Clamp for q, k and v.
+    #[module(skip)]
+    pub clip_qkv: Option<f64>,
+}
+
+/// Cached keys and values of one layer, `[B, kv_heads, positions, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    keys: Option<Tensor<4>>,
+    values: Option<Tensor<4>>,
+}
+
+fn rotate_half(x: Tensor<4>) -> Tensor<4> {
+    let [b, h, l, d] = x.dims();
+    let first = x.clone().narrow(3, 0, d / 2);
+    let second = x.narrow(3, d / 2, d / 2);
+    Tensor::cat(vec![second.neg(), first], 3).reshape([b, h, l, d])
+}
+
+impl OlmoeAttention {
+    /// # Shapes
+    /// - `x`: `[B, L, H]`; `cos`, `sin`: `[B, 1, L, head_dim]`; `mask`: `[B, 1, L, P]` additive,
+    ///   where `P` counts cached and new positions → `[B, L, H]`
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mask: &Tensor<4>,
+        cache: &mut LayerCache,
+    ) -> Tensor<3> {
+        let [b, l, _] = x.dims();
+        let mut q = self.q_norm.forward(self.q_proj.forward(x.clone()));
+        let mut k = self.k_norm.forward(self.k_proj.forward(x.clone()));
+        let mut v = self.v_proj.forward(x);
+        if let Some(clip) = self.clip_qkv {
+            q = q.clamp(-clip, clip);
+            k = k.clamp(-clip, clip);
+            v = v.clamp(-clip, clip);
+        }
+        let split =
+            |t: Tensor<3>, heads: usize| t.reshape([b, l, heads, self.head_dim]).swap_dims(1, 2);
+        let q = split(q, self.heads);
+        let k = split(k, self.kv_heads);
+        let v = split(v, self.kv_heads);
+        let q = q.clone() * cos.clone() + rotate_half(q) * sin.clone();
+        let k = k.clone() * cos.clone() + rotate_half(k) * sin.clone();
+
+        let k = match cache.keys.take() {
+            Some(past) => Tensor::cat(vec![past, k], 2),
+            None => k,
+        };
+        let v = match cache.values.take() {
+            Some(past) => Tensor::cat(vec![past, v], 2),
+            None => v,
+        };
+        cache.keys = Some(k.clone());
+        cache.values = Some(v.clone());
+
+        let repeat = self.heads / self.kv_heads;
+        let expand = |t: Tensor<4>| -> Tensor<4> {
+            if repeat == 1 {
+                return t;
+            }
+            let [b, kv, p, d] = t.dims();
+            t.unsqueeze_dim::<5>(2)
+                .expand([b, kv, repeat, p, d])
+                .reshape([b, kv * repeat, p, d])
+        };
+        let (k, v) = (expand(k), expand(v));
+        let scale = (self.head_dim as f64).sqrt().recip();
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        let dtype = scores.dtype();
+        let probs = softmax(scores.cast(DType::F32) + mask.clone(), 3).cast(dtype);
+        let out = probs
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([b, l, self.heads * self.head_dim]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// One decoder layer: `h = x + attn(norm(x))`, `out = h + moe(norm(h))`.
+#[derive(Module, Debug)]
+pub struct OlmoeDecoderLayer {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Self-attention.
+    pub self_attn: OlmoeAttention,
+    /// Norm before the MoE MLP.
+    pub post_attention_layernorm: RmsNorm,
+    /// The sparse MoE MLP.
+    pub mlp: MoeLayer,
+}
+
+/// What one layer's MoE block saw and produced (for parity tests and statistics).
+#[derive(Debug, Clone)]
+pub struct MoeTrace {
+    /// Input of the MoE block, `[B, L, H]`.
+    pub input: Tensor<3>,
+    /// Routing of its `B·L` tokens.
+    pub routing: Routing,
+    /// Output of the MoE block before the residual add, `[B, L, H]`.
+    pub output: Tensor<3>,
+}
+
+/// The whole causal language model.
+#[derive(Module, Debug)]
+pub struct OlmoeModel {
+    /// Token embeddings, `[vocab, H]`.
+    pub embed_tokens: Param<Tensor<2>>,
+    /// Decoder layers.
+    pub layers: Vec<OlmoeDecoderLayer>,
+    /// Final norm.
+    pub norm: RmsNorm,
+    /// Output projection, `[H, vocab]`.
+    pub lm_head: Param<Tensor<2>>,
+    /// RoPE base.
+    #[module(skip)]
+    pub rope_theta: f64,
+}
+
+/// Keys and values of every layer plus the attention mask and positions seen so far, for one
+/// batch of sequences.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    /// `mask[b][p]`: whether position `p` of row `b` is a real token (false: left padding).
+    mask: Vec<Vec<bool>>,
+}
+
+impl KvCache {
+    /// An empty cache for `batch` rows of a model with `layers` layers.
+    pub fn new(layers: usize, batch: usize) -> Self {
+        KvCache {
+            layers: vec![LayerCache::default(); layers],
+            mask: vec![Vec::new(); batch],
+        }
+    }
+
+    /// Positions held so far.
+    pub fn len(&self) -> usize {
+        self.mask.first().map_or(0, Vec::len)
+    }
+
+    /// Whether nothing has been run yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Logits of a forward call and, when asked for, each layer's MoE trace.
+#[derive(Debug, Clone)]
+pub struct ModelOutput {
+    /// `[B, L, vocab]`, f32.
+    pub logits: Tensor<3>,
+    /// One entry per layer when tracing.
+    pub moe: Vec<MoeTrace>,
+}
+
+impl OlmoeModel {
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.dims()[0]
+    }
+
+    /// Runs `ids` (`[B, L]`, row-major) after what `cache` holds. `mask` (`[B][L]`) marks real
+    /// tokens (false for left padding); positions count the real tokens of each row, as
+    /// transformers' `generate` does. Every MoE layer runs with `top_k`.
+    pub fn forward(
+        &self,
+        ids: &[Vec<i64>],
+        mask: &[Vec<bool>],
+        cache: &mut KvCache,
+        top_k: &TopK,
+        trace: bool,
+    ) -> Result<ModelOutput, MoeError> {
+        let device = self.embed_tokens.device();
+        let b = ids.len();
+        let l = ids.first().map_or(0, Vec::len);
+        let past = cache.len();
+        for (row, m) in cache.mask.iter_mut().zip(mask) {
+            row.extend_from_slice(m);
+        }
+        let total = past + l;
+
+        // Positions: real tokens seen so far in the row, minus one, clamped at zero.
+        let mut positions = Vec::with_capacity(b * l);
+        for row in &cache.mask {
+            let mut seen = row[..past].iter().filter(|&&m| m).count() as i64;
+            for &m in &row[past..] {
+                seen += m as i64;
+                positions.push((seen - 1).max(0) as f32);
+            }
+        }
+        let (cos, sin) = self.rope(&positions, b, l, &device);
+
+        // Additive mask: causal and padding.
+        let mut additive = Vec::with_capacity(b * l * total);
+        for row in &cache.mask {
+            for i in 0..l {
+                for (p, &real) in row.iter().enumerate() {
+                    let allowed = real && p <= past + i;
+                    additive.push(if allowed { 0.0 } else { f32::MIN });
+                }
+            }
+        }
+        let mask = Tensor::<4>::from_data(TensorData::new(additive, [b, 1, l, total]), &device);
+
+        let flat: Vec<i64> = ids.iter().flatten().copied().collect();
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(flat, [b * l]), &device);
+        let hidden_size = self.embed_tokens.dims()[1];
+        let mut x = self
+            .embed_tokens
+            .val()
+            .select(0, ids)
+            .reshape([b, l, hidden_size]);
+        let mut traces = Vec::new();
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let attn_in = layer.input_layernorm.forward(x.clone());
+            let h = x + layer
+                .self_attn
+                .forward(attn_in, &cos, &sin, &mask, layer_cache);
+            let moe_in = layer.post_attention_layernorm.forward(h.clone());
+            let moe = layer.mlp.try_forward(moe_in.clone(), top_k)?;
+            x = h + moe.hidden.clone();
+            if trace {
+                traces.push(MoeTrace {
+                    input: moe_in,
+                    routing: moe.routing,
+                    output: moe.hidden,
+                });
+            }
+        }
+        let logits = self
+            .norm
+            .forward(x)
+            .matmul(self.lm_head.val().unsqueeze_dim(0))
+            .cast(DType::F32);
+        Ok(ModelOutput {
+            logits,
+            moe: traces,
+        })
+    }
+
+    /// `cos` and `sin` tables, `[B, 1, L, head_dim]`, for the given positions (rotate-half RoPE).
+    fn rope(
+        &self,
+        positions: &[f32],
+        b: usize,
+        l: usize,
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let head_dim = self
+            .layers
+            .first()
+            .map_or(2, |layer| layer.self_attn.head_dim);
+        let half = head_dim / 2;
+        let theta = self.rope_theta as f32;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(positions.len() * head_dim);
+        let mut sin = Vec::with_capacity(positions.len() * head_dim);
+        for &p in positions {
+            for _ in 0..2 {
+                for &f in &inv_freq {
+                    let angle = p * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let table =
+            |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [b, 1, l, head_dim]), device);
+        (table(cos), table(sin))
+    }
+}
+
+/// Index of the largest value of each row of `[rows, vocab]` logits (lowest index on ties).
+fn argmax_rows(logits: Tensor<2>) -> Vec<i64> {
+    logits.argmax(1).into_data().iter::<i64>().collect()
+}
+
+impl OlmoeModel {
+    /// Greedy decoding of one prompt: `max_new` tokens, each the argmax of the last position's
+    /// logits. With `use_cache` every step runs one token against the KV cache; without it
+    /// every step re-runs the whole sequence. Returns the new tokens and the logits that chose
+    /// them (`[max_new, vocab]`).
+    pub fn generate_greedy(
+        &self,
+        prompt: &[i64],
+        max_new: usize,
+        top_k: &TopK,
+        use_cache: bool,
+    ) -> Result<(Vec<i64>, Tensor<2>), MoeError> {
+        let layers = self.layers.len();
+        let vocab = self.vocab_size();
+        let mut sequence = prompt.to_vec();
+        let mut cache = KvCache::new(layers, 1);
+        let mut step_logits = Vec::with_capacity(max_new);
+        let mut pending = prompt.to_vec();
+        for _ in 0..max_new {
+            let (ids, mut step_cache) = if use_cache {
+                (
+                    pending.clone(),
+                    std::mem::replace(&mut cache, KvCache::new(layers, 1)),
+                )
+            } else {
+                (sequence.clone(), KvCache::new(layers, 1))
+            };
+            let mask = vec![vec![true; ids.len()]];
+            let out = self.forward(&[ids.clone()], &mask, &mut step_cache, top_k, false)?;
+            let last = out.logits.narrow(1, ids.len() - 1, 1).reshape([1, vocab]);
+            let next = argmax_rows(last.clone())[0];
+            step_logits.push(last);
+            sequence.push(next);
+            pending = vec![next];
+            if use_cache {
+                cache = step_cache;
+            }
+        }
+        let logits = match step_logits.is_empty() {
+            true => Tensor::<2>::zeros([0, vocab], &self.embed_tokens.device()),
+            false => Tensor::cat(step_logits, 0),
+        };
+        Ok((sequence[prompt.len()..].to_vec(), logits))
+    }
+}
