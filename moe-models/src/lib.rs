@@ -8,6 +8,7 @@
 pub mod block;
 pub mod checkpoint;
 pub mod error;
+pub mod io;
 pub mod olmoe;
 pub mod tensors;
 
