@@ -333,26 +333,20 @@ impl OlmoeModel {
         let mut sequence = prompt.to_vec();
         let mut cache = KvCache::new(layers, 1);
         let mut step_logits = Vec::with_capacity(max_new);
-        let mut pending = prompt.to_vec();
-        for _ in 0..max_new {
-            let (ids, mut step_cache) = if use_cache {
-                (
-                    pending.clone(),
-                    std::mem::replace(&mut cache, KvCache::new(layers, 1)),
-                )
-            } else {
-                (sequence.clone(), KvCache::new(layers, 1))
+        for step in 0..max_new {
+            // With the cache, only the tokens it has not seen; without, the whole sequence.
+            let ids = match (use_cache, step) {
+                (true, 0) | (false, _) => sequence.clone(),
+                (true, _) => sequence[sequence.len() - 1..].to_vec(),
             };
-            let mask = vec![vec![true; ids.len()]];
-            let out = self.forward(&[ids.clone()], &mask, &mut step_cache, top_k, false)?;
-            let last = out.logits.narrow(1, ids.len() - 1, 1).reshape([1, vocab]);
-            let next = argmax_rows(last.clone())[0];
-            step_logits.push(last);
-            sequence.push(next);
-            pending = vec![next];
-            if use_cache {
-                cache = step_cache;
+            if !use_cache {
+                cache = KvCache::new(layers, 1);
             }
+            let mask = vec![vec![true; ids.len()]];
+            let out = self.forward(&[ids.clone()], &mask, &mut cache, top_k, false)?;
+            let last = out.logits.narrow(1, ids.len() - 1, 1).reshape([1, vocab]);
+            sequence.push(argmax_rows(last.clone())[0]);
+            step_logits.push(last);
         }
         let logits = match step_logits.is_empty() {
             true => Tensor::<2>::zeros([0, vocab], &self.embed_tokens.device()),
