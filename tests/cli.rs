@@ -1,6 +1,10 @@
 //! The `moe` command-line tool on the tiny OLMoE checkpoint: results and one-line errors.
 
+mod common;
+
 use std::process::Command;
+
+use common::checkpoints;
 
 const TINY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/olmoe-tiny");
 
@@ -79,6 +83,48 @@ fn bad_inputs_exit_non_zero_with_one_line() {
         vec!["inspect", "--model", "/nonexistent/folder"],
         vec!["generate", "--model", TINY],
         vec!["--backend", "tpu", "inspect", "--model", TINY],
+        vec![
+            "generate",
+            "--model",
+            TINY,
+            "--ids",
+            "1,2",
+            "--temperature",
+            "-1",
+        ],
+        vec![
+            "generate",
+            "--model",
+            TINY,
+            "--ids",
+            "1,2",
+            "--temperature",
+            "nan",
+        ],
+        vec!["generate", "--model", TINY, "--ids=-3,2"],
+        vec![
+            "logits",
+            "--model",
+            TINY,
+            "--ids",
+            "1,512",
+            "--out",
+            "/tmp/x.safetensors",
+        ],
+        vec![
+            "--backend",
+            "ndarray",
+            "--dtype",
+            "f16",
+            "logits",
+            "--model",
+            TINY,
+            "--ids",
+            "1",
+            "--out",
+            "/tmp/x.safetensors",
+        ],
+        vec!["--dtype", "f8", "inspect", "--model", TINY],
     ];
     for args in cases {
         let (ok, _, stderr) = moe(&args);
@@ -87,4 +133,155 @@ fn bad_inputs_exit_non_zero_with_one_line() {
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn broken_checkpoints_exit_non_zero_with_one_line_naming_the_problem() {
+    for (case, dir, expect) in checkpoints::broken("cli") {
+        let dir = dir.to_str().unwrap();
+        let out = std::env::temp_dir().join(format!("moe-cli-{case}.safetensors"));
+        for args in [
+            vec![
+                "generate",
+                "--model",
+                dir,
+                "--ids",
+                "1,2",
+                "--max-new-tokens",
+                "2",
+            ],
+            vec![
+                "logits",
+                "--model",
+                dir,
+                "--ids",
+                "1,2",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        ] {
+            let (ok, stdout, stderr) = moe(&args);
+            assert!(!ok, "{case}: {args:?} succeeded");
+            assert!(stdout.is_empty(), "{case}: {stdout}");
+            assert!(!stderr.contains("panicked"), "{case}: {stderr}");
+            assert_eq!(stderr.trim().lines().count(), 1, "{case}: {stderr}");
+            assert!(
+                stderr.starts_with("error: ") && stderr.contains(expect),
+                "{case}: `{stderr}` lacks `{expect}`"
+            );
+        }
+    }
+}
+
+#[test]
+fn sampling_dtype_and_backend_flags() {
+    let args = |extra: &[&'static str]| {
+        let mut a = vec![
+            "generate",
+            "--model",
+            TINY,
+            "--ids",
+            "425,333,388",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        a
+    };
+    let tokens = |extra: &[&'static str]| {
+        let (ok, stdout, stderr) = moe(&args(extra));
+        assert!(ok, "{extra:?}: {stderr}");
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert!(stderr.contains("tokens/s"), "{stderr}");
+        v["new_tokens"].clone()
+    };
+    let greedy = tokens(&[]);
+    assert_eq!(tokens(&["--temperature", "0"]), greedy);
+    let hot = tokens(&["--temperature", "50", "--seed", "3"]);
+    assert_eq!(tokens(&["--temperature", "50", "--seed", "3"]), hot);
+    assert_ne!(hot, greedy);
+    assert_ne!(tokens(&["--temperature", "50", "--seed", "4"]), hot);
+    // Half-precision compute on the default CPU backend runs and gives tokens.
+    for dtype in ["bf16", "f16"] {
+        let (ok, stdout, stderr) = moe(&[
+            "--dtype",
+            dtype,
+            "generate",
+            "--model",
+            TINY,
+            "--ids",
+            "425,333",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ]);
+        assert!(ok && stdout.contains("new_tokens"), "{dtype}: {stderr}");
+    }
+    // Logits in bf16 compute are still written as f32 [L, vocab].
+    let out = std::env::temp_dir().join(format!("moe-cli-bf16-{}.safetensors", std::process::id()));
+    let (ok, _, stderr) = moe(&[
+        "--dtype",
+        "bf16",
+        "logits",
+        "--model",
+        TINY,
+        "--ids",
+        "1,2,3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let logits = st.tensor("logits").unwrap();
+    assert_eq!(
+        (logits.dtype(), logits.shape()),
+        (safetensors::Dtype::F32, &[3usize, 512][..])
+    );
+    std::fs::remove_file(&out).unwrap();
+
+    let (ok, stdout, _) = moe(&["backends", "--json"]);
+    assert!(ok);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    let flex = lines.iter().find(|v| v["backend"] == "flex").unwrap();
+    assert_eq!(flex["compiled"], true);
+    assert_eq!(flex["default"], true);
+    assert_eq!(flex["dtypes"], serde_json::json!(["f32", "bf16", "f16"]));
+    let cuda = lines.iter().find(|v| v["backend"] == "cuda").unwrap();
+    assert_eq!(cuda["compiled"], false);
+}
+
+#[test]
+fn logits_match_the_reference() {
+    let out =
+        std::env::temp_dir().join(format!("moe-cli-logits-{}.safetensors", std::process::id()));
+    let r =
+        moe::moe_models::TensorSource::open(&checkpoints::tiny_dir().join("reference.safetensors"))
+            .unwrap();
+    let ids = r.read_i64("prompt1.input_ids", &[1, 13]).unwrap();
+    let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    let ids = ids.join(",");
+    let (ok, _, stderr) = moe(&[
+        "logits",
+        "--model",
+        TINY,
+        "--ids",
+        &ids,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let got = moe::moe_models::TensorSource::open(&out)
+        .unwrap()
+        .read_f32("logits", &[13, 512])
+        .unwrap();
+    let want = r.read_f32("prompt1.logits", &[1, 13, 512]).unwrap();
+    let err = common::max_abs_diff(&got, &want);
+    assert!(err <= 1e-4, "{err:e}");
+    std::fs::remove_file(&out).unwrap();
 }

@@ -365,6 +365,17 @@ impl Router {
         Ok(self.route_slots(x, &slots))
     }
 
+    /// Checks `top_k` for `num_tokens` tokens in sequences of `seq_len` tokens without routing
+    /// anything: the error a forward call with that dial would return, or `Ok`.
+    pub fn check_top_k(
+        &self,
+        top_k: &TopK,
+        num_tokens: usize,
+        seq_len: usize,
+    ) -> Result<(), MoeError> {
+        SlotPlan::resolve(top_k, &self.settings, num_tokens, seq_len).map(|_| ())
+    }
+
     /// Routing once the input and the slot counts are known to be valid.
     pub(crate) fn route_slots(&self, x: Tensor<2>, slots: &SlotPlan) -> Routing {
         let s = &self.settings;

@@ -17,7 +17,7 @@
 //! Every matrix is transposed once, at load, into the layer's `[in, out]` layout.
 
 use burn::module::Param;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use moe_core::{Experts, MoeLayer, MoeLayerConfig, Router, SharedExpert};
 
 use crate::error::LoadError;
@@ -69,9 +69,10 @@ fn load_experts(
     naming: ExpertNaming,
     config: &MoeLayerConfig,
     device: &Device,
+    dtype: DType,
 ) -> Result<Experts, LoadError> {
     let (e, h, i) = (config.num_experts, config.d_model, config.d_ff);
-    let upload = |data: TensorData| Tensor::<3>::from_data(data, device);
+    let upload = |data: TensorData| Tensor::<3>::from_data(data, (device, dtype));
     let packed = format!("{prefix}experts.gate_up_proj");
     if source.contains(&packed) {
         let gate_up = source.read_f32(&packed, &[e, 2 * i, h])?;
@@ -118,16 +119,17 @@ fn load_experts(
     )?)
 }
 
-/// Reads `[out, in]` matrix `name` as a `[in, out]` tensor.
+/// Reads `[out, in]` matrix `name` as a `[in, out]` tensor of `dtype`.
 pub(crate) fn matrix_transposed(
     source: &dyn ReadTensors,
     name: String,
     out_dim: usize,
     in_dim: usize,
     device: &Device,
+    dtype: DType,
 ) -> Result<Tensor<2>, LoadError> {
     let data = stacked_transposed(source, &[name], out_dim, in_dim)?;
-    Ok(Tensor::<3>::from_data(data, device).reshape([in_dim, out_dim]))
+    Ok(Tensor::<3>::from_data(data, (device, dtype)).reshape([in_dim, out_dim]))
 }
 
 /// Loads a dense SwiGLU FFN (`{prefix}gate_proj.weight`, …) as a one-expert [`Experts`].
@@ -137,11 +139,12 @@ fn load_dense(
     d_model: usize,
     d_ff: usize,
     device: &Device,
+    dtype: DType,
 ) -> Result<Experts, LoadError> {
     let load = |part: &str, out_dim: usize, in_dim: usize| -> Result<Tensor<3>, LoadError> {
         let data =
             stacked_transposed(source, &[format!("{prefix}{part}.weight")], out_dim, in_dim)?;
-        Ok(Tensor::<3>::from_data(data, device))
+        Ok(Tensor::<3>::from_data(data, (device, dtype)))
     };
     Ok(Experts::from_tensors(
         Some(load("gate_proj", d_ff, d_model)?),
@@ -150,7 +153,7 @@ fn load_dense(
     )?)
 }
 
-/// Loads one MoE block whose weights are named `{prefix}…` in `source`, for `config`.
+/// Loads one MoE block whose weights are named `{prefix}…` in `source`, for `config`, in f32.
 ///
 /// The router reads `gate.weight` (and `gate.e_score_correction_bias` when the config asks for
 /// a selection bias); a shared expert reads `shared_expert.*` and, when gated,
@@ -162,6 +165,20 @@ pub fn load_block(
     config: &MoeLayerConfig,
     device: &Device,
 ) -> Result<MoeLayer, LoadError> {
+    load_block_as(source, prefix, naming, config, device, DType::F32)
+}
+
+/// [`load_block`] with every parameter stored as `dtype` (converted on the host, one tensor at
+/// a time). The caller checks that the device computes in `dtype`
+/// ([`Device::supports_dtype`]).
+pub fn load_block_as(
+    source: &dyn ReadTensors,
+    prefix: &str,
+    naming: ExpertNaming,
+    config: &MoeLayerConfig,
+    device: &Device,
+    dtype: DType,
+) -> Result<MoeLayer, LoadError> {
     config.validate()?;
     let (e, h) = (config.num_experts, config.d_model);
     let mut router: Router = config.router().init(device)?;
@@ -171,12 +188,16 @@ pub fn load_block(
         e,
         h,
         device,
+        dtype,
     )?);
     if let Some(bias) = &mut router.selection_bias {
         let data = source.read_f32(&format!("{prefix}gate.e_score_correction_bias"), &[e])?;
-        *bias = Param::from_tensor(Tensor::<1>::from_data(TensorData::new(data, [e]), device));
+        *bias = Param::from_tensor(Tensor::<1>::from_data(
+            TensorData::new(data, [e]),
+            (device, dtype),
+        ));
     }
-    let experts = load_experts(source, prefix, naming, config, device)?;
+    let experts = load_experts(source, prefix, naming, config, device, dtype)?;
     let shared = match &config.shared_expert {
         None => None,
         Some(s) => {
@@ -186,6 +207,7 @@ pub fn load_block(
                 h,
                 s.d_ff,
                 device,
+                dtype,
             )?;
             let gate = match s.gated {
                 true => Some(matrix_transposed(
@@ -194,6 +216,7 @@ pub fn load_block(
                     1,
                     h,
                     device,
+                    dtype,
                 )?),
                 false => None,
             };

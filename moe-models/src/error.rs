@@ -62,7 +62,94 @@ pub enum LoadError {
         /// What the parser reported.
         reason: String,
     },
+    /// The device cannot compute in the dtype asked for (see `Device::supports_dtype`).
+    #[error("the {device} device cannot compute in {dtype}; use one of: {supported}")]
+    UnsupportedComputeDtype {
+        /// The dtype asked for.
+        dtype: String,
+        /// The device.
+        device: String,
+        /// The float dtypes it does compute in.
+        supported: String,
+    },
     /// The weights do not form a valid layer.
+    #[error(transparent)]
+    Moe(#[from] MoeError),
+}
+
+/// Every way running a loaded model can fail on bad input; each names the numbers involved.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// No sequence, or sequences of length zero.
+    #[error("empty input: {rows} rows of {len} tokens")]
+    EmptyInput {
+        /// Rows given.
+        rows: usize,
+        /// Tokens in the first row.
+        len: usize,
+    },
+    /// The rows of a batch differ in length (pad them on the left and mask the padding).
+    #[error("row {row} has {len} tokens, row 0 has {expected}")]
+    RaggedBatch {
+        /// The offending row.
+        row: usize,
+        /// Its length.
+        len: usize,
+        /// The length of row 0.
+        expected: usize,
+    },
+    /// The mask does not have the shape of the ids.
+    #[error(
+        "mask has {mask_rows} rows (row {row}: {mask_len} entries) for ids of {rows} rows of {len}"
+    )]
+    MaskShape {
+        /// Rows of ids.
+        rows: usize,
+        /// Tokens per row.
+        len: usize,
+        /// Rows of the mask.
+        mask_rows: usize,
+        /// First row whose length differs (or 0).
+        row: usize,
+        /// Its length.
+        mask_len: usize,
+    },
+    /// The KV cache was made for another batch size or layer count.
+    #[error(
+        "the KV cache holds {cache_rows} rows and {cache_layers} layers, the call has {rows} rows and the model {layers} layers"
+    )]
+    CacheShape {
+        /// Rows the cache holds.
+        cache_rows: usize,
+        /// Layers the cache holds.
+        cache_layers: usize,
+        /// Rows of the call.
+        rows: usize,
+        /// Layers of the model.
+        layers: usize,
+    },
+    /// A token id is not in the vocabulary.
+    #[error("token id {id} (row {row}, position {position}) is outside the vocabulary 0..{vocab}")]
+    TokenOutOfVocab {
+        /// The id.
+        id: i64,
+        /// Its row.
+        row: usize,
+        /// Its position in the row.
+        position: usize,
+        /// Vocabulary size.
+        vocab: usize,
+    },
+    /// Sampling temperature that is not a finite number ≥ 0.
+    #[error("temperature must be a finite number >= 0, got {0}")]
+    InvalidTemperature(f64),
+    /// The logits of a step are not finite numbers, so no token can be drawn.
+    #[error("step {step}: the logits hold NaN or infinite values")]
+    NonFiniteLogits {
+        /// The generation step.
+        step: usize,
+    },
+    /// The MoE layers rejected the call (e.g. k out of range).
     #[error(transparent)]
     Moe(#[from] MoeError),
 }

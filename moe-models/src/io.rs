@@ -7,6 +7,9 @@ use safetensors::tensor::TensorView;
 
 use crate::error::LoadError;
 
+/// The tokenizer type of `tokenizer.json` files (from the `tokenizers` crate).
+pub use tokenizers::Tokenizer;
+
 /// Loads `dir/tokenizer.json` when the folder has one.
 pub fn load_tokenizer(dir: &Path) -> Result<Option<tokenizers::Tokenizer>, LoadError> {
     let path = dir.join("tokenizer.json");

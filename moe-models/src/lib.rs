@@ -12,8 +12,10 @@ pub mod io;
 pub mod olmoe;
 pub mod tensors;
 
-pub use block::{ExpertNaming, load_block};
+pub use block::{ExpertNaming, load_block, load_block_as};
 pub use checkpoint::Checkpoint;
-pub use error::LoadError;
-pub use olmoe::{KvCache, LoadReport, OlmoeConfig, OlmoeModel};
+pub use error::{LoadError, RunError};
+pub use olmoe::{
+    GenerateOptions, KvCache, LoadOptions, LoadReport, OlmoeConfig, OlmoeModel, Sampling,
+};
 pub use tensors::{ReadTensors, TensorSource};

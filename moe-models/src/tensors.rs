@@ -40,6 +40,27 @@ impl Bytes {
             Bytes::Owned(v) => v,
         }
     }
+
+    /// Lets the kernel drop the mapped pages of `range` from this process once a tensor has been
+    /// converted: without it, every page read stays resident and loading a checkpoint would
+    /// hold the file's pages and the model's copy at once.
+    fn release(&self, range: std::ops::Range<usize>) {
+        #[cfg(unix)]
+        if let Bytes::Mapped(map) = self {
+            // SAFETY: the map is a read-only, file-backed mapping; after MADV_DONTNEED a later
+            // read of these pages faults them in again from the file, so every slice of the map
+            // keeps reading the same bytes. No pointer into the range is held across this call.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    range.start,
+                    range.len(),
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = range;
+    }
 }
 
 /// One safetensors file (or buffer) whose header has been checked, and its name for errors.
@@ -126,8 +147,12 @@ impl TensorSource {
             })
     }
 
-    /// The raw bytes of a tensor after checking its shape.
-    fn checked(&self, name: &str, expected: &[usize]) -> Result<(Dtype, &[u8]), LoadError> {
+    /// The dtype and byte range of a tensor after checking its shape.
+    fn checked(
+        &self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<(Dtype, std::ops::Range<usize>), LoadError> {
         let info = self.info(name)?;
         if info.shape != expected {
             return Err(LoadError::ShapeMismatch {
@@ -138,8 +163,7 @@ impl TensorSource {
             });
         }
         let (start, end) = info.data_offsets;
-        let data = &self.bytes.as_slice()[self.data_start + start..self.data_start + end];
-        Ok((info.dtype, data))
+        Ok((info.dtype, self.data_start + start..self.data_start + end))
     }
 
     fn unsupported(&self, name: &str, dtype: Dtype, expected: &str) -> LoadError {
@@ -153,8 +177,9 @@ impl TensorSource {
 
     /// Reads a float tensor (F32, BF16 or F16) as f32, checking its shape.
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
-        let (dtype, bytes) = self.checked(name, expected)?;
-        Ok(match dtype {
+        let (dtype, range) = self.checked(name, expected)?;
+        let bytes = &self.bytes.as_slice()[range.clone()];
+        let values = match dtype {
             Dtype::F32 => bytes
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -168,12 +193,15 @@ impl TensorSource {
                 .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
             other => return Err(self.unsupported(name, other, "F32, BF16 or F16")),
-        })
+        };
+        self.bytes.release(range);
+        Ok(values)
     }
 
     /// Reads an integer tensor (I64 or I32) as i64, checking its shape.
     pub fn read_i64(&self, name: &str, expected: &[usize]) -> Result<Vec<i64>, LoadError> {
-        let (dtype, bytes) = self.checked(name, expected)?;
+        let (dtype, range) = self.checked(name, expected)?;
+        let bytes = &self.bytes.as_slice()[range];
         Ok(match dtype {
             Dtype::I64 => bytes
                 .chunks_exact(8)

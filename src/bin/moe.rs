@@ -1,22 +1,46 @@
 //! `moe`: inspect an MoE checkpoint, write its logits, or generate text with it.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, Subcommand};
+use burn::tensor::FloatDType;
+use clap::{Parser, Subcommand, ValueEnum};
 use moe::TopK;
 use moe::backend::Backend;
-use moe::moe_models::{KvCache, OlmoeConfig, OlmoeModel, io};
+use moe::moe_models::{
+    GenerateOptions, KvCache, LoadOptions, OlmoeConfig, OlmoeModel, Sampling, io,
+};
 
 #[derive(Parser)]
 #[command(name = "moe", version, about = "Mixture-of-Experts models on Burn")]
 struct Cli {
-    /// Backend to run on (flex, ndarray, wgpu, cuda; as compiled in).
+    /// Backend to run on (`moe backends` lists those compiled in).
     #[arg(long, global = true, default_value_t = Backend::default().to_string())]
     backend: String,
+    /// Dtype of the weights and the computation (logits are written in f32).
+    #[arg(long, global = true, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<Dtype> for FloatDType {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => FloatDType::F32,
+            Dtype::Bf16 => FloatDType::BF16,
+            Dtype::F16 => FloatDType::F16,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -35,7 +59,12 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
         /// Token ids, comma-separated.
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required = true,
+            allow_negative_numbers = true
+        )]
         ids: Vec<i64>,
         #[arg(long)]
         out: PathBuf,
@@ -43,7 +72,7 @@ enum Command {
         #[arg(long)]
         top_k: Option<usize>,
     },
-    /// Greedy continuation of a prompt.
+    /// Continue a prompt: greedy, or sampled with --temperature and --seed.
     Generate {
         #[arg(long)]
         model: PathBuf,
@@ -51,13 +80,25 @@ enum Command {
         #[arg(long, conflicts_with = "ids")]
         prompt: Option<String>,
         /// Prompt token ids, comma-separated.
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
         ids: Option<Vec<i64>>,
         #[arg(long, default_value_t = 20)]
         max_new_tokens: usize,
         #[arg(long)]
         top_k: Option<usize>,
-        /// Print one line `{"new_tokens":[…],"text":"…"}`.
+        /// Sample from softmax(logits / T); 0 (the default) is greedy.
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+        temperature: f64,
+        /// Seed of the sampler: the same seed gives the same tokens.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print one line `{"new_tokens":[…],"text":"…"}` instead of streaming text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The backends of this build and the dtypes each computes in.
+    Backends {
+        /// Print one JSON object per line.
         #[arg(long)]
         json: bool,
     },
@@ -69,23 +110,6 @@ fn top_k(k: Option<usize>) -> TopK {
     k.map_or(TopK::Configured, TopK::Fixed)
 }
 
-fn check_ids(ids: &[i64], config: &OlmoeConfig) -> Result<()> {
-    if ids.is_empty() {
-        return Err("no token ids given".into());
-    }
-    match ids
-        .iter()
-        .find(|&&id| id < 0 || id as usize >= config.vocab_size)
-    {
-        Some(id) => Err(format!(
-            "token id {id} is outside the vocabulary 0..{}",
-            config.vocab_size
-        )
-        .into()),
-        None => Ok(()),
-    }
-}
-
 fn read_config(dir: &Path) -> Result<OlmoeConfig> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path)
@@ -93,8 +117,73 @@ fn read_config(dir: &Path) -> Result<OlmoeConfig> {
     Ok(OlmoeConfig::from_json(&text)?)
 }
 
+fn load(dir: &Path, backend: Backend, dtype: Dtype) -> Result<(OlmoeModel, OlmoeConfig)> {
+    let device = backend.device();
+    let options = LoadOptions {
+        dtype: dtype.into(),
+        progress: true,
+    };
+    let (model, config, _) = OlmoeModel::load_with(dir, &device, &options)?;
+    Ok((model, config))
+}
+
+/// Writes the text of `tokens` that has not been printed yet (decoding the whole continuation
+/// each time, so multi-token characters come out whole).
+struct TextStream<'a> {
+    tokenizer: &'a io::Tokenizer,
+    tokens: Vec<u32>,
+    printed: String,
+}
+
+impl TextStream<'_> {
+    fn push(&mut self, token: i64) {
+        self.tokens.push(token as u32);
+        let Ok(text) = self.tokenizer.decode(&self.tokens, false) else {
+            return;
+        };
+        if let Some(new) = text.strip_prefix(self.printed.as_str())
+            && !new.ends_with('\u{fffd}')
+        {
+            print!("{new}");
+            let _ = std::io::stdout().flush();
+            self.printed = text;
+        }
+    }
+}
+
+fn list_backends(json: bool) {
+    for backend in Backend::ALL {
+        let dtypes: Vec<String> = match backend.is_compiled() {
+            true => moe::moe_models::olmoe::supported_dtypes(&backend.device())
+                .into_iter()
+                .map(|d| format!("{:?}", burn::tensor::DType::from(d)).to_lowercase())
+                .collect(),
+            false => Vec::new(),
+        };
+        let default = backend == Backend::default();
+        if json {
+            let value = serde_json::json!({
+                "backend": backend.name(),
+                "compiled": backend.is_compiled(),
+                "default": default,
+                "dtypes": dtypes,
+            });
+            println!("{value}");
+        } else if backend.is_compiled() {
+            let mark = if default { " (default)" } else { "" };
+            println!("{:<8} {}{mark}", backend.name(), dtypes.join(", "));
+        } else {
+            println!(
+                "{:<8} not compiled in (cargo feature `{}`)",
+                backend.name(),
+                backend.name()
+            );
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
-    let device = cli.backend.parse::<Backend>()?.device();
+    let backend: Backend = cli.backend.parse()?;
     match cli.command {
         Command::Inspect { model, json } => {
             let c = read_config(&model)?;
@@ -133,14 +222,14 @@ fn run(cli: Cli) -> Result<()> {
                 println!("parameters        {total} total, {active} active per token");
             }
         }
+        Command::Backends { json } => list_backends(json),
         Command::Logits {
             model,
             ids,
             out,
             top_k: k,
         } => {
-            let (m, config, _) = OlmoeModel::load(&model, &device)?;
-            check_ids(&ids, &config)?;
+            let (m, config) = load(&model, backend, cli.dtype)?;
             let mut cache = KvCache::new(m.layers.len(), 1);
             let l = ids.len();
             let result = m.forward(&[ids], &[vec![true; l]], &mut cache, &top_k(k), false)?;
@@ -153,9 +242,11 @@ fn run(cli: Cli) -> Result<()> {
             ids,
             max_new_tokens,
             top_k: k,
+            temperature,
+            seed,
             json,
         } => {
-            let (m, config, _) = OlmoeModel::load(&model, &device)?;
+            let (m, config) = load(&model, backend, cli.dtype)?;
             let tokenizer = io::load_tokenizer(&model)?;
             let ids = match (prompt, ids) {
                 (Some(text), _) => {
@@ -170,9 +261,29 @@ fn run(cli: Cli) -> Result<()> {
                 (None, Some(ids)) => ids,
                 (None, None) => return Err("give --prompt TEXT or --ids 1,2,3".into()),
             };
-            check_ids(&ids, &config)?;
+            let options = GenerateOptions {
+                top_k: top_k(k),
+                sampling: Sampling::Temperature { temperature, seed },
+                stop_tokens: config.eos_ids(),
+                ..GenerateOptions::greedy(max_new_tokens)
+            };
+            let mut stream = match (&tokenizer, json) {
+                (Some(tokenizer), false) => Some(TextStream {
+                    tokenizer,
+                    tokens: Vec::new(),
+                    printed: String::new(),
+                }),
+                _ => None,
+            };
             let start = Instant::now();
-            let (new, _) = m.generate_greedy(&ids, max_new_tokens, &top_k(k), true)?;
+            let new = m.generate(&ids, &options, &mut |token| match &mut stream {
+                Some(stream) => stream.push(token),
+                None if !json => {
+                    print!("{token} ");
+                    let _ = std::io::stdout().flush();
+                }
+                None => {}
+            })?;
             let seconds = start.elapsed().as_secs_f64();
             let text = match &tokenizer {
                 Some(tok) => {
@@ -191,13 +302,11 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 println!("{value}");
             } else {
-                match &text {
-                    Some(text) => println!("{text}"),
-                    None => println!("{new:?}"),
-                }
+                // The stream printed the text (or ids) as they came.
+                println!();
             }
             eprintln!(
-                "{} tokens in {seconds:.2} s ({:.1} tokens/s)",
+                "{} new tokens in {seconds:.2} s ({:.1} tokens/s)",
                 new.len(),
                 new.len() as f64 / seconds.max(1e-9)
             );
@@ -206,8 +315,26 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// A command-line mistake as one line: clap's message and hints, without usage and help text.
+fn one_line(err: &clap::Error) -> String {
+    let text = err.render().to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more"))
+        .collect();
+    parts.join("; ")
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => err.exit(), // --help, --version
+        Err(err) => {
+            eprintln!("{}", one_line(&err));
+            return ExitCode::from(2);
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

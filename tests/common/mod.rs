@@ -1,6 +1,8 @@
 //! Shared test helpers: the devices every generic test runs on, and comparisons.
 #![allow(dead_code)]
 
+pub mod checkpoints;
+
 use burn::module::Param;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use moe::backend::Backend;

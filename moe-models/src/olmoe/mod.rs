@@ -5,18 +5,80 @@ mod model;
 
 pub use config::OlmoeConfig;
 pub use model::{
-    KvCache, LayerCache, ModelOutput, MoeTrace, OlmoeAttention, OlmoeDecoderLayer, OlmoeModel,
+    GenerateOptions, KvCache, LayerCache, ModelOutput, MoeTrace, OlmoeAttention, OlmoeDecoderLayer,
+    OlmoeModel, Sampling,
 };
 
+use std::io::IsTerminal;
 use std::path::Path;
 
 use burn::module::Param;
 use burn::nn::{Linear, RmsNorm};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::block::{ExpertNaming, load_block, matrix_transposed};
+use crate::block::{ExpertNaming, load_block_as, matrix_transposed};
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
+
+/// How a checkpoint is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Dtype of every weight and of the computation (logits are always f32). Checked against
+    /// the device with `supports_dtype` before anything is read.
+    pub dtype: FloatDType,
+    /// Draw a progress bar on stderr while the layers load (only when stderr is a terminal).
+    pub progress: bool,
+}
+
+impl Default for LoadOptions {
+    /// f32, no progress bar.
+    fn default() -> Self {
+        LoadOptions {
+            dtype: FloatDType::F32,
+            progress: false,
+        }
+    }
+}
+
+/// The float dtypes `device` computes in, of those this engine offers.
+pub fn supported_dtypes(device: &Device) -> Vec<FloatDType> {
+    [FloatDType::F32, FloatDType::BF16, FloatDType::F16]
+        .into_iter()
+        .filter(|&d| device.supports_dtype(d))
+        .collect()
+}
+
+/// Fails with a typed error unless `device` computes in `dtype`.
+pub fn check_dtype(device: &Device, dtype: FloatDType) -> Result<(), LoadError> {
+    if device.supports_dtype(dtype) {
+        return Ok(());
+    }
+    Err(LoadError::UnsupportedComputeDtype {
+        dtype: format!("{:?}", DType::from(dtype)),
+        device: format!("{device:?}"),
+        supported: supported_dtypes(device)
+            .iter()
+            .map(|&d| format!("{:?}", DType::from(d)))
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// A bar over the layers on stderr, or a hidden one.
+fn progress_bar(show: bool, steps: usize, name: &str) -> ProgressBar {
+    if !show || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers, {elapsed}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(format!("loading {name}"));
+    bar
+}
 
 /// What a load used and what it left: every checkpoint tensor is either loaded or unused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,18 +89,25 @@ pub struct LoadReport {
     pub unused: Vec<String>,
 }
 
+/// Where and in which dtype tensors are created.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    device: &'a Device,
+    dtype: DType,
+}
+
 fn norm(
     ckpt: &Checkpoint,
     name: &str,
     size: usize,
     eps: f64,
-    device: &Device,
+    to: Target,
 ) -> Result<RmsNorm, LoadError> {
     let gamma = ckpt.read_f32(name, &[size])?;
     Ok(RmsNorm {
         gamma: Param::from_tensor(Tensor::<1>::from_data(
             TensorData::new(gamma, [size]),
-            device,
+            (to.device, to.dtype),
         )),
         epsilon: eps,
     })
@@ -49,17 +118,34 @@ fn linear(
     name: &str,
     out: usize,
     inp: usize,
-    device: &Device,
+    to: Target,
 ) -> Result<Linear, LoadError> {
     Ok(Linear {
-        weight: Param::from_tensor(matrix_transposed(ckpt, name.to_string(), out, inp, device)?),
+        weight: Param::from_tensor(matrix_transposed(
+            ckpt,
+            name.to_string(),
+            out,
+            inp,
+            to.device,
+            to.dtype,
+        )?),
         bias: None,
     })
 }
 
 impl OlmoeModel {
-    /// Loads `dir/config.json` and the checkpoint beside it (single file or sharded).
+    /// Loads `dir/config.json` and the checkpoint beside it (single file or sharded) in f32.
     pub fn load(dir: &Path, device: &Device) -> Result<(Self, OlmoeConfig, LoadReport), LoadError> {
+        Self::load_with(dir, device, &LoadOptions::default())
+    }
+
+    /// [`OlmoeModel::load`] with a compute dtype and an optional progress bar.
+    pub fn load_with(
+        dir: &Path,
+        device: &Device,
+        options: &LoadOptions,
+    ) -> Result<(Self, OlmoeConfig, LoadReport), LoadError> {
+        check_dtype(device, options.dtype)?;
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| LoadError::Io {
             path: config_path.display().to_string(),
@@ -67,7 +153,7 @@ impl OlmoeModel {
         })?;
         let config = OlmoeConfig::from_json(&text)?;
         let ckpt = Checkpoint::open(dir)?;
-        let (model, report) = Self::from_checkpoint(&ckpt, &config, device)?;
+        let (model, report) = Self::from_checkpoint_with(&ckpt, &config, device, options)?;
         Ok((model, config, report))
     }
 
@@ -78,7 +164,25 @@ impl OlmoeModel {
         config: &OlmoeConfig,
         device: &Device,
     ) -> Result<(Self, LoadReport), LoadError> {
+        Self::from_checkpoint_with(ckpt, config, device, &LoadOptions::default())
+    }
+
+    /// [`OlmoeModel::from_checkpoint`] in `options.dtype`. Each tensor is converted on the
+    /// host as it is read, so the weights exist once in the compute dtype plus one tensor in
+    /// transit.
+    pub fn from_checkpoint_with(
+        ckpt: &Checkpoint,
+        config: &OlmoeConfig,
+        device: &Device,
+        options: &LoadOptions,
+    ) -> Result<(Self, LoadReport), LoadError> {
         config.validate()?;
+        check_dtype(device, options.dtype)?;
+        let to = Target {
+            device,
+            dtype: options.dtype.into(),
+        };
+        let bar = progress_bar(options.progress, config.num_hidden_layers, ckpt.name());
         let (h, v) = (config.hidden_size, config.vocab_size);
         let (heads, kv_heads, head_dim) = (
             config.num_attention_heads,
@@ -88,11 +192,12 @@ impl OlmoeModel {
         let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
         let eps = config.rms_norm_eps;
         let embed = ckpt.read_f32("model.embed_tokens.weight", &[v, h])?;
-        let embed_tokens = Tensor::<2>::from_data(TensorData::new(embed, [v, h]), device);
+        let embed_tokens =
+            Tensor::<2>::from_data(TensorData::new(embed, [v, h]), (to.device, to.dtype));
         let lm_head = if config.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
             embed_tokens.clone().transpose()
         } else {
-            matrix_transposed(ckpt, "lm_head.weight".into(), v, h, device)?
+            matrix_transposed(ckpt, "lm_head.weight".into(), v, h, device, to.dtype)?
         };
         let moe_config = config.moe_layer();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
@@ -100,14 +205,14 @@ impl OlmoeModel {
             let p = format!("model.layers.{i}.");
             let a = format!("{p}self_attn.");
             layers.push(OlmoeDecoderLayer {
-                input_layernorm: norm(ckpt, &format!("{p}input_layernorm.weight"), h, eps, device)?,
+                input_layernorm: norm(ckpt, &format!("{p}input_layernorm.weight"), h, eps, to)?,
                 self_attn: OlmoeAttention {
-                    q_proj: linear(ckpt, &format!("{a}q_proj.weight"), q_width, h, device)?,
-                    k_proj: linear(ckpt, &format!("{a}k_proj.weight"), kv_width, h, device)?,
-                    v_proj: linear(ckpt, &format!("{a}v_proj.weight"), kv_width, h, device)?,
-                    o_proj: linear(ckpt, &format!("{a}o_proj.weight"), h, q_width, device)?,
-                    q_norm: norm(ckpt, &format!("{a}q_norm.weight"), q_width, eps, device)?,
-                    k_norm: norm(ckpt, &format!("{a}k_norm.weight"), kv_width, eps, device)?,
+                    q_proj: linear(ckpt, &format!("{a}q_proj.weight"), q_width, h, to)?,
+                    k_proj: linear(ckpt, &format!("{a}k_proj.weight"), kv_width, h, to)?,
+                    v_proj: linear(ckpt, &format!("{a}v_proj.weight"), kv_width, h, to)?,
+                    o_proj: linear(ckpt, &format!("{a}o_proj.weight"), h, q_width, to)?,
+                    q_norm: norm(ckpt, &format!("{a}q_norm.weight"), q_width, eps, to)?,
+                    k_norm: norm(ckpt, &format!("{a}k_norm.weight"), kv_width, eps, to)?,
                     heads,
                     kv_heads,
                     head_dim,
@@ -118,24 +223,27 @@ impl OlmoeModel {
                     &format!("{p}post_attention_layernorm.weight"),
                     h,
                     eps,
-                    device,
+                    to,
                 )?,
-                mlp: load_block(
+                mlp: load_block_as(
                     ckpt,
                     &format!("{p}mlp."),
                     ExpertNaming::Proj,
                     &moe_config,
                     device,
+                    to.dtype,
                 )?,
             });
+            bar.inc(1);
         }
         let model = OlmoeModel {
             embed_tokens: Param::from_tensor(embed_tokens),
             layers,
-            norm: norm(ckpt, "model.norm.weight", h, eps, device)?,
+            norm: norm(ckpt, "model.norm.weight", h, eps, to)?,
             lm_head: Param::from_tensor(lm_head),
             rope_theta: config.rope_theta,
         };
+        bar.finish_and_clear();
         let report = LoadReport {
             loaded: ckpt.used(),
             unused: ckpt.unused(),

@@ -6,7 +6,13 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, RmsNorm};
 use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use moe_core::{MoeError, MoeLayer, Routing, TopK};
+use moe_core::{MoeLayer, Routing, TopK};
+use rand::SeedableRng;
+use rand::distr::Distribution;
+use rand::distr::weighted::WeightedIndex;
+use rand::rngs::StdRng;
+
+use crate::error::RunError;
 
 /// Self-attention of one decoder layer.
 #[derive(Module, Debug)]
@@ -198,9 +204,73 @@ impl OlmoeModel {
         self.embed_tokens.dims()[0]
     }
 
+    /// The dtype the model computes in (that of its weights).
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.val().dtype()
+    }
+
+    /// Checks a call's ids, mask and cache against each other and the model.
+    fn check_input(
+        &self,
+        ids: &[Vec<i64>],
+        mask: &[Vec<bool>],
+        cache: &KvCache,
+    ) -> Result<(), RunError> {
+        let (rows, len) = (ids.len(), ids.first().map_or(0, Vec::len));
+        if rows == 0 || len == 0 {
+            return Err(RunError::EmptyInput { rows, len });
+        }
+        if let Some((row, r)) = ids.iter().enumerate().find(|(_, r)| r.len() != len) {
+            return Err(RunError::RaggedBatch {
+                row,
+                len: r.len(),
+                expected: len,
+            });
+        }
+        let bad_mask_row = mask.iter().position(|m| m.len() != len);
+        if mask.len() != rows || bad_mask_row.is_some() {
+            let row = bad_mask_row.unwrap_or(0);
+            return Err(RunError::MaskShape {
+                rows,
+                len,
+                mask_rows: mask.len(),
+                row,
+                mask_len: mask.get(row).map_or(0, Vec::len),
+            });
+        }
+        if cache.mask.len() != rows || cache.layers.len() != self.layers.len() {
+            return Err(RunError::CacheShape {
+                cache_rows: cache.mask.len(),
+                cache_layers: cache.layers.len(),
+                rows,
+                layers: self.layers.len(),
+            });
+        }
+        let vocab = self.vocab_size();
+        for (row, r) in ids.iter().enumerate() {
+            if let Some((position, &id)) = r
+                .iter()
+                .enumerate()
+                .find(|&(_, &id)| id < 0 || id as usize >= vocab)
+            {
+                return Err(RunError::TokenOutOfVocab {
+                    id,
+                    row,
+                    position,
+                    vocab,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `ids` (`[B, L]`, row-major) after what `cache` holds. `mask` (`[B][L]`) marks real
     /// tokens (false for left padding); positions count the real tokens of each row, as
     /// transformers' `generate` does. Every MoE layer runs with `top_k`.
+    ///
+    /// # Errors
+    /// Empty or ragged rows, a mask or cache of another shape, ids outside the vocabulary, or
+    /// a `top_k` the MoE layers reject — checked before any work is done or state changes.
     pub fn forward(
         &self,
         ids: &[Vec<i64>],
@@ -208,10 +278,19 @@ impl OlmoeModel {
         cache: &mut KvCache,
         top_k: &TopK,
         trace: bool,
-    ) -> Result<ModelOutput, MoeError> {
+    ) -> Result<ModelOutput, RunError> {
+        self.check_input(ids, mask, cache)?;
+        if let Some(layer) = self.layers.first() {
+            // k is checked once here so that a bad dial fails before the cache is touched.
+            layer
+                .mlp
+                .router
+                .check_top_k(top_k, ids.len() * ids[0].len(), ids[0].len())?;
+        }
         let device = self.embed_tokens.device();
+        let dtype = self.dtype();
         let b = ids.len();
-        let l = ids.first().map_or(0, Vec::len);
+        let l = ids[0].len();
         let past = cache.len();
         for (row, m) in cache.mask.iter_mut().zip(mask) {
             row.extend_from_slice(m);
@@ -228,6 +307,7 @@ impl OlmoeModel {
             }
         }
         let (cos, sin) = self.rope(&positions, b, l, &device);
+        let (cos, sin) = (cos.cast(dtype), sin.cast(dtype));
 
         // Additive mask: causal and padding.
         let mut additive = Vec::with_capacity(b * l * total);
@@ -239,7 +319,10 @@ impl OlmoeModel {
                 }
             }
         }
-        let mask = Tensor::<4>::from_data(TensorData::new(additive, [b, 1, l, total]), &device);
+        let mask = Tensor::<4>::from_data(
+            TensorData::new(additive, [b, 1, l, total]),
+            (&device, DType::F32),
+        );
 
         let flat: Vec<i64> = ids.iter().flatten().copied().collect();
         let ids = Tensor::<1, Int>::from_data(TensorData::new(flat, [b * l]), &device);
@@ -305,10 +388,77 @@ impl OlmoeModel {
                 }
             }
         }
-        let table =
-            |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [b, 1, l, head_dim]), device);
+        let table = |v: Vec<f32>| {
+            Tensor::<4>::from_data(
+                TensorData::new(v, [b, 1, l, head_dim]),
+                (device, DType::F32),
+            )
+        };
         (table(cos), table(sin))
     }
+}
+
+/// How each new token is chosen from the last position's logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    /// The most likely token (lowest id on ties), as transformers' greedy search.
+    Greedy,
+    /// A draw from `softmax(logits / temperature)` with a generator seeded by `seed`: the same
+    /// seed gives the same tokens. Temperature 0 means greedy.
+    Temperature {
+        /// Finite and ≥ 0.
+        temperature: f64,
+        /// Seed of the random generator.
+        seed: u64,
+    },
+}
+
+/// What [`OlmoeModel::generate`] does.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Most tokens to add.
+    pub max_new_tokens: usize,
+    /// Experts per token in every MoE layer (the MoE-PHDS dial).
+    pub top_k: TopK,
+    /// Greedy or sampled.
+    pub sampling: Sampling,
+    /// Run one token per step against the KV cache (true) or re-run the whole sequence.
+    pub use_cache: bool,
+    /// Generation ends after any of these tokens (e.g. the config's `eos_token_id`).
+    pub stop_tokens: Vec<i64>,
+}
+
+impl GenerateOptions {
+    /// Greedy decoding of up to `max_new_tokens` with the checkpoint's k and the KV cache.
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        GenerateOptions {
+            max_new_tokens,
+            top_k: TopK::Configured,
+            sampling: Sampling::Greedy,
+            use_cache: true,
+            stop_tokens: Vec::new(),
+        }
+    }
+}
+
+/// Draws from `softmax(logits / temperature)` (`[1, vocab]` logits).
+fn sample(
+    logits: Tensor<2>,
+    temperature: f64,
+    rng: &mut StdRng,
+    step: usize,
+) -> Result<i64, RunError> {
+    let values: Vec<f32> = logits.into_data().iter::<f32>().collect();
+    let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    if !max.is_finite() || values.iter().any(|v| v.is_nan()) {
+        return Err(RunError::NonFiniteLogits { step });
+    }
+    let weights = values
+        .iter()
+        .map(|&v| ((v as f64 - max) / temperature).exp());
+    let distribution =
+        WeightedIndex::new(weights).map_err(|_| RunError::NonFiniteLogits { step })?;
+    Ok(distribution.sample(rng) as i64)
 }
 
 /// Index of the largest value of each row of `[rows, vocab]` logits (lowest index on ties).
@@ -317,6 +467,21 @@ fn argmax_rows(logits: Tensor<2>) -> Vec<i64> {
 }
 
 impl OlmoeModel {
+    /// Generates up to `options.max_new_tokens` after `prompt`, calling `on_token` with each
+    /// new token as soon as it is chosen, and returns them all.
+    ///
+    /// # Errors
+    /// As [`OlmoeModel::forward`]; a temperature that is negative or not finite.
+    pub fn generate(
+        &self,
+        prompt: &[i64],
+        options: &GenerateOptions,
+        on_token: &mut dyn FnMut(i64),
+    ) -> Result<Vec<i64>, RunError> {
+        let (tokens, _) = self.decode(prompt, options, false, on_token)?;
+        Ok(tokens)
+    }
+
     /// Greedy decoding of one prompt: `max_new` tokens, each the argmax of the last position's
     /// logits. With `use_cache` every step runs one token against the KV cache; without it
     /// every step re-runs the whole sequence. Returns the new tokens and the logits that chose
@@ -327,29 +492,66 @@ impl OlmoeModel {
         max_new: usize,
         top_k: &TopK,
         use_cache: bool,
-    ) -> Result<(Vec<i64>, Tensor<2>), MoeError> {
+    ) -> Result<(Vec<i64>, Tensor<2>), RunError> {
+        let options = GenerateOptions {
+            top_k: top_k.clone(),
+            use_cache,
+            ..GenerateOptions::greedy(max_new)
+        };
+        self.decode(prompt, &options, true, &mut |_| {})
+    }
+
+    /// The decoding loop; keeps each step's logits when `keep_logits`.
+    fn decode(
+        &self,
+        prompt: &[i64],
+        options: &GenerateOptions,
+        keep_logits: bool,
+        on_token: &mut dyn FnMut(i64),
+    ) -> Result<(Vec<i64>, Tensor<2>), RunError> {
+        let mut sampler = match options.sampling {
+            Sampling::Temperature { temperature, .. }
+                if !(temperature.is_finite() && temperature >= 0.0) =>
+            {
+                return Err(RunError::InvalidTemperature(temperature));
+            }
+            Sampling::Temperature { temperature, seed } if temperature > 0.0 => {
+                Some((temperature, StdRng::seed_from_u64(seed)))
+            }
+            _ => None,
+        };
         let layers = self.layers.len();
         let vocab = self.vocab_size();
         let mut sequence = prompt.to_vec();
         let mut cache = KvCache::new(layers, 1);
-        let mut step_logits = Vec::with_capacity(max_new);
-        for step in 0..max_new {
+        let mut step_logits = Vec::new();
+        for step in 0..options.max_new_tokens {
             // With the cache, only the tokens it has not seen; without, the whole sequence.
-            let ids = match (use_cache, step) {
+            let ids = match (options.use_cache, step) {
                 (true, 0) | (false, _) => sequence.clone(),
                 (true, _) => sequence[sequence.len() - 1..].to_vec(),
             };
-            if !use_cache {
+            if !options.use_cache {
                 cache = KvCache::new(layers, 1);
             }
             let mask = vec![vec![true; ids.len()]];
-            let out = self.forward(&[ids.clone()], &mask, &mut cache, top_k, false)?;
+            let out = self.forward(&[ids.clone()], &mask, &mut cache, &options.top_k, false)?;
             let last = out.logits.narrow(1, ids.len() - 1, 1).reshape([1, vocab]);
-            sequence.push(argmax_rows(last.clone())[0]);
-            step_logits.push(last);
+            let token = match &mut sampler {
+                None => argmax_rows(last.clone())[0],
+                Some((temperature, rng)) => sample(last.clone(), *temperature, rng, step)?,
+            };
+            sequence.push(token);
+            on_token(token);
+            if keep_logits {
+                step_logits.push(last);
+            }
+            if options.stop_tokens.contains(&token) {
+                break;
+            }
         }
         let logits = match step_logits.is_empty() {
-            true => Tensor::<2>::zeros([0, vocab], &self.embed_tokens.device()),
+            true => Tensor::<2>::zeros([0, vocab], (&self.embed_tokens.device(), DType::F32)),
             false => Tensor::cat(step_logits, 0),
         };
         Ok((sequence[prompt.len()..].to_vec(), logits))
