@@ -65,14 +65,14 @@ pub fn check_dtype(device: &Device, dtype: FloatDType) -> Result<(), LoadError> 
     })
 }
 
-/// A bar over the layers on stderr, or a hidden one.
+/// A bar over the parts of the model (embeddings, output head, each layer) on stderr, or a
+/// hidden one.
 fn progress_bar(show: bool, steps: usize, name: &str) -> ProgressBar {
     if !show || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr());
-    if let Ok(style) =
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers, {elapsed}")
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} parts, {elapsed}")
     {
         bar.set_style(style.progress_chars("=> "));
     }
@@ -182,7 +182,7 @@ impl OlmoeModel {
             device,
             dtype: options.dtype.into(),
         };
-        let bar = progress_bar(options.progress, config.num_hidden_layers, ckpt.name());
+        let bar = progress_bar(options.progress, config.num_hidden_layers + 2, ckpt.name());
         let (h, v) = (config.hidden_size, config.vocab_size);
         let (heads, kv_heads, head_dim) = (
             config.num_attention_heads,
@@ -194,11 +194,13 @@ impl OlmoeModel {
         let embed = ckpt.read_f32("model.embed_tokens.weight", &[v, h])?;
         let embed_tokens =
             Tensor::<2>::from_data(TensorData::new(embed, [v, h]), (to.device, to.dtype));
+        bar.inc(1);
         let lm_head = if config.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
             embed_tokens.clone().transpose()
         } else {
             matrix_transposed(ckpt, "lm_head.weight".into(), v, h, device, to.dtype)?
         };
+        bar.inc(1);
         let moe_config = config.moe_layer();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
