@@ -285,3 +285,48 @@ fn logits_match_the_reference() {
     assert!(err <= 1e-4, "{err:e}");
     std::fs::remove_file(&out).unwrap();
 }
+
+#[test]
+fn ids_work_without_a_tokenizer_and_prompts_need_one() {
+    let dir = checkpoints::scratch("cli-no-tokenizer");
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(checkpoints::tiny_dir().join(file), dir.join(file)).unwrap();
+    }
+    let dir = dir.to_str().unwrap();
+    let (ok, stdout, stderr) = moe(&[
+        "generate",
+        "--model",
+        dir,
+        "--ids",
+        "425,333,388",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["new_tokens"].as_array().unwrap().len(), 4);
+    assert!(v.get("text").is_none(), "{stdout}");
+    // Without --json the ids are streamed as numbers.
+    let (ok, stdout, _) = moe(&[
+        "generate",
+        "--model",
+        dir,
+        "--ids",
+        "425,333,388",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(ok);
+    let streamed: Vec<serde_json::Value> = stdout
+        .split_whitespace()
+        .map(|t| serde_json::from_str(t).unwrap())
+        .collect();
+    assert_eq!(streamed, *v["new_tokens"].as_array().unwrap());
+    let (ok, _, stderr) = moe(&["generate", "--model", dir, "--prompt", "hello"]);
+    assert!(!ok);
+    assert_eq!(
+        stderr.trim(),
+        "error: --prompt needs tokenizer.json in the model folder"
+    );
+}
