@@ -97,4 +97,14 @@ pub enum MoeError {
         /// The shape it has.
         got: Vec<usize>,
     },
+    /// [`DispatchStrategy::Kernels`](crate::dispatch::DispatchStrategy::Kernels) was asked for
+    /// on a device the kernels do not run on.
+    #[error("the dispatch kernels do not run on {device}; use DispatchStrategy::Auto or TensorOps")]
+    KernelsUnavailable {
+        /// The device.
+        device: String,
+    },
+    /// A kernel refused its inputs.
+    #[error(transparent)]
+    Kernel(#[from] moe_kernels::KernelError),
 }

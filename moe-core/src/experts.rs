@@ -170,7 +170,7 @@ impl Experts {
     }
 
     /// Applies the experts to `x` as `routing` says (any routing, not only this crate's router):
-    /// plan, permute, [`Experts::forward_segments`], combine.
+    /// plan, permute, [`Experts::forward_segments`], combine (with the kernels where they run).
     ///
     /// # Shapes
     /// - `x`: `[T, d_model]`, `routing`: `T` tokens → `[T, d_model]`
@@ -189,7 +189,8 @@ impl Experts {
                 got: vec![routing.num_tokens(), routing.num_experts],
             });
         }
-        Ok(dispatch::run_experts(self, x, routing))
+        let path = dispatch::DispatchStrategy::Auto.resolve(&x.device())?;
+        dispatch::run_experts(self, x, routing, path)
     }
 
     /// Runs each expert on its contiguous segment of expert-sorted rows: rows

@@ -5,7 +5,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
-use crate::dispatch;
+use crate::dispatch::{self, DispatchStrategy};
 use crate::error::MoeError;
 use crate::experts::{ExpertActivation, Experts, ExpertsConfig};
 use crate::router::{GroupLimit, Router, RouterConfig, Routing, Scoring, SlotPlan, TopK};
@@ -137,6 +137,7 @@ impl MoeLayerConfig {
                 .as_ref()
                 .map(|s| s.init(device))
                 .transpose()?,
+            dispatch: DispatchStrategy::Auto,
         })
     }
 }
@@ -159,6 +160,9 @@ pub struct MoeLayer {
     pub experts: Experts,
     /// The optional dense expert.
     pub shared: Option<SharedExpert>,
+    /// Kernels or tensor ops for permute and combine (resolved per call from the device).
+    #[module(skip)]
+    pub dispatch: DispatchStrategy,
 }
 
 impl MoeLayer {
@@ -205,7 +209,14 @@ impl MoeLayer {
             router,
             experts,
             shared,
+            dispatch: DispatchStrategy::Auto,
         })
+    }
+
+    /// The same layer with permute and combine run by `strategy`.
+    pub fn with_dispatch(mut self, strategy: DispatchStrategy) -> Self {
+        self.dispatch = strategy;
+        self
     }
 
     /// Hidden size `d_model`.
@@ -238,8 +249,9 @@ impl MoeLayer {
     /// - `x`: `[T, d_model]` or `[B, S, d_model]` → `hidden` of the same shape
     ///
     /// # Errors
-    /// A rank other than 2 or 3, a last axis other than `d_model`, a k out of range or a
-    /// per-row k list of the wrong length.
+    /// A rank other than 2 or 3, a last axis other than `d_model`, a k out of range, a
+    /// per-row k list of the wrong length, or [`DispatchStrategy::Kernels`] on a device the
+    /// kernels do not run on.
     pub fn try_forward<const D: usize>(
         &self,
         x: Tensor<D>,
@@ -261,12 +273,13 @@ impl MoeLayer {
         }
         let tokens = dims[..D - 1].iter().product();
         let slots = SlotPlan::resolve(top_k, &self.router.settings, tokens, seq_len)?;
+        let path = self.dispatch.resolve(&x.device())?;
         let x = x.reshape([tokens, d_model]);
 
         // 1. route
         let routing = self.router.route_slots(x.clone(), &slots);
         // 2–5. plan, permute, experts, unpermute + combine
-        let routed = dispatch::run_experts(&self.experts, x.clone(), &routing);
+        let routed = dispatch::run_experts(&self.experts, x.clone(), &routing, path)?;
         // 6. shared
         let hidden = match &self.shared {
             Some(shared) => routed + shared.forward(x),

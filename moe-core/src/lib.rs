@@ -59,6 +59,7 @@ pub mod reference;
 pub mod router;
 pub mod shared;
 
+pub use dispatch::{DispatchPath, DispatchStrategy};
 pub use error::MoeError;
 pub use experts::{ExpertActivation, Experts, ExpertsConfig};
 pub use layer::{MoeLayer, MoeLayerConfig, MoeOutput};

@@ -1,5 +1,152 @@
 //! # moe-kernels
 //!
-//! CubeCL kernels for the MoE hot path (histogram, permute, unpermute + combine, grouped GEMM),
-//! written once for Burn's `CubeBackend`. Not written yet: every backend currently runs
-//! `moe-core`'s tensor-op dispatch, which these kernels will mirror.
+//! CubeCL kernels for the MoE dispatch hot path, written once for Burn's `CubeBackend` (the one
+//! implementation that wgpu, CUDA and ROCm run) and reached through a Burn backend extension:
+//!
+//! - [`gather_rows`] — permute: copy rows of `x` into expert order, vectorised along the row.
+//! - [`weighted_combine`] — unpermute + combine: each output row gathers its k expert rows and
+//!   sums them weighted, accumulating in f32, without atomics.
+//!
+//! Each has a tensor-op twin in `moe-core` (`select`, and gather + weighted sum) that gives the
+//! same answer and runs everywhere; [`available`] says whether the kernels run on a device. Both
+//! kernels are differentiable: on an autodiff device the backward of a gather is a scatter-add
+//! and the backward of the combine gives gradients to the rows and to the weights.
+//!
+//! Without the `cube` feature (switched on by `wgpu` or `cuda`) nothing here runs and
+//! [`available`] is false for every device.
+#![warn(missing_docs)]
+
+use burn::tensor::{Device, Int, Tensor};
+
+#[cfg(feature = "cube")]
+mod cube;
+
+/// Why a kernel was not run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    /// The device is not a CubeCL device, or this build has no CubeCL backend.
+    #[error(
+        "{op}: the MoE kernels do not run on {device} (they run on CubeCL devices: wgpu, cuda; CubeCL kernels compiled in: {compiled})"
+    )]
+    Unsupported {
+        /// The kernel.
+        op: &'static str,
+        /// The device asked for.
+        device: String,
+        /// Whether this build has the CubeCL kernels at all.
+        compiled: &'static str,
+    },
+    /// Input shapes that do not fit together.
+    #[error("{op}: {reason}")]
+    Shape {
+        /// The kernel.
+        op: &'static str,
+        /// The shapes involved.
+        reason: String,
+    },
+    /// Inputs on different devices.
+    #[error("{op}: inputs are on different devices ({first} and {second})")]
+    Devices {
+        /// The kernel.
+        op: &'static str,
+        /// Device of the first input.
+        first: String,
+        /// Device of the other input.
+        second: String,
+    },
+}
+
+/// Whether the kernels of this crate run on `device` (a CubeCL device, possibly with autodiff,
+/// in a build with the `cube` feature).
+pub fn available(device: &Device) -> bool {
+    #[cfg(feature = "cube")]
+    {
+        cube::is_cube_device(device)
+    }
+    #[cfg(not(feature = "cube"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+fn check_device(op: &'static str, device: &Device) -> Result<(), KernelError> {
+    if available(device) {
+        return Ok(());
+    }
+    Err(KernelError::Unsupported {
+        op,
+        device: format!("{device:?}"),
+        compiled: if cfg!(feature = "cube") { "yes" } else { "no" },
+    })
+}
+
+fn same_device(op: &'static str, a: &Device, b: &Device) -> Result<(), KernelError> {
+    match a == b {
+        true => Ok(()),
+        false => Err(KernelError::Devices {
+            op,
+            first: format!("{a:?}"),
+            second: format!("{b:?}"),
+        }),
+    }
+}
+
+/// Permute: `out[i, :] = x[indices[i], :]`.
+///
+/// An index outside `0..rows` gives a zero row (the kernel never reads out of bounds).
+///
+/// # Shapes
+/// - `x`: `[rows, width]`, any float dtype the device computes in
+/// - `indices`: `[m]`
+/// - output: `[m, width]`, `x`'s dtype
+pub fn gather_rows(x: Tensor<2>, indices: Tensor<1, Int>) -> Result<Tensor<2>, KernelError> {
+    const OP: &str = "gather_rows";
+    check_device(OP, &x.device())?;
+    same_device(OP, &x.device(), &indices.device())?;
+    #[cfg(feature = "cube")]
+    {
+        Ok(cube::gather_rows(x, indices))
+    }
+    #[cfg(not(feature = "cube"))]
+    {
+        unreachable!("check_device refuses every device without the cube feature")
+    }
+}
+
+/// Unpermute + combine: `out[t, :] = Σ_j weights[t, j] · rows[sources[t, j], :]`, accumulated in
+/// f32 in slot order. A source outside `0..m` contributes nothing.
+///
+/// # Shapes
+/// - `rows`: `[m, width]` (the experts' outputs in expert order)
+/// - `sources`: `[t, k]`, the row of each (token, slot) pair
+/// - `weights`: `[t, k]`, any float dtype
+/// - output: `[t, width]`, `rows`' dtype
+pub fn weighted_combine(
+    rows: Tensor<2>,
+    sources: Tensor<2, Int>,
+    weights: Tensor<2>,
+) -> Result<Tensor<2>, KernelError> {
+    const OP: &str = "weighted_combine";
+    check_device(OP, &rows.device())?;
+    same_device(OP, &rows.device(), &sources.device())?;
+    same_device(OP, &rows.device(), &weights.device())?;
+    if sources.dims() != weights.dims() {
+        return Err(KernelError::Shape {
+            op: OP,
+            reason: format!(
+                "sources {:?} and weights {:?} differ",
+                sources.dims(),
+                weights.dims()
+            ),
+        });
+    }
+    #[cfg(feature = "cube")]
+    {
+        Ok(cube::weighted_combine(rows, sources, weights))
+    }
+    #[cfg(not(feature = "cube"))]
+    {
+        unreachable!("check_device refuses every device without the cube feature")
+    }
+}

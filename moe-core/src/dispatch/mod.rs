@@ -3,11 +3,14 @@
 //! the k weighted rows of each token). Deterministic: no scatter-add touches activations.
 
 mod plan;
+mod strategy;
 
 pub use plan::DispatchPlan;
+pub use strategy::{DispatchPath, DispatchStrategy};
 
 use burn::tensor::{DType, Tensor};
 
+use crate::error::MoeError;
 use crate::experts::Experts;
 use crate::router::Routing;
 
@@ -16,9 +19,17 @@ use crate::router::Routing;
 ///
 /// # Shapes
 /// - `x`: `[T, d_model]` → `[active_rows, d_model]`
-pub fn permute(x: Tensor<2>, plan: &DispatchPlan, active_rows: usize) -> Tensor<2> {
+pub fn permute(
+    x: Tensor<2>,
+    plan: &DispatchPlan,
+    active_rows: usize,
+    path: DispatchPath,
+) -> Result<Tensor<2>, MoeError> {
     let rows = plan.sorted_tokens.clone().narrow(0, 0, active_rows);
-    x.select(0, rows)
+    Ok(match path {
+        DispatchPath::Kernels => moe_kernels::gather_rows(x, rows)?,
+        DispatchPath::TensorOps => x.select(0, rows),
+    })
 }
 
 /// Step 5, **unpermute + combine**: gathers each token's k expert outputs back into token order
@@ -29,9 +40,23 @@ pub fn permute(x: Tensor<2>, plan: &DispatchPlan, active_rows: usize) -> Tensor<
 /// - `expert_rows`: `[active_rows, d_model]` in expert order
 /// - `weights`: `[T, k]`
 /// - output: `[T, d_model]`, in `expert_rows`' dtype
-pub fn combine(expert_rows: Tensor<2>, plan: &DispatchPlan, weights: &Tensor<2>) -> Tensor<2> {
-    let [active_rows, d_model] = expert_rows.dims();
+pub fn combine(
+    expert_rows: Tensor<2>,
+    plan: &DispatchPlan,
+    weights: &Tensor<2>,
+    path: DispatchPath,
+) -> Result<Tensor<2>, MoeError> {
     let (t, k) = (plan.num_tokens, plan.top_k);
+    if path == DispatchPath::Kernels {
+        // Slots whose row is past `active_rows` (unused slots) are skipped by the kernel.
+        let sources = plan.inverse.clone().reshape([t, k]);
+        return Ok(moe_kernels::weighted_combine(
+            expert_rows,
+            sources,
+            weights.clone(),
+        )?);
+    }
+    let [active_rows, d_model] = expert_rows.dims();
     let dtype = expert_rows.dtype();
     let rows = if active_rows < t * k {
         let device = expert_rows.device();
@@ -44,18 +69,24 @@ pub fn combine(expert_rows: Tensor<2>, plan: &DispatchPlan, weights: &Tensor<2>)
         .select(0, plan.inverse.clone())
         .reshape([t, k, d_model]);
     let weighted = per_slot.cast(DType::F32) * weights.clone().cast(DType::F32).unsqueeze_dim(2);
-    weighted.sum_dim(1).reshape([t, d_model]).cast(dtype)
+    Ok(weighted.sum_dim(1).reshape([t, d_model]).cast(dtype))
 }
 
-/// Steps 2–5 for one routing: plan, the host read of the counts, permute, experts, combine.
+/// Steps 2–5 for one routing: plan, the host read of the counts, permute, experts, combine,
+/// with permute and combine on `path`.
 ///
 /// # Shapes
 /// - `x`: `[T, d_model]` → `[T, d_model]`
-pub fn run_experts(experts: &Experts, x: Tensor<2>, routing: &Routing) -> Tensor<2> {
+pub fn run_experts(
+    experts: &Experts,
+    x: Tensor<2>,
+    routing: &Routing,
+    path: DispatchPath,
+) -> Result<Tensor<2>, MoeError> {
     let plan = DispatchPlan::new(&routing.expert_ids, routing.num_experts);
     let counts = plan.counts_to_host();
     let active_rows = counts.iter().sum();
-    let sorted_rows = permute(x, &plan, active_rows);
+    let sorted_rows = permute(x, &plan, active_rows, path)?;
     let expert_rows = experts.forward_segments(sorted_rows, &counts);
-    combine(expert_rows, &plan, &routing.weights)
+    combine(expert_rows, &plan, &routing.weights, path)
 }

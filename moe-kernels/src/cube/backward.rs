@@ -1,0 +1,145 @@
+//! Backward passes of the kernels, for `Autodiff<B, C>` over any backend that has them.
+//!
+//! - gather: `dx = zeros[rows, width]`, scatter-added at `indices` with `dout`.
+//! - combine: `drows[s] += w[t, j] · dout[t]` for every slot with `sources[t, j] = s`
+//!   (scatter-add), and `dw[t, j] = dout[t] · rows[sources[t, j]]` (gather, then a dot product
+//!   in f32). Slots whose source is past the rows (unused slots) get and give nothing, as in
+//!   the forward pass: they scatter into one extra row that is cut off.
+
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Backend, Scalar, TensorMetadata};
+use burn::tensor::{DType, IndexingUpdateOp, Shape, Slice};
+
+use super::MoeKernelOps;
+
+#[derive(Debug)]
+struct GatherRowsBackward;
+
+impl<B: Backend> Backward<B, 1> for GatherRowsBackward {
+    /// Indices and the shape of `x`.
+    type State = (IntTensor<B>, Shape);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (indices, shape) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        if let [Some(parent)] = ops.parents {
+            let zeros = B::float_zeros(shape, &grad.device(), grad.dtype().into());
+            let dx = B::float_select_assign(zeros, 0, indices, grad, IndexingUpdateOp::Add);
+            grads.register::<B>(parent.id, dx);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct WeightedCombineBackward;
+
+impl<B: Backend + MoeKernelOps> Backward<B, 2> for WeightedCombineBackward {
+    /// Rows, sources and weights of the forward call.
+    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (rows, sources, weights) = ops.state;
+        let grad = grads.consume::<B>(&ops.node); // [t, width]
+        let [rows_parent, weights_parent] = ops.parents;
+        let row_shape = rows.shape();
+        let (m, width) = (row_shape[0], row_shape[1]);
+        let weight_shape = weights.shape();
+        let (t, k) = (weight_shape[0], weight_shape[1]);
+        let device = grad.device();
+        let (row_dtype, weight_dtype) = (rows.dtype(), weights.dtype());
+        let flat_sources = B::int_reshape(sources, Shape::new([t * k]));
+        // dout broadcast to every slot: [t, k, width], in f32.
+        let grad_f32 = B::float_cast(grad, DType::F32.into());
+        let grad_slots = B::float_expand(
+            B::float_reshape(grad_f32, Shape::new([t, 1, width])),
+            Shape::new([t, k, width]),
+        );
+        if let Some(parent) = weights_parent {
+            let picked = B::moe_gather_rows(rows, flat_sources.clone());
+            let picked = B::float_reshape(
+                B::float_cast(picked, DType::F32.into()),
+                Shape::new([t, k, width]),
+            );
+            let dots = B::float_sum_dim(B::float_mul(picked, grad_slots.clone()), 2);
+            let dw = B::float_cast(
+                B::float_reshape(dots, Shape::new([t, k])),
+                weight_dtype.into(),
+            );
+            grads.register::<B>(parent.id, dw);
+        }
+        if let Some(parent) = rows_parent {
+            let w = B::float_expand(
+                B::float_reshape(
+                    B::float_cast(weights, DType::F32.into()),
+                    Shape::new([t, k, 1]),
+                ),
+                Shape::new([t, k, width]),
+            );
+            let contributions = B::float_cast(
+                B::float_reshape(B::float_mul(grad_slots, w), Shape::new([t * k, width])),
+                row_dtype.into(),
+            );
+            // Row m collects the slots without a row; it is dropped afterwards.
+            let targets = B::int_clamp(flat_sources, Scalar::from(0usize), Scalar::from(m));
+            let zeros = B::float_zeros(Shape::new([m + 1, width]), &device, row_dtype.into());
+            let drows =
+                B::float_select_assign(zeros, 0, targets, contributions, IndexingUpdateOp::Add);
+            let drows = B::float_slice(drows, &[Slice::from(0..m), Slice::from(0..width)]);
+            grads.register::<B>(parent.id, drows);
+        }
+    }
+}
+
+impl<B: Backend + MoeKernelOps, C: CheckpointStrategy> MoeKernelOps for Autodiff<B, C> {
+    fn moe_gather_rows(x: FloatTensor<Self>, indices: IntTensor<Self>) -> FloatTensor<Self> {
+        match GatherRowsBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = (indices.clone(), x.primitive().shape());
+                prep.finish(state, B::moe_gather_rows(x.into_primitive(), indices))
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::moe_gather_rows(x.into_primitive(), indices))
+            }
+        }
+    }
+
+    fn moe_weighted_combine(
+        rows: FloatTensor<Self>,
+        sources: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match WeightedCombineBackward
+            .prepare::<C>([rows.node(), weights.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = (
+                    rows.primitive().clone(),
+                    sources.clone(),
+                    weights.primitive().clone(),
+                );
+                let out = B::moe_weighted_combine(
+                    rows.into_primitive(),
+                    sources,
+                    weights.into_primitive(),
+                );
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::moe_weighted_combine(
+                rows.into_primitive(),
+                sources,
+                weights.into_primitive(),
+            )),
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! The backend extension: one trait, implemented for `CubeBackend` (the kernels), generated for
+//! `Fusion` (deferred like any other op) and written by hand for `Autodiff` (the backward passes).
+
+mod backward;
+mod kernels;
+mod launch;
+
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{Dispatch, DispatchDevice, backend_extension};
+use burn::tensor::{Device, Int, Shape, Tensor};
+
+/// The MoE operations the kernels provide.
+#[backend_extension(Cube, Fusion, Autodiff)]
+pub trait MoeKernelOps: burn::backend::Backend {
+    /// `out[i, :] = x[indices[i], :]`.
+    #[fusion(dtype = x, shape = Shape::new([indices[0], x[1]]))]
+    fn moe_gather_rows(x: FloatTensor<Self>, indices: IntTensor<Self>) -> FloatTensor<Self>;
+
+    /// `out[t, :] = Σ_j weights[t, j] · rows[sources[t, j], :]`.
+    #[fusion(dtype = rows, shape = Shape::new([sources[0], rows[1]]))]
+    fn moe_weighted_combine(
+        rows: FloatTensor<Self>,
+        sources: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+/// Whether `device` (or the device an autodiff device wraps) is a CubeCL device.
+pub(crate) fn is_cube_device(device: &Device) -> bool {
+    fn cube(device: &DispatchDevice) -> bool {
+        match device {
+            DispatchDevice::Cube(_) => true,
+            DispatchDevice::Autodiff(inner) => cube(inner),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+    cube(device.as_dispatch())
+}
+
+pub(crate) fn gather_rows(x: Tensor<2>, indices: Tensor<1, Int>) -> Tensor<2> {
+    Tensor::from_dispatch(Dispatch::moe_gather_rows(
+        x.into_dispatch(),
+        indices.into_dispatch(),
+    ))
+}
+
+pub(crate) fn weighted_combine(
+    rows: Tensor<2>,
+    sources: Tensor<2, Int>,
+    weights: Tensor<2>,
+) -> Tensor<2> {
+    Tensor::from_dispatch(Dispatch::moe_weighted_combine(
+        rows.into_dispatch(),
+        sources.into_dispatch(),
+        weights.into_dispatch(),
+    ))
+}
