@@ -1,5 +1,6 @@
-//! The CubeCL kernels of moe-kernels against their tensor-op twins: gather (permute) and
-//! weighted combine (unpermute + combine) across edge shapes, dtypes and out-of-range indices;
+//! The CubeCL kernels of moe-kernels against their tensor-op twins: the routing plan
+//! (histogram, offsets, stable permutation, inverse), gather (permute) and weighted combine
+//! (unpermute + combine) across edge shapes, dtypes and out-of-range indices;
 //! whole layers and their gradients equal between the two dispatch strategies; strategy
 //! resolution on devices without kernels.
 //!
@@ -203,14 +204,41 @@ fn permute_and_combine_on_real_plans_equal_the_tensor_op_path() {
                     let ids = routing_ids(t, e, k, (t * e + k) as u64);
                     let ids = int_tensor(ids, [t, k], &device);
                     let plan = DispatchPlan::new(&ids, e);
+                    // The plan kernel (stable counting sort) gives the tensor-op plan exactly.
+                    let kernel_plan = DispatchPlan::build(&ids, e, DispatchPath::Kernels).unwrap();
+                    for (what, a, b) in [
+                        ("counts", &kernel_plan.counts, &plan.counts),
+                        ("offsets", &kernel_plan.offsets, &plan.offsets),
+                        (
+                            "sorted_pairs",
+                            &kernel_plan.sorted_pairs,
+                            &plan.sorted_pairs,
+                        ),
+                        (
+                            "sorted_tokens",
+                            &kernel_plan.sorted_tokens,
+                            &plan.sorted_tokens,
+                        ),
+                        ("inverse", &kernel_plan.inverse, &plan.inverse),
+                    ] {
+                        assert_eq!(
+                            common::host_int(a.clone()),
+                            common::host_int(b.clone()),
+                            "{name} plan {what} t {t} e {e} k {k}"
+                        );
+                    }
                     let active: usize = plan.counts_to_host().iter().sum();
                     let x = common::upload(common::normal(t * width, 1.0, 5), [t, width], &device);
                     let w = common::upload(common::normal(t * k, 1.0, 6), [t, k], &device);
                     let run = |path| {
-                        let rows = dispatch::permute(x.clone(), &plan, active, path).unwrap();
+                        let plan = match path {
+                            DispatchPath::Kernels => &kernel_plan,
+                            DispatchPath::TensorOps => &plan,
+                        };
+                        let rows = dispatch::permute(x.clone(), plan, active, path).unwrap();
                         // Stand-in for the experts: any row-wise map.
                         let expert_rows = rows.clone().mul_scalar(0.5).add_scalar(1.0);
-                        let out = dispatch::combine(expert_rows, &plan, &w, path).unwrap();
+                        let out = dispatch::combine(expert_rows, plan, &w, path).unwrap();
                         (common::host(rows), common::host(out))
                     };
                     let (rows_k, out_k) = run(DispatchPath::Kernels);

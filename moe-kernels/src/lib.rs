@@ -6,6 +6,8 @@
 //! - [`gather_rows`] — permute: copy rows of `x` into expert order, vectorised along the row.
 //! - [`weighted_combine`] — unpermute + combine: each output row gathers its k expert rows and
 //!   sums them weighted, accumulating in f32, without atomics.
+//! - [`expert_plan`] — histogram, exclusive offsets, the stable permutation of (token, slot)
+//!   pairs by expert and its inverse, in one launch (a counting sort, no atomics).
 //!
 //! Each has a tensor-op twin in `moe-core` (`select`, and gather + weighted sum) that gives the
 //! same answer and runs everywhere; [`available`] says whether the kernels run on a device. Both
@@ -144,6 +146,38 @@ pub fn weighted_combine(
     #[cfg(feature = "cube")]
     {
         Ok(cube::weighted_combine(rows, sources, weights))
+    }
+    #[cfg(not(feature = "cube"))]
+    {
+        unreachable!("check_device refuses every device without the cube feature")
+    }
+}
+
+/// The routing plan of `ids` (`[P]`: the expert of each (token, slot) pair, `num_experts` for
+/// an unused slot): `[counts, offsets, sorted_pairs, inverse]`.
+///
+/// - `counts[e]`: pairs routed to expert `e`; `offsets[e]`: pairs routed to a lower expert.
+/// - `sorted_pairs`: the pairs ordered by expert, pair order kept within an expert (stable);
+///   unused slots last.
+/// - `inverse[p]`: the position of pair `p` in `sorted_pairs`.
+///
+/// # Shapes
+/// - `ids`: `[P]` → `[E]`, `[E]`, `[P]`, `[P]`, in `ids`' dtype
+pub fn expert_plan(
+    ids: Tensor<1, Int>,
+    num_experts: usize,
+) -> Result<[Tensor<1, Int>; 4], KernelError> {
+    const OP: &str = "expert_plan";
+    check_device(OP, &ids.device())?;
+    if num_experts == 0 {
+        return Err(KernelError::Shape {
+            op: OP,
+            reason: "num_experts must be at least 1".into(),
+        });
+    }
+    #[cfg(feature = "cube")]
+    {
+        Ok(cube::expert_plan(ids, num_experts))
     }
     #[cfg(not(feature = "cube"))]
     {

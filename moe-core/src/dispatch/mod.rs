@@ -83,7 +83,7 @@ pub fn run_experts(
     routing: &Routing,
     path: DispatchPath,
 ) -> Result<Tensor<2>, MoeError> {
-    let plan = DispatchPlan::new(&routing.expert_ids, routing.num_experts);
+    let plan = DispatchPlan::build(&routing.expert_ids, routing.num_experts, path)?;
     let counts = plan.counts_to_host();
     let active_rows = counts.iter().sum();
     let sorted_rows = permute(x, &plan, active_rows, path)?;

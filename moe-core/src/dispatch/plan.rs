@@ -2,6 +2,9 @@
 
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor};
 
+use super::DispatchPath;
+use crate::error::MoeError;
+
 /// Where every `(token, slot)` pair goes in expert order, and how to come back.
 ///
 /// Pair `p = token * k + slot`. Sorting is stable: pairs routed to the same expert keep token
@@ -70,6 +73,33 @@ impl DispatchPlan {
             counts,
             offsets,
         }
+    }
+
+    /// The plan built on `path`: [`DispatchPlan::new`] with tensor ops, or one launch of the
+    /// `expert_plan` kernel (a stable counting sort). Both give the same plan.
+    pub fn build(
+        expert_ids: &Tensor<2, Int>,
+        num_experts: usize,
+        path: DispatchPath,
+    ) -> Result<Self, MoeError> {
+        if path == DispatchPath::TensorOps {
+            return Ok(Self::new(expert_ids, num_experts));
+        }
+        let [num_tokens, top_k] = expert_ids.dims();
+        let int = expert_ids.device().settings().int_dtype;
+        let ids = expert_ids.clone().reshape([num_tokens * top_k]).cast(int);
+        let [counts, offsets, sorted_pairs, inverse] = moe_kernels::expert_plan(ids, num_experts)?;
+        let sorted_tokens = sorted_pairs.clone().div_scalar(top_k as i64);
+        Ok(DispatchPlan {
+            num_tokens,
+            top_k,
+            num_experts,
+            sorted_pairs,
+            sorted_tokens,
+            inverse,
+            counts,
+            offsets,
+        })
     }
 
     /// **The one host read of a forward pass**: the per-expert row counts, needed to cut the

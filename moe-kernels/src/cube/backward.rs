@@ -142,4 +142,9 @@ impl<B: Backend + MoeKernelOps, C: CheckpointStrategy> MoeKernelOps for Autodiff
             )),
         }
     }
+
+    fn moe_expert_plan(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self> {
+        // Integers carry no gradient.
+        B::moe_expert_plan(ids, num_experts)
+    }
 }

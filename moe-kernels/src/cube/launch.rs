@@ -2,6 +2,7 @@
 //! and launch geometry.
 
 use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::ops::IntTensorOps;
 use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
@@ -11,7 +12,14 @@ use cubecl::prelude::*;
 use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use super::MoeKernelOps;
-use super::kernels::{gather_rows_kernel, weighted_combine_kernel};
+use super::kernels::{
+    chunk_counts_kernel, gather_rows_kernel, place_pairs_kernel, weighted_combine_kernel,
+};
+
+/// Pairs one unit of the plan kernels scans. Short loops keep the work parallel; one unit per
+/// expert scanning every pair was also cut short on lavapipe past about 2^16 loop iterations
+/// (measured: wrong plans from 64 000 pairs up).
+const PLAN_CHUNK: usize = 1024;
 
 /// The widest vector the device likes for `dtype` that divides `width` (1 at worst).
 fn vector_size(tensor: &CubeTensor, dtype: DType, width: usize) -> usize {
@@ -117,6 +125,59 @@ impl MoeKernelOps for CubeBackend {
             width / vector,
             units,
             dtypes,
+        );
+        out
+    }
+
+    fn moe_expert_plan(ids: CubeTensor, num_experts: usize) -> CubeTensor {
+        let ids = into_contiguous(ids);
+        let pairs = ids.meta.shape()[0];
+        let out = empty_device_dtype(
+            ids.client.clone(),
+            ids.device.clone(),
+            Shape::new([2 * num_experts + 2 * pairs]),
+            ids.dtype,
+        );
+        // Every unit scans one chunk of pairs for one expert (short loops, many units).
+        let chunks = pairs.div_ceil(PLAN_CHUNK).max(1);
+        let units = (num_experts + 1) * chunks;
+        let counts = empty_device_dtype(
+            ids.client.clone(),
+            ids.device.clone(),
+            Shape::new([units]),
+            ids.dtype,
+        );
+        let cube_dim = CubeDim::new(&ids.client, units);
+        let cube_count = calculate_cube_count_elemwise(&ids.client, units, cube_dim);
+        let dtype = dtype_to_storage_type(ids.dtype);
+        chunk_counts_kernel::launch(
+            &ids.client,
+            cube_count.clone(),
+            cube_dim,
+            address_type(&[&ids, &counts]),
+            ids.clone().into_tensor_arg(),
+            counts.clone().into_tensor_arg(),
+            pairs,
+            num_experts,
+            PLAN_CHUNK,
+            chunks,
+            dtype,
+        );
+        let inclusive = <CubeBackend as IntTensorOps<CubeBackend>>::int_cumsum(counts.clone(), 0);
+        place_pairs_kernel::launch(
+            &out.client,
+            cube_count,
+            cube_dim,
+            address_type(&[&ids, &counts, &inclusive, &out]),
+            ids.into_tensor_arg(),
+            counts.into_tensor_arg(),
+            inclusive.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            pairs,
+            num_experts,
+            PLAN_CHUNK,
+            chunks,
+            dtype,
         );
         out
     }

@@ -23,6 +23,11 @@ pub trait MoeKernelOps: burn::backend::Backend {
         sources: IntTensor<Self>,
         weights: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+
+    /// The routing plan of `ids` (`[P]`, expert per pair, `num_experts` for unused slots):
+    /// `[counts (E) | offsets (E) | sorted pairs (P) | inverse (P)]`.
+    #[fusion(dtype = ids, shape = Shape::new([2 * *num_experts + 2 * ids[0]]))]
+    fn moe_expert_plan(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self>;
 }
 
 /// Whether `device` (or the device an autodiff device wraps) is a CubeCL device.
@@ -43,6 +48,19 @@ pub(crate) fn gather_rows(x: Tensor<2>, indices: Tensor<1, Int>) -> Tensor<2> {
         x.into_dispatch(),
         indices.into_dispatch(),
     ))
+}
+
+/// `(counts [E], offsets [E], sorted pairs [P], inverse [P])` of `ids` (`[P]`).
+pub(crate) fn expert_plan(ids: Tensor<1, Int>, num_experts: usize) -> [Tensor<1, Int>; 4] {
+    let pairs = ids.dims()[0];
+    let all: Tensor<1, Int> =
+        Tensor::from_dispatch(Dispatch::moe_expert_plan(ids.into_dispatch(), num_experts));
+    [
+        all.clone().narrow(0, 0, num_experts),
+        all.clone().narrow(0, num_experts, num_experts),
+        all.clone().narrow(0, 2 * num_experts, pairs),
+        all.narrow(0, 2 * num_experts + pairs, pairs),
+    ]
 }
 
 pub(crate) fn weighted_combine(

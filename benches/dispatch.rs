@@ -1,0 +1,212 @@
+//! The dispatch hot path at the OLMoE-1B-7B layer shape (H 2048, I 1024, E 64, k 8), per
+//! backend and dispatch strategy:
+//!
+//! - `permute`: rows gathered into expert order (`[T·k, H]`, the order of a real routing plan);
+//! - `combine`: unpermute + weighted combine of `[T·k, H]` expert rows into `[T, H]`;
+//! - `layer`: the whole MoE layer (route, plan, permute, experts, combine).
+//!
+//! Every timed chain feeds each call's output into the next call's input (lavapipe and lazy
+//! backends would otherwise return or skip repeated identical work) and reads one value back
+//! before the clock stops.
+//!
+//! ```text
+//! cargo bench --features wgpu --bench dispatch
+//! MOE_BENCH_TOKENS=1,16 MOE_BENCH_STAGES=permute,combine MOE_BENCH_BACKENDS=wgpu \
+//!     cargo bench --features wgpu --bench dispatch
+//! ```
+//! Defaults: tokens 1,16,128,512,2048; stages permute,combine,layer; every compiled-in backend
+//! (wgpu only where a Vulkan driver is installed). On lavapipe (software Vulkan) the layer at
+//! large T takes minutes per sample: it is a correctness target, not a performance one.
+
+use std::time::{Duration, Instant};
+
+use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use moe::backend::Backend;
+use moe::dispatch::{self, DispatchPath, DispatchPlan};
+use moe::{DispatchStrategy, MoeLayer, MoeLayerConfig, TopK};
+
+const H: usize = 2048;
+const I: usize = 1024;
+const E: usize = 64;
+const K: usize = 8;
+
+fn list(var: &str, default: &str) -> Vec<String> {
+    std::env::var(var)
+        .unwrap_or_else(|_| default.to_string())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn vulkan_present() -> bool {
+    ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
+        .iter()
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flatten()
+        .flatten()
+        .any(|entry| entry.path().extension().is_some_and(|e| e == "json"))
+}
+
+fn backends() -> Vec<Backend> {
+    let wanted = list("MOE_BENCH_BACKENDS", "");
+    Backend::compiled()
+        .into_iter()
+        .filter(|b| *b != Backend::Cuda || !wanted.is_empty())
+        .filter(|b| *b != Backend::Wgpu || vulkan_present())
+        .filter(|b| wanted.is_empty() || wanted.iter().any(|w| w == b.name()))
+        .collect()
+}
+
+/// Reads one value: everything the chain depends on has run.
+fn sync(x: Tensor<2>) {
+    let _ = x.narrow(0, 0, 1).narrow(1, 0, 1).into_data();
+}
+
+/// Expert ids `[T, K]` of a realistic routing: K distinct experts per token from a seeded
+/// generator (not one repeated token, which would send everything to the same experts).
+fn routing_ids(t: usize, device: &Device) -> Tensor<2, Int> {
+    let mut state = 0x9e3779b97f4a7c15u64 ^ t as u64;
+    let mut ids = Vec::with_capacity(t * K);
+    for _ in 0..t {
+        let mut chosen = Vec::with_capacity(K);
+        while chosen.len() < K {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let e = (state % E as u64) as i64;
+            if !chosen.contains(&e) {
+                chosen.push(e);
+            }
+        }
+        ids.extend(chosen);
+    }
+    Tensor::from_data(TensorData::new(ids, [t, K]), device)
+}
+
+fn paths(device: &Device) -> Vec<(DispatchPath, &'static str)> {
+    let mut out = vec![(DispatchPath::TensorOps, "tensor-ops")];
+    if DispatchStrategy::Kernels.resolve(device).is_ok() {
+        out.push((DispatchPath::Kernels, "kernels"));
+    }
+    out
+}
+
+fn timed<T: Clone>(
+    iters: u64,
+    start: T,
+    mut step: impl FnMut(T) -> T,
+    done: impl Fn(T),
+) -> Duration {
+    let begin = Instant::now();
+    let mut x = start;
+    for _ in 0..iters {
+        x = step(x);
+    }
+    done(x);
+    begin.elapsed()
+}
+
+fn bench(c: &mut Criterion) {
+    let tokens: Vec<usize> = list("MOE_BENCH_TOKENS", "1,16,128,512,2048")
+        .iter()
+        .map(|t| {
+            t.parse()
+                .expect("MOE_BENCH_TOKENS: comma-separated integers")
+        })
+        .collect();
+    let stages = list("MOE_BENCH_STAGES", "permute,combine,layer");
+    for backend in backends() {
+        let device = backend.device();
+        let layer: Option<MoeLayer> = stages
+            .iter()
+            .any(|s| s == "layer")
+            .then(|| MoeLayerConfig::olmoe(H, I, E, K).init(&device).unwrap());
+        for &t in &tokens {
+            let plan = DispatchPlan::new(&routing_ids(t, &device), E);
+            let rows = t * K;
+            let x_rows = Tensor::<2>::random([rows, H], Distribution::Normal(0.0, 1.0), &device);
+            for (path, path_name) in paths(&device) {
+                let id = |stage: &str| format!("{stage}/{backend}/{path_name}");
+                if stages.iter().any(|s| s == "permute") {
+                    let mut group = c.benchmark_group(id("permute"));
+                    group
+                        .sample_size(10)
+                        .warm_up_time(Duration::from_millis(500));
+                    group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
+                        b.iter_custom(|iters| {
+                            timed(
+                                iters,
+                                x_rows.clone(),
+                                |x| {
+                                    let order = plan.sorted_pairs.clone();
+                                    match path {
+                                        DispatchPath::Kernels => {
+                                            moe::moe_kernels::gather_rows(x, order).unwrap()
+                                        }
+                                        DispatchPath::TensorOps => x.select(0, order),
+                                    }
+                                },
+                                sync,
+                            )
+                        })
+                    });
+                    group.finish();
+                }
+                if stages.iter().any(|s| s == "combine") {
+                    let mut group = c.benchmark_group(id("combine"));
+                    group
+                        .sample_size(10)
+                        .warm_up_time(Duration::from_millis(500));
+                    let w0 = Tensor::<2>::random([t, K], Distribution::Uniform(0.0, 0.2), &device);
+                    group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
+                        b.iter_custom(|iters| {
+                            // Each call's weights come from the previous call's output.
+                            timed(
+                                iters,
+                                w0.clone(),
+                                |w| {
+                                    let out =
+                                        dispatch::combine(x_rows.clone(), &plan, &w, path).unwrap();
+                                    out.narrow(1, 0, K).cast(DType::F32).mul_scalar(1e-3)
+                                },
+                                sync,
+                            )
+                        })
+                    });
+                    group.finish();
+                }
+                if let Some(layer) = &layer {
+                    let strategy = match path {
+                        DispatchPath::Kernels => DispatchStrategy::Kernels,
+                        DispatchPath::TensorOps => DispatchStrategy::TensorOps,
+                    };
+                    let layer = layer.clone().with_dispatch(strategy);
+                    let x0 = Tensor::<2>::random([t, H], Distribution::Normal(0.0, 1.0), &device);
+                    let mut group = c.benchmark_group(id("layer"));
+                    group
+                        .sample_size(10)
+                        .warm_up_time(Duration::from_millis(500));
+                    group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
+                        b.iter_custom(|iters| {
+                            timed(
+                                iters,
+                                x0.clone(),
+                                |x| {
+                                    let out = layer.try_forward(x, &TopK::Configured).unwrap();
+                                    out.hidden.tanh()
+                                },
+                                sync,
+                            )
+                        })
+                    });
+                    group.finish();
+                }
+            }
+        }
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
