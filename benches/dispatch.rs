@@ -1,6 +1,7 @@
 //! The dispatch hot path at the OLMoE-1B-7B layer shape (H 2048, I 1024, E 64, k 8), per
 //! backend and dispatch strategy:
 //!
+//! - `plan`: the routing plan (histogram, offsets, stable permutation, inverse) of `[T, k]` ids;
 //! - `permute`: rows gathered into expert order (`[T·k, H]`, the order of a real routing plan);
 //! - `combine`: unpermute + weighted combine of `[T·k, H]` expert rows into `[T, H]`;
 //! - `layer`: the whole MoE layer (route, plan, permute, experts, combine).
@@ -14,14 +15,17 @@
 //! MOE_BENCH_TOKENS=1,16 MOE_BENCH_STAGES=permute,combine MOE_BENCH_BACKENDS=wgpu \
 //!     cargo bench --features wgpu --bench dispatch
 //! ```
-//! Defaults: tokens 1,16,128,512,2048; stages permute,combine,layer; every compiled-in backend
+//! Defaults: tokens 1,16,128,512,2048; stages plan,permute,combine,layer; every compiled-in backend
 //! (wgpu only where a Vulkan driver is installed). On lavapipe (software Vulkan) the layer at
 //! large T takes minutes per sample: it is a correctness target, not a performance one.
 
 use std::time::{Duration, Instant};
 
 use burn::tensor::{DType, Device, Distribution, Int, Tensor, TensorData};
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, criterion_group, criterion_main,
+};
 use moe::backend::Backend;
 use moe::dispatch::{self, DispatchPath, DispatchPlan};
 use moe::{DispatchStrategy, MoeLayer, MoeLayerConfig, TopK};
@@ -93,6 +97,15 @@ fn paths(device: &Device) -> Vec<(DispatchPath, &'static str)> {
     out
 }
 
+/// Ten samples of equal iteration counts: slow cases (a layer on lavapipe) stay affordable.
+fn settle(group: &mut BenchmarkGroup<'_, WallTime>) {
+    group
+        .sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+}
+
 fn timed<T: Clone>(
     iters: u64,
     start: T,
@@ -116,7 +129,7 @@ fn bench(c: &mut Criterion) {
                 .expect("MOE_BENCH_TOKENS: comma-separated integers")
         })
         .collect();
-    let stages = list("MOE_BENCH_STAGES", "permute,combine,layer");
+    let stages = list("MOE_BENCH_STAGES", "plan,permute,combine,layer");
     for backend in backends() {
         let device = backend.device();
         let layer: Option<MoeLayer> = stages
@@ -129,11 +142,31 @@ fn bench(c: &mut Criterion) {
             let x_rows = Tensor::<2>::random([rows, H], Distribution::Normal(0.0, 1.0), &device);
             for (path, path_name) in paths(&device) {
                 let id = |stage: &str| format!("{stage}/{backend}/{path_name}");
+                if stages.iter().any(|s| s == "plan") {
+                    let mut group = c.benchmark_group(id("plan"));
+                    settle(&mut group);
+                    let ids0 = routing_ids(t, &device);
+                    group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
+                        b.iter_custom(|iters| {
+                            // Each call's expert ids come from the previous call's plan.
+                            timed(
+                                iters,
+                                ids0.clone(),
+                                |ids| {
+                                    let plan = DispatchPlan::build(&ids, E, path).unwrap();
+                                    plan.sorted_pairs.reshape([t, K]).remainder_scalar(E as i64)
+                                },
+                                |ids| {
+                                    let _ = ids.narrow(0, 0, 1).into_data();
+                                },
+                            )
+                        })
+                    });
+                    group.finish();
+                }
                 if stages.iter().any(|s| s == "permute") {
                     let mut group = c.benchmark_group(id("permute"));
-                    group
-                        .sample_size(10)
-                        .warm_up_time(Duration::from_millis(500));
+                    settle(&mut group);
                     group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
                         b.iter_custom(|iters| {
                             timed(
@@ -156,9 +189,7 @@ fn bench(c: &mut Criterion) {
                 }
                 if stages.iter().any(|s| s == "combine") {
                     let mut group = c.benchmark_group(id("combine"));
-                    group
-                        .sample_size(10)
-                        .warm_up_time(Duration::from_millis(500));
+                    settle(&mut group);
                     let w0 = Tensor::<2>::random([t, K], Distribution::Uniform(0.0, 0.2), &device);
                     group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
                         b.iter_custom(|iters| {
@@ -185,9 +216,7 @@ fn bench(c: &mut Criterion) {
                     let layer = layer.clone().with_dispatch(strategy);
                     let x0 = Tensor::<2>::random([t, H], Distribution::Normal(0.0, 1.0), &device);
                     let mut group = c.benchmark_group(id("layer"));
-                    group
-                        .sample_size(10)
-                        .warm_up_time(Duration::from_millis(500));
+                    settle(&mut group);
                     group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
                         b.iter_custom(|iters| {
                             timed(
