@@ -63,9 +63,13 @@ fn backends() -> Vec<Backend> {
         .collect()
 }
 
-/// Reads one value: everything the chain depends on has run.
+/// Reads the sum of the last result and waits for the device: everything the chain depends on
+/// has run. (Reading a single element was not enough on wgpu: lavapipe then reported copies of
+/// 128 MB in under a millisecond.)
 fn sync(x: Tensor<2>) {
-    let _ = x.narrow(0, 0, 1).narrow(1, 0, 1).into_data();
+    let device = x.device();
+    let _ = x.sum().into_data();
+    let _ = device.sync();
 }
 
 /// Expert ids `[T, K]` of a realistic routing: K distinct experts per token from a seeded
@@ -157,7 +161,9 @@ fn bench(c: &mut Criterion) {
                                     plan.sorted_pairs.reshape([t, K]).remainder_scalar(E as i64)
                                 },
                                 |ids| {
-                                    let _ = ids.narrow(0, 0, 1).into_data();
+                                    let device = ids.device();
+                                    let _ = ids.sum().into_data();
+                                    let _ = device.sync();
                                 },
                             )
                         })
