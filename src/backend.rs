@@ -84,6 +84,18 @@ impl Backend {
     }
 }
 
+/// Whether a Vulkan driver is installed where the Linux loader looks for one (an ICD manifest
+/// in `/usr/share/vulkan/icd.d` or `/etc/vulkan/icd.d`). On a Linux machine without one, wgpu
+/// finds no adapter; Mesa's software driver (`apt-get install mesa-vulkan-drivers`) is enough.
+pub fn vulkan_driver_installed() -> bool {
+    ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
+        .iter()
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flatten()
+        .flatten()
+        .any(|entry| entry.path().extension().is_some_and(|e| e == "json"))
+}
+
 impl Default for Backend {
     /// The first compiled-in CPU backend (flex, then ndarray), else the first compiled one.
     fn default() -> Self {

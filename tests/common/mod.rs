@@ -8,16 +8,6 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use moe::backend::Backend;
 use moe::{ExpertActivation, Experts, MoeLayer, MoeLayerConfig, SharedExpert};
 
-/// Vulkan ICD manifests a wgpu run can use (lavapipe ships `lvp_icd.*.json`).
-fn vulkan_driver_present() -> bool {
-    ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
-        .iter()
-        .filter_map(|dir| std::fs::read_dir(dir).ok())
-        .flatten()
-        .flatten()
-        .any(|entry| entry.path().extension().is_some_and(|e| e == "json"))
-}
-
 /// Every compiled-in backend the generic suite runs on, with its name.
 ///
 /// wgpu is included when a Vulkan driver is installed; without one it is skipped with a
@@ -28,7 +18,7 @@ pub fn devices() -> Vec<(&'static str, Device)> {
     for backend in Backend::compiled() {
         match backend {
             Backend::Cuda => continue,
-            Backend::Wgpu if !vulkan_driver_present() => {
+            Backend::Wgpu if !moe::backend::vulkan_driver_installed() => {
                 if std::env::var("MOE_REQUIRE_WGPU").is_ok_and(|v| v == "1") {
                     panic!(
                         "MOE_REQUIRE_WGPU=1 but no Vulkan driver is installed (apt-get install mesa-vulkan-drivers)"
