@@ -330,3 +330,44 @@ fn ids_work_without_a_tokenizer_and_prompts_need_one() {
         "error: --prompt needs tokenizer.json in the model folder"
     );
 }
+
+#[test]
+fn bench_prints_one_json_line_per_case() {
+    let (ok, stdout, stderr) = moe(&[
+        "bench",
+        "--preset",
+        "mixtral-8x7b-scaled",
+        "--tokens",
+        "1,4",
+        "--runs",
+        "3",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (line, tokens) in lines.iter().zip([1, 4]) {
+        assert_eq!(line["preset"], "mixtral-8x7b-scaled");
+        assert_eq!(line["tokens"], tokens);
+        assert_eq!(line["backend"], "flex");
+        assert_eq!(line["dispatch"], "tensor-ops");
+        assert_eq!(line["dtype"], "f32");
+        for field in ["median_ms", "gflops", "weight_gbps"] {
+            let v = line[field].as_f64().unwrap();
+            assert!(v.is_finite() && v > 0.0, "{field}: {v}");
+        }
+    }
+    for args in [
+        vec!["bench", "--preset", "nope"],
+        vec!["bench", "--dispatch", "kernels", "--tokens", "1"],
+        vec!["bench", "--runs", "1"],
+        vec!["bench", "--tokens", "0", "--preset", "mixtral-8x7b-scaled"],
+    ] {
+        let (ok, _, stderr) = moe(&args);
+        assert!(!ok, "{args:?} succeeded");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+    }
+}

@@ -96,6 +96,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Time one whole MoE layer (route, plan, permute, experts, combine) with random weights and
+    /// fresh random inputs per call; prints the median of the timed calls.
+    Bench {
+        /// Layer shapes, comma-separated: olmoe-1b-7b, mixtral-8x7b-scaled, qwen3-30b-a3b.
+        #[arg(long, value_delimiter = ',', default_value = "olmoe-1b-7b")]
+        preset: Vec<String>,
+        /// Tokens per call, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,128,512,2048")]
+        tokens: Vec<usize>,
+        /// auto, tensor-ops or kernels.
+        #[arg(long, default_value = "auto")]
+        dispatch: String,
+        /// Timed calls per case (after one warm-up call); at least 3.
+        #[arg(long, default_value_t = 7)]
+        runs: usize,
+        /// One JSON object per case.
+        #[arg(long)]
+        json: bool,
+    },
     /// The backends of this build and the dtypes each computes in.
     Backends {
         /// Print one JSON object per line.
@@ -182,6 +201,145 @@ fn list_backends(json: bool) {
     }
 }
 
+/// A preset layer shape: (name, config).
+fn bench_preset(name: &str) -> Result<moe::MoeLayerConfig> {
+    Ok(match name {
+        "olmoe-1b-7b" => moe::MoeLayerConfig::olmoe(2048, 1024, 64, 8),
+        "mixtral-8x7b-scaled" => moe::MoeLayerConfig::mixtral(1024, 3584, 8, 2),
+        "qwen3-30b-a3b" => moe::MoeLayerConfig::olmoe(2048, 768, 128, 8).with_normalize_top_k(true),
+        other => {
+            return Err(format!(
+                "unknown preset `{other}` (olmoe-1b-7b, mixtral-8x7b-scaled, qwen3-30b-a3b)"
+            )
+            .into());
+        }
+    })
+}
+
+/// Times `config` at each token count and prints one line (or JSON object) per case.
+fn bench(
+    backend: Backend,
+    dtype: Dtype,
+    preset: &str,
+    tokens: &[usize],
+    dispatch: &str,
+    runs: usize,
+    json: bool,
+) -> Result<()> {
+    use burn::module::Param;
+    use burn::tensor::{DType, Tensor, TensorData};
+    use moe::{DispatchStrategy, TopK};
+    use rand::{RngExt, SeedableRng};
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+
+    let config = bench_preset(preset)?;
+    let strategy = match dispatch {
+        "auto" => DispatchStrategy::Auto,
+        "tensor-ops" => DispatchStrategy::TensorOps,
+        "kernels" => DispatchStrategy::Kernels,
+        other => {
+            return Err(format!("unknown dispatch `{other}` (auto, tensor-ops, kernels)").into());
+        }
+    };
+    if runs < 3 {
+        return Err(format!("--runs must be at least 3, got {runs}").into());
+    }
+    let device = backend.device();
+    let float: FloatDType = dtype.into();
+    moe::moe_models::olmoe::check_dtype(&device, float)?;
+    let path = strategy.resolve(&device)?;
+    let mut layer = config.init(&device)?.with_dispatch(strategy);
+    // Weights in the compute dtype (the router computes in f32 whatever its weight's dtype).
+    let cast = |p: Param<Tensor<3>>| Param::from_tensor(p.val().cast(float));
+    layer.experts = moe::Experts::from_tensors(
+        layer.experts.gate.clone().map(|g| cast(g).val()),
+        cast(layer.experts.up.clone()).val(),
+        cast(layer.experts.down.clone()).val(),
+    )?;
+    let (h, i, e, k) = (
+        config.d_model,
+        config.d_ff,
+        config.num_experts,
+        config.top_k,
+    );
+    let bytes = burn::tensor::DType::from(float).size() as f64;
+    let matrices = if config.activation == moe::ExpertActivation::SwiGlu {
+        3.0
+    } else {
+        2.0
+    };
+    for &t in tokens {
+        if t == 0 {
+            return Err("--tokens: every count must be at least 1".into());
+        }
+        let call = |x: Tensor<2>| -> Result<(f64, Vec<i64>)> {
+            let start = Instant::now();
+            let out = layer.try_forward(x, &TopK::Configured)?;
+            let _ = out.hidden.sum().into_data();
+            let seconds = start.elapsed().as_secs_f64();
+            let ids = out.routing.expert_ids.into_data().iter::<i64>().collect();
+            Ok((seconds, ids))
+        };
+        // Fresh host values for every call, uploaded before the clock starts: no call repeats
+        // another's input (a device generator could, and lavapipe then answers from a cache).
+        let mut fresh = || {
+            let values: Vec<f32> = (0..t * h)
+                .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+                .collect();
+            let x = Tensor::<2>::from_data(TensorData::new(values, [t, h]), (&device, DType::F32))
+                .cast(float);
+            let _ = x.clone().sum().into_data();
+            x
+        };
+        call(fresh())?; // warm-up: shader compilation, allocations
+        let mut times = Vec::with_capacity(runs);
+        let mut touched = 0usize;
+        for _ in 0..runs {
+            let (seconds, ids) = call(fresh())?;
+            times.push(seconds);
+            let mut seen = vec![false; e];
+            for id in ids {
+                if let Some(s) = seen.get_mut(id as usize) {
+                    *s = true;
+                }
+            }
+            touched += seen.iter().filter(|&&s| s).count();
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[runs / 2];
+        let flops = t as f64 * (2.0 * (h * e) as f64 + matrices * 2.0 * (k * h * i) as f64);
+        let weight_bytes = (touched as f64 / runs as f64) * matrices * (h * i) as f64 * bytes
+            + (h * e) as f64 * bytes;
+        let dtype_name = format!("{:?}", burn::tensor::DType::from(float)).to_lowercase();
+        let path_name = match path {
+            moe::DispatchPath::Kernels => "kernels",
+            moe::DispatchPath::TensorOps => "tensor-ops",
+        };
+        if json {
+            let value = serde_json::json!({
+                "preset": preset,
+                "tokens": t,
+                "backend": backend.name(),
+                "dispatch": path_name,
+                "dtype": dtype_name,
+                "median_ms": median * 1e3,
+                "gflops": flops / median / 1e9,
+                "weight_gbps": weight_bytes / median / 1e9,
+            });
+            println!("{value}");
+        } else {
+            println!(
+                "{preset:<20} T={t:<5} {backend:<7} {path_name:<10} {dtype_name:<4} median {:>9.3} ms  {:>7.1} GFLOP/s  {:>6.1} GB/s of weights",
+                median * 1e3,
+                flops / median / 1e9,
+                weight_bytes / median / 1e9
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     let backend: Backend = cli.backend.parse()?;
     match cli.command {
@@ -223,6 +381,17 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Backends { json } => list_backends(json),
+        Command::Bench {
+            preset,
+            tokens,
+            dispatch,
+            runs,
+            json,
+        } => {
+            for p in &preset {
+                bench(backend, cli.dtype, p, &tokens, &dispatch, runs, json)?;
+            }
+        }
         Command::Logits {
             model,
             ids,
