@@ -55,20 +55,25 @@ impl DispatchPlan {
             pair_index,
             IndexingUpdateOp::Assign,
         );
-        let sorted_tokens = sorted_pairs.clone().div_scalar(top_k as i64);
 
         let ones = Tensor::<1, Int>::ones([pairs], (&device, int_dtype));
         let counts = Tensor::<1, Int>::zeros([num_experts + 1], (&device, int_dtype))
             .scatter(0, ids, ones, IndexingUpdateOp::Add)
             .narrow(0, 0, num_experts);
         let offsets = counts.clone().cumsum(0) - counts.clone();
+        Self::from_parts(num_tokens, top_k, [counts, offsets, sorted_pairs, inverse])
+    }
 
+    /// The plan from `[counts, offsets, sorted_pairs, inverse]` (`[E]`, `[E]`, `[T·k]`,
+    /// `[T·k]`).
+    fn from_parts(num_tokens: usize, top_k: usize, parts: [Tensor<1, Int>; 4]) -> Self {
+        let [counts, offsets, sorted_pairs, inverse] = parts;
         DispatchPlan {
             num_tokens,
             top_k,
-            num_experts,
+            num_experts: counts.dims()[0],
+            sorted_tokens: sorted_pairs.clone().div_scalar(top_k as i64),
             sorted_pairs,
-            sorted_tokens,
             inverse,
             counts,
             offsets,
@@ -88,18 +93,8 @@ impl DispatchPlan {
         let [num_tokens, top_k] = expert_ids.dims();
         let int = expert_ids.device().settings().int_dtype;
         let ids = expert_ids.clone().reshape([num_tokens * top_k]).cast(int);
-        let [counts, offsets, sorted_pairs, inverse] = moe_kernels::expert_plan(ids, num_experts)?;
-        let sorted_tokens = sorted_pairs.clone().div_scalar(top_k as i64);
-        Ok(DispatchPlan {
-            num_tokens,
-            top_k,
-            num_experts,
-            sorted_pairs,
-            sorted_tokens,
-            inverse,
-            counts,
-            offsets,
-        })
+        let parts = moe_kernels::expert_plan(ids, num_experts)?;
+        Ok(Self::from_parts(num_tokens, top_k, parts))
     }
 
     /// **The one host read of a forward pass**: the per-expert row counts, needed to cut the
