@@ -367,3 +367,43 @@ fn broken_checkpoints_are_typed_errors_naming_the_problem() {
     let text = std::fs::read_to_string(checkpoints::tiny_dir().join("config.json")).unwrap();
     assert!(OlmoeConfig::from_json(&text).is_ok());
 }
+
+#[test]
+fn tensors_larger_than_the_device_buffer_limit_are_refused_up_front() {
+    use moe::moe_models::olmoe::check_fits;
+    let device = moe::backend::Backend::default().device();
+    let big = OlmoeConfig::olmoe_1b_7b();
+    let lavapipe_limit = Some(128 << 20);
+    let err = check_fits(&big, FloatDType::F32, lavapipe_limit, &device).unwrap_err();
+    assert!(matches!(err, LoadError::TensorTooLarge { .. }), "{err}");
+    // 50304 × 2048 f32 = 412 MB.
+    assert!(err.to_string().contains("412090368 bytes"), "{err}");
+    assert!(
+        err.to_string().contains("model.embed_tokens.weight"),
+        "{err}"
+    );
+    // bf16 halves the embeddings (206 MB), still too much; the experts (64 × 2048 × 1024 × 2 =
+    // 268 MB) too.
+    assert!(check_fits(&big, FloatDType::BF16, lavapipe_limit, &device).is_err());
+    // No limit (CPU backends), or a limit the tensors fit under.
+    assert!(check_fits(&big, FloatDType::F32, None, &device).is_ok());
+    assert!(check_fits(&big, FloatDType::F32, Some(1 << 30), &device).is_ok());
+    let tiny = OlmoeConfig::from_json(
+        &std::fs::read_to_string(checkpoints::tiny_dir().join("config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(check_fits(&tiny, FloatDType::F32, lavapipe_limit, &device).is_ok());
+    // Every backend of the suite reports a limit exactly when it is a CubeCL device.
+    for (name, device) in common::devices() {
+        let limit = moe::moe_kernels::max_buffer_bytes(&device);
+        assert_eq!(
+            limit.is_some(),
+            moe::moe_kernels::available(&device),
+            "{name}"
+        );
+        if let Some(limit) = limit {
+            assert!(limit >= 1 << 20, "{name}: {limit}");
+            eprintln!("{name}: largest buffer {limit} bytes");
+        }
+    }
+}

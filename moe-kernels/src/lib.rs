@@ -72,6 +72,22 @@ pub fn available(device: &Device) -> bool {
     }
 }
 
+/// The largest tensor, in bytes, a CubeCL device can hold in one buffer and bind to a kernel
+/// (lavapipe: 128 MiB); `None` on devices without such a limit (CPU backends) or without the
+/// `cube` feature. A larger tensor fails inside the runtime (wgpu poisons the device), so
+/// loaders check against this first.
+pub fn max_buffer_bytes(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cube")]
+    {
+        cube::max_buffer_bytes(device)
+    }
+    #[cfg(not(feature = "cube"))]
+    {
+        let _ = device;
+        None
+    }
+}
+
 fn check_device(op: &'static str, device: &Device) -> Result<(), KernelError> {
     if available(device) {
         return Ok(());

@@ -72,6 +72,22 @@ pub enum LoadError {
         /// The float dtypes it does compute in.
         supported: String,
     },
+    /// A parameter is larger than the device can hold in one buffer.
+    #[error(
+        "`{name}` needs {bytes} bytes as {dtype}, more than the {device} device's largest buffer ({limit} bytes); use a smaller dtype or another backend"
+    )]
+    TensorTooLarge {
+        /// The parameter.
+        name: String,
+        /// Its size in the compute dtype.
+        bytes: u64,
+        /// The compute dtype.
+        dtype: String,
+        /// The device.
+        device: String,
+        /// The device's largest buffer.
+        limit: u64,
+    },
     /// The weights do not form a valid layer.
     #[error(transparent)]
     Moe(#[from] MoeError),

@@ -249,6 +249,16 @@ fn bench(
     let float: FloatDType = dtype.into();
     moe::moe_models::olmoe::check_dtype(&device, float)?;
     let path = strategy.resolve(&device)?;
+    let stacked = (config.num_experts * config.d_model * config.d_ff) as u64
+        * burn::tensor::DType::from(float).size() as u64;
+    if let Some(limit) = moe::moe_kernels::max_buffer_bytes(&device)
+        && stacked > limit
+    {
+        return Err(format!(
+            "{preset}: a stacked expert tensor needs {stacked} bytes, more than this device's largest buffer ({limit} bytes)"
+        )
+        .into());
+    }
     let mut layer = config.init(&device)?.with_dispatch(strategy);
     // Weights in the compute dtype (the router computes in f32 whatever its weight's dtype).
     let cast = |p: Param<Tensor<3>>| Param::from_tensor(p.val().cast(float));

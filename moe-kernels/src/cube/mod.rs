@@ -43,6 +43,20 @@ pub(crate) fn is_cube_device(device: &Device) -> bool {
     cube(device.as_dispatch())
 }
 
+/// The largest buffer the CubeCL device behind `device` binds (its `max_page_size`: the
+/// smaller of the largest buffer and the largest storage binding); `None` for other devices.
+pub(crate) fn max_buffer_bytes(device: &Device) -> Option<u64> {
+    fn find(device: &DispatchDevice) -> Option<u64> {
+        match device {
+            DispatchDevice::Cube(cube) => Some(cube.client().properties().memory.max_page_size),
+            DispatchDevice::Autodiff(inner) => find(inner),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+    find(device.as_dispatch())
+}
+
 pub(crate) fn gather_rows(x: Tensor<2>, indices: Tensor<1, Int>) -> Tensor<2> {
     Tensor::from_dispatch(Dispatch::moe_gather_rows(
         x.into_dispatch(),

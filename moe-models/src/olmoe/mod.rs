@@ -65,6 +65,43 @@ pub fn check_dtype(device: &Device, dtype: FloatDType) -> Result<(), LoadError> 
     })
 }
 
+/// Fails with [`LoadError::TensorTooLarge`] when a parameter of `config` in `dtype` exceeds
+/// `limit` bytes (the device's largest buffer, see `moe_kernels::max_buffer_bytes`).
+pub fn check_fits(
+    config: &OlmoeConfig,
+    dtype: FloatDType,
+    limit: Option<u64>,
+    device: &Device,
+) -> Result<(), LoadError> {
+    let Some(limit) = limit else {
+        return Ok(());
+    };
+    let size = DType::from(dtype).size() as u64;
+    let (v, h, i, e) = (
+        config.vocab_size as u64,
+        config.hidden_size as u64,
+        config.intermediate_size as u64,
+        config.num_experts as u64,
+    );
+    for (name, elements) in [
+        ("model.embed_tokens.weight", v * h),
+        ("lm_head.weight", v * h),
+        ("mlp.experts (stacked gate/up/down)", e * h * i),
+    ] {
+        let bytes = elements * size;
+        if bytes > limit {
+            return Err(LoadError::TensorTooLarge {
+                name: name.to_string(),
+                bytes,
+                dtype: format!("{:?}", DType::from(dtype)),
+                device: format!("{device:?}"),
+                limit,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A bar over the parts of the model (embeddings, output head, each layer) on stderr, or a
 /// hidden one.
 fn progress_bar(show: bool, steps: usize, name: &str) -> ProgressBar {
@@ -178,6 +215,12 @@ impl OlmoeModel {
     ) -> Result<(Self, LoadReport), LoadError> {
         config.validate()?;
         check_dtype(device, options.dtype)?;
+        check_fits(
+            config,
+            options.dtype,
+            moe_core::moe_kernels::max_buffer_bytes(device),
+            device,
+        )?;
         let to = Target {
             device,
             dtype: options.dtype.into(),
