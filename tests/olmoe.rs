@@ -13,7 +13,7 @@ use moe::moe_models::{KvCache, OlmoeModel, TensorSource};
 const LOGIT_TOLERANCE: f32 = 1e-4;
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/olmoe-tiny")
+    common::checkpoints::tiny_dir()
 }
 
 fn reference() -> TensorSource {
@@ -181,8 +181,8 @@ fn left_padded_batch_matches_single_prompts() {
 }
 
 #[test]
-fn bad_configs_and_checkpoints_name_the_problem() {
-    use moe::moe_models::{LoadError, OlmoeConfig};
+fn bad_configs_name_the_field() {
+    use moe::moe_models::OlmoeConfig;
     let good = std::fs::read_to_string(dir().join("config.json")).unwrap();
     assert!(OlmoeConfig::from_json(&good).is_ok());
     let with = |field: &str, value: &str| {
@@ -212,24 +212,5 @@ fn bad_configs_and_checkpoints_name_the_problem() {
             .starts_with("config.json: `config.json` not valid JSON"),
         "{err}"
     );
-
-    // A folder without config.json, and one whose checkpoint is truncated.
-    let device = moe::backend::Backend::default().device();
-    let empty = std::env::temp_dir().join(format!("moe-empty-{}", std::process::id()));
-    std::fs::create_dir_all(&empty).unwrap();
-    let err = OlmoeModel::load(&empty, &device).unwrap_err();
-    assert!(
-        matches!(err, LoadError::Io { .. }) && err.to_string().contains("config.json"),
-        "{err}"
-    );
-    std::fs::write(empty.join("config.json"), &good).unwrap();
-    let weights = std::fs::read(dir().join("model.safetensors")).unwrap();
-    std::fs::write(
-        empty.join("model.safetensors"),
-        &weights[..weights.len() / 2],
-    )
-    .unwrap();
-    let err = OlmoeModel::load(&empty, &device).unwrap_err();
-    assert!(matches!(err, LoadError::Corrupt { .. }), "{err}");
-    std::fs::remove_dir_all(&empty).unwrap();
+    // Folders (missing config.json, broken safetensors, …): olmoe_checkpoints.rs.
 }

@@ -261,11 +261,11 @@ fn bench(
     }
     let mut layer = config.init(&device)?.with_dispatch(strategy);
     // Weights in the compute dtype (the router computes in f32 whatever its weight's dtype).
-    let cast = |p: Param<Tensor<3>>| Param::from_tensor(p.val().cast(float));
+    let cast = |p: &Param<Tensor<3>>| p.val().cast(float);
     layer.experts = moe::Experts::from_tensors(
-        layer.experts.gate.clone().map(|g| cast(g).val()),
-        cast(layer.experts.up.clone()).val(),
-        cast(layer.experts.down.clone()).val(),
+        layer.experts.gate.as_ref().map(cast),
+        cast(&layer.experts.up),
+        cast(&layer.experts.down),
     )?;
     let (h, i, e, k) = (
         config.d_model,
