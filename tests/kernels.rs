@@ -1,7 +1,8 @@
 //! The CubeCL kernels of moe-kernels against their tensor-op twins: the routing plan
 //! (histogram, offsets, stable permutation, inverse), gather (permute) and weighted combine
 //! (unpermute + combine) across edge shapes, dtypes and out-of-range indices;
-//! whole layers and their gradients equal between the two dispatch strategies; strategy
+//! whole layers (SwiGLU and GELU experts, on the kernel path through the grouped-GEMM experts)
+//! and their gradients equal between the two dispatch strategies; strategy
 //! resolution on devices without kernels.
 //!
 //! The kernels run wherever a CubeCL device is in `common::devices()` (wgpu on lavapipe in CI,
@@ -11,7 +12,7 @@ mod common;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use moe::moe_kernels::{self, KernelError};
-use moe::{DispatchPath, DispatchStrategy, MoeError, MoeLayerConfig, TopK};
+use moe::{DispatchPath, DispatchStrategy, ExpertActivation, MoeError, MoeLayerConfig, TopK};
 
 /// The devices of the suite on which the kernels run.
 fn kernel_devices() -> Vec<(&'static str, Device)> {
@@ -301,6 +302,22 @@ fn whole_layers_agree_between_strategies() {
             assert!(err <= 1e-5, "{name} t {t} e {e} k {k}: {err:e}");
             cases += 1;
         }
+        // GELU experts (no gate): the grouped matmul, then the activation.
+        let config = MoeLayerConfig::olmoe(24, 40, 8, 2).with_activation(ExpertActivation::Gelu);
+        let layer = common::seeded_layer(&config, 5, &device);
+        let x = common::upload(common::normal(70 * 24, 1.0, 4), [70, 24], &device);
+        let kernels = layer
+            .clone()
+            .with_dispatch(DispatchStrategy::Kernels)
+            .try_forward(x.clone(), &TopK::Configured)
+            .unwrap();
+        let ops = layer
+            .with_dispatch(DispatchStrategy::TensorOps)
+            .try_forward(x, &TopK::Configured)
+            .unwrap();
+        let err = common::max_abs_diff(&common::host(kernels.hidden), &common::host(ops.hidden));
+        assert!(err <= 1e-5, "{name} gelu experts: {err:e}");
+
         // All tokens to one expert: a zero router ties every expert, top-1 takes expert 0.
         let config = MoeLayerConfig::olmoe(16, 8, 4, 1);
         let mut layer = common::seeded_layer(&config, 1, &device);
@@ -344,13 +361,20 @@ fn gradients_agree_between_strategies() {
                 common::host(layer.router.weight.grad(&grads).unwrap()),
                 common::host(layer.experts.up.grad(&grads).unwrap()),
                 common::host(layer.experts.down.grad(&grads).unwrap()),
+                common::host(layer.experts.gate.as_ref().unwrap().grad(&grads).unwrap()),
             ]
         };
         let kernels = grads_of(DispatchStrategy::Kernels);
         let ops = grads_of(DispatchStrategy::TensorOps);
-        for (what, (a, b)) in ["input", "router", "experts.up", "experts.down"]
-            .iter()
-            .zip(kernels.iter().zip(&ops))
+        for (what, (a, b)) in [
+            "input",
+            "router",
+            "experts.up",
+            "experts.down",
+            "experts.gate",
+        ]
+        .iter()
+        .zip(kernels.iter().zip(&ops))
         {
             let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let err = common::max_abs_diff(a, b);

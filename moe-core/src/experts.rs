@@ -5,7 +5,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::activation::{gelu, silu};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 
 use crate::dispatch;
 use crate::error::MoeError;
@@ -170,7 +170,8 @@ impl Experts {
     }
 
     /// Applies the experts to `x` as `routing` says (any routing, not only this crate's router):
-    /// plan, permute, [`Experts::forward_segments`], combine (with the kernels where they run).
+    /// plan, permute, experts, combine — with the kernels ([`Experts::forward_grouped`]) where
+    /// they run, tensor ops ([`Experts::forward_segments`]) elsewhere.
     ///
     /// # Shapes
     /// - `x`: `[T, d_model]`, `routing`: `T` tokens → `[T, d_model]`
@@ -191,6 +192,42 @@ impl Experts {
         }
         let path = dispatch::DispatchStrategy::Auto.resolve(&x.device())?;
         dispatch::run_experts(self, x, routing, path)
+    }
+
+    /// Runs every expert on its segment of expert-sorted rows with the grouped-GEMM kernels of
+    /// `moe-kernels`: rows `offset_e .. offset_e + counts[e]` go to expert `e`, and the rows
+    /// after the last segment (unused slots) come out as zeros. Two launches for SwiGLU
+    /// experts (gate and up fused with the activation, then down), whatever the number of
+    /// experts; `counts` stays on the device. Differentiable on an autodiff device.
+    ///
+    /// # Shapes
+    /// - `sorted_rows`: `[P, d_model]`, `counts`: `[E]` → `[P, d_model]`
+    ///
+    /// # Errors
+    /// [`MoeError::Kernel`] on a device the kernels do not run on, or with a `counts` of
+    /// another length than `E`.
+    pub fn forward_grouped(
+        &self,
+        sorted_rows: Tensor<2>,
+        counts: Tensor<1, Int>,
+    ) -> Result<Tensor<2>, MoeError> {
+        let hidden = match &self.gate {
+            Some(gate) => {
+                moe_kernels::grouped_swiglu(sorted_rows, gate.val(), self.up.val(), counts.clone())?
+            }
+            None => gelu(moe_kernels::grouped_matmul(
+                sorted_rows,
+                self.up.val(),
+                counts.clone(),
+                false,
+            )?),
+        };
+        Ok(moe_kernels::grouped_matmul(
+            hidden,
+            self.down.val(),
+            counts,
+            false,
+        )?)
     }
 
     /// Runs each expert on its contiguous segment of expert-sorted rows: rows

@@ -9,9 +9,9 @@
 //! | step | where |
 //! |---|---|
 //! | route: logits (f32), scores, top-k, weights | [`router::Router::route`] |
-//! | plan: sort `(token, slot)` pairs by expert | [`dispatch::DispatchPlan::new`] |
+//! | plan: sort `(token, slot)` pairs by expert | [`dispatch::DispatchPlan::build`] |
 //! | permute: gather rows into expert order | [`dispatch::permute`] |
-//! | experts: one FFN per contiguous segment | [`experts::Experts::forward_segments`] |
+//! | experts: one FFN per contiguous segment | [`experts::Experts::forward_grouped`] (kernels), [`experts::Experts::forward_segments`] (tensor ops) |
 //! | unpermute + combine: gather back, weighted sum over k | [`dispatch::combine`] |
 //! | shared: dense expert for every token | [`shared::SharedExpert::forward`] |
 //!

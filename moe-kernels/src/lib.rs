@@ -9,6 +9,11 @@
 //! - [`expert_plan`] — histogram, exclusive offsets, the stable permutation of (token, slot)
 //!   pairs by expert and its inverse, in one launch (a counting sort, no atomics).
 //!
+//! - [`grouped_swiglu`], [`grouped_matmul`] — the experts: one launch runs every expert on its
+//!   segment of expert-sorted rows (a tiled GEMM whose tiles each belong to one expert, found
+//!   on the device from the counts: no host read, no per-expert launch), the SwiGLU gate and up
+//!   projections fused with the activation. [`segment_outer`] is their weight gradient.
+//!
 //! Each has a tensor-op twin in `moe-core` (`select`, and gather + weighted sum) that gives the
 //! same answer and runs everywhere; [`available`] says whether the kernels run on a device. Both
 //! kernels are differentiable: on an autodiff device the backward of a gather is a scatter-add
@@ -45,6 +50,16 @@ pub enum KernelError {
         op: &'static str,
         /// The shapes involved.
         reason: String,
+    },
+    /// Float inputs of different dtypes.
+    #[error("{op}: inputs have different dtypes ({first:?} and {second:?})")]
+    DTypes {
+        /// The kernel.
+        op: &'static str,
+        /// Dtype of the first input.
+        first: burn::tensor::DType,
+        /// Dtype of the other input.
+        second: burn::tensor::DType,
     },
     /// Inputs on different devices.
     #[error("{op}: inputs are on different devices ({first} and {second})")]
@@ -194,6 +209,184 @@ pub fn expert_plan(
     #[cfg(feature = "cube")]
     {
         Ok(cube::expert_plan(ids, num_experts))
+    }
+    #[cfg(not(feature = "cube"))]
+    {
+        unreachable!("check_device refuses every device without the cube feature")
+    }
+}
+
+fn same_dtype(op: &'static str, a: &Tensor<2>, b: &Tensor<3>) -> Result<(), KernelError> {
+    match a.dtype() == b.dtype() {
+        true => Ok(()),
+        false => Err(KernelError::DTypes {
+            op,
+            first: a.dtype(),
+            second: b.dtype(),
+        }),
+    }
+}
+
+/// Checks the segment counts of a grouped call over `rows` rows and `experts` matrices.
+fn check_segments(
+    op: &'static str,
+    rows: usize,
+    experts: usize,
+    counts: &Tensor<1, Int>,
+) -> Result<(), KernelError> {
+    let [e] = counts.dims();
+    if e != experts {
+        return Err(KernelError::Shape {
+            op,
+            reason: format!("counts has {e} entries for {experts} experts"),
+        });
+    }
+    #[cfg(feature = "cube")]
+    if !cube::grouped_grid_fits(rows, experts) {
+        return Err(KernelError::Shape {
+            op,
+            reason: format!(
+                "{rows} rows in {experts} segments need more than 65535 row tiles of the launch grid"
+            ),
+        });
+    }
+    let _ = rows;
+    Ok(())
+}
+
+/// Grouped expert GEMM: `a`'s rows are cut, in order, into one segment per expert
+/// (`counts[e]` rows for expert `e`), and every row is multiplied by its expert's matrix:
+/// `out[r, :] = a[r, :] · w[e]` (`w[e]ᵀ` when `transposed`). Rows after the last segment give
+/// zeros; a segment running past the last row is cut there. One launch, accumulating in f32;
+/// the counts stay on the device.
+///
+/// # Shapes
+/// - `a`: `[P, K]`
+/// - `w`: `[E, K, N]`, or `[E, N, K]` when `transposed`, `a`'s dtype
+/// - `counts`: `[E]`, non-negative
+/// - output: `[P, N]`, `a`'s dtype
+pub fn grouped_matmul(
+    a: Tensor<2>,
+    w: Tensor<3>,
+    counts: Tensor<1, Int>,
+    transposed: bool,
+) -> Result<Tensor<2>, KernelError> {
+    const OP: &str = "grouped_matmul";
+    check_device(OP, &a.device())?;
+    same_device(OP, &a.device(), &w.device())?;
+    same_device(OP, &a.device(), &counts.device())?;
+    same_dtype(OP, &a, &w)?;
+    let [rows, k] = a.dims();
+    let [experts, w_in, w_out] = w.dims();
+    let (w_k, _n) = if transposed {
+        (w_out, w_in)
+    } else {
+        (w_in, w_out)
+    };
+    if w_k != k {
+        return Err(KernelError::Shape {
+            op: OP,
+            reason: format!(
+                "a {:?} has {k} columns but w {:?}{} has {w_k} rows",
+                a.dims(),
+                w.dims(),
+                if transposed { " (transposed)" } else { "" },
+            ),
+        });
+    }
+    check_segments(OP, rows, experts, &counts)?;
+    #[cfg(feature = "cube")]
+    {
+        Ok(cube::grouped_matmul(a, w, counts, transposed))
+    }
+    #[cfg(not(feature = "cube"))]
+    {
+        unreachable!("check_device refuses every device without the cube feature")
+    }
+}
+
+/// Grouped SwiGLU input half: for each row `r` of expert `e`'s segment (as in
+/// [`grouped_matmul`]), `out[r, :] = silu(a[r, :] · gate[e]) ⊙ (a[r, :] · up[e])`, both
+/// products and the activation in one pass over the f32 accumulators.
+///
+/// # Shapes
+/// - `a`: `[P, K]`; `gate`, `up`: `[E, K, N]`; `counts`: `[E]` → `[P, N]`
+pub fn grouped_swiglu(
+    a: Tensor<2>,
+    gate: Tensor<3>,
+    up: Tensor<3>,
+    counts: Tensor<1, Int>,
+) -> Result<Tensor<2>, KernelError> {
+    const OP: &str = "grouped_swiglu";
+    check_device(OP, &a.device())?;
+    for other in [gate.device(), up.device(), counts.device()] {
+        same_device(OP, &a.device(), &other)?;
+    }
+    same_dtype(OP, &a, &gate)?;
+    same_dtype(OP, &a, &up)?;
+    let [rows, k] = a.dims();
+    let [experts, gate_k, _] = gate.dims();
+    if gate_k != k || up.dims() != gate.dims() {
+        return Err(KernelError::Shape {
+            op: OP,
+            reason: format!(
+                "a {:?}, gate {:?} and up {:?} do not fit ([P, K], [E, K, N], [E, K, N])",
+                a.dims(),
+                gate.dims(),
+                up.dims()
+            ),
+        });
+    }
+    check_segments(OP, rows, experts, &counts)?;
+    #[cfg(feature = "cube")]
+    {
+        Ok(cube::grouped_swiglu(a, gate, up, counts))
+    }
+    #[cfg(not(feature = "cube"))]
+    {
+        unreachable!("check_device refuses every device without the cube feature")
+    }
+}
+
+/// Per-segment outer products, the weight gradient of [`grouped_matmul`]:
+/// `out[e] = Σ_{r in segment e} a[r, :]ᵀ · g[r, :]`, accumulated in f32; an empty segment gives
+/// zeros.
+///
+/// # Shapes
+/// - `a`: `[P, K]`; `g`: `[P, N]`; `counts`: `[E]` → `[E, K, N]`
+pub fn segment_outer(
+    a: Tensor<2>,
+    g: Tensor<2>,
+    counts: Tensor<1, Int>,
+) -> Result<Tensor<3>, KernelError> {
+    const OP: &str = "segment_outer";
+    check_device(OP, &a.device())?;
+    same_device(OP, &a.device(), &g.device())?;
+    same_device(OP, &a.device(), &counts.device())?;
+    if a.dtype() != g.dtype() {
+        return Err(KernelError::DTypes {
+            op: OP,
+            first: a.dtype(),
+            second: g.dtype(),
+        });
+    }
+    let [rows, _] = a.dims();
+    if g.dims()[0] != rows {
+        return Err(KernelError::Shape {
+            op: OP,
+            reason: format!("a {:?} and g {:?} have different rows", a.dims(), g.dims()),
+        });
+    }
+    let [experts] = counts.dims();
+    if experts == 0 {
+        return Err(KernelError::Shape {
+            op: OP,
+            reason: "counts must have at least one entry".into(),
+        });
+    }
+    #[cfg(feature = "cube")]
+    {
+        Ok(cube::segment_outer(a, g, counts))
     }
     #[cfg(not(feature = "cube"))]
     {

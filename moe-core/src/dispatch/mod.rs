@@ -72,8 +72,14 @@ pub fn combine(
     Ok(weighted.sum_dim(1).reshape([t, d_model]).cast(dtype))
 }
 
-/// Steps 2–5 for one routing: plan, the host read of the counts, permute, experts, combine,
-/// with permute and combine on `path`.
+/// Steps 2–5 for one routing: plan, permute, experts, combine.
+///
+/// - [`DispatchPath::Kernels`]: the plan kernel, then every pair's row is permuted (unused
+///   slots last) and [`Experts::forward_grouped`] runs all experts in grouped-GEMM launches
+///   whose tiles find their expert from the counts on the device. Nothing is read back to
+///   the host and no launch is made per expert.
+/// - [`DispatchPath::TensorOps`]: the tensor-op plan, **one host read** of the per-expert
+///   counts, then [`Experts::forward_segments`] (one matmul chain per non-empty expert).
 ///
 /// # Shapes
 /// - `x`: `[T, d_model]` → `[T, d_model]`
@@ -84,9 +90,18 @@ pub fn run_experts(
     path: DispatchPath,
 ) -> Result<Tensor<2>, MoeError> {
     let plan = DispatchPlan::build(&routing.expert_ids, routing.num_experts, path)?;
-    let counts = plan.counts_to_host();
-    let active_rows = counts.iter().sum();
-    let sorted_rows = permute(x, &plan, active_rows, path)?;
-    let expert_rows = experts.forward_segments(sorted_rows, &counts);
+    let expert_rows = match path {
+        DispatchPath::Kernels => {
+            let pairs = plan.num_tokens * plan.top_k;
+            let sorted_rows = permute(x, &plan, pairs, path)?;
+            experts.forward_grouped(sorted_rows, plan.counts.clone())?
+        }
+        DispatchPath::TensorOps => {
+            let counts = plan.counts_to_host();
+            let active_rows = counts.iter().sum();
+            let sorted_rows = permute(x, &plan, active_rows, path)?;
+            experts.forward_segments(sorted_rows, &counts)
+        }
+    };
     combine(expert_rows, &plan, &routing.weights, path)
 }

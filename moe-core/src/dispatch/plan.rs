@@ -97,8 +97,9 @@ impl DispatchPlan {
         Ok(Self::from_parts(num_tokens, top_k, parts))
     }
 
-    /// **The one host read of a forward pass**: the per-expert row counts, needed to cut the
-    /// sorted rows into one segment per expert.
+    /// The per-expert row counts on the host: **the one host read of a tensor-op forward
+    /// pass**, needed to cut the sorted rows into one segment per expert (the kernel path
+    /// reads the counts on the device instead).
     pub fn counts_to_host(&self) -> Vec<usize> {
         self.counts
             .to_data()

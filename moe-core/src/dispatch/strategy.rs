@@ -1,5 +1,5 @@
-//! Which implementation runs the permute and combine steps: the CubeCL kernels of `moe-kernels`
-//! or their tensor-op twins. Resolved from the device before any work, so no backend ever
+//! Which implementation runs the plan, permute, experts and combine steps: the CubeCL kernels of
+//! `moe-kernels` or their tensor-op twins. Resolved from the device before any work, so no backend ever
 //! reaches a kernel it does not have.
 
 use burn::tensor::Device;
@@ -21,9 +21,11 @@ pub enum DispatchStrategy {
 /// The implementation a call runs, after [`DispatchStrategy::resolve`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DispatchPath {
-    /// `moe_kernels::gather_rows` and `moe_kernels::weighted_combine`.
+    /// The `moe_kernels` plan, gather, grouped-GEMM experts and weighted combine: no host
+    /// read, no per-expert launch.
     Kernels,
-    /// `select` and gather + weighted sum.
+    /// Tensor-op plan (argsort), `select`, one matmul chain per expert after a host read of
+    /// the counts, gather + weighted sum.
     TensorOps,
 }
 

@@ -5,6 +5,11 @@
 //!   (scatter-add), and `dw[t, j] = dout[t] · rows[sources[t, j]]` (gather, then a dot product
 //!   in f32). Slots whose source is past the rows (unused slots) get and give nothing, as in
 //!   the forward pass: they scatter into one extra row that is cut off.
+//! - grouped GEMM `out = a · w[e]` per segment: `da = dout · w[e]ᵀ` (the same kernel reading
+//!   `w` the other way) and `dw[e] = aᵀ · dout` over the segment (per-segment outer products).
+//! - grouped SwiGLU `h = silu(a·gate) ⊙ (a·up)`: the two products are recomputed, then
+//!   `dg = dh ⊙ up_out ⊙ silu'(g)`, `du = dh ⊙ silu(g)`, and the products' backward as above.
+//! - per-segment outer products `out[e] = Σ aᵀ g`: `da = g · dout[e]ᵀ`, `dg = a · dout[e]`.
 
 use burn::backend::autodiff::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -95,7 +100,203 @@ impl<B: Backend + MoeKernelOps> Backward<B, 2> for WeightedCombineBackward {
     }
 }
 
+#[derive(Debug)]
+struct GroupedMatmulBackward;
+
+impl<B: Backend + MoeKernelOps> Backward<B, 2> for GroupedMatmulBackward {
+    /// `a`, `w`, counts, transposed.
+    type State = (FloatTensor<B>, FloatTensor<B>, IntTensor<B>, bool);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (a, w, counts, transposed) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let [a_parent, w_parent] = ops.parents;
+        if let Some(parent) = w_parent {
+            let dw = match transposed {
+                false => B::moe_segment_outer(a, grad.clone(), counts.clone()),
+                true => B::moe_segment_outer(grad.clone(), a, counts.clone()),
+            };
+            grads.register::<B>(parent.id, dw);
+        }
+        if let Some(parent) = a_parent {
+            grads.register::<B>(
+                parent.id,
+                B::moe_grouped_matmul(grad, w, counts, !transposed),
+            );
+        }
+    }
+}
+
+#[derive(Debug)]
+struct GroupedSwigluBackward;
+
+impl<B: Backend + MoeKernelOps> Backward<B, 3> for GroupedSwigluBackward {
+    /// `a`, gate, up, counts.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, IntTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (a, gate, up, counts) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let [a_parent, gate_parent, up_parent] = ops.parents;
+        let dtype = a.dtype();
+        let f32 = |t: FloatTensor<B>| B::float_cast(t, DType::F32.into());
+        let g = f32(B::moe_grouped_matmul(
+            a.clone(),
+            gate.clone(),
+            counts.clone(),
+            false,
+        ));
+        let u = f32(B::moe_grouped_matmul(
+            a.clone(),
+            up.clone(),
+            counts.clone(),
+            false,
+        ));
+        let dh = f32(grad);
+        let s = B::sigmoid(g.clone());
+        let silu = B::float_mul(g.clone(), s.clone());
+        // silu'(g) = s · (1 + g · (1 − s))
+        let one_minus_s = B::float_add_scalar(B::float_neg(s.clone()), Scalar::from(1.0f32));
+        let dsilu = B::float_mul(
+            s,
+            B::float_add_scalar(B::float_mul(g, one_minus_s), Scalar::from(1.0f32)),
+        );
+        let back = |t: FloatTensor<B>| B::float_cast(t, dtype.into());
+        let dg = back(B::float_mul(B::float_mul(dh.clone(), u), dsilu));
+        let du = back(B::float_mul(dh, silu));
+        if let Some(parent) = gate_parent {
+            let dgate = B::moe_segment_outer(a.clone(), dg.clone(), counts.clone());
+            grads.register::<B>(parent.id, dgate);
+        }
+        if let Some(parent) = up_parent {
+            let dup = B::moe_segment_outer(a, du.clone(), counts.clone());
+            grads.register::<B>(parent.id, dup);
+        }
+        if let Some(parent) = a_parent {
+            let da = B::float_add(
+                B::moe_grouped_matmul(dg, gate, counts.clone(), true),
+                B::moe_grouped_matmul(du, up, counts, true),
+            );
+            grads.register::<B>(parent.id, da);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SegmentOuterBackward;
+
+impl<B: Backend + MoeKernelOps> Backward<B, 2> for SegmentOuterBackward {
+    /// `a`, `g`, counts.
+    type State = (FloatTensor<B>, FloatTensor<B>, IntTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (a, g, counts) = ops.state;
+        let grad = grads.consume::<B>(&ops.node); // [E, K, N]
+        let [a_parent, g_parent] = ops.parents;
+        if let Some(parent) = a_parent {
+            let da = B::moe_grouped_matmul(g, grad.clone(), counts.clone(), true);
+            grads.register::<B>(parent.id, da);
+        }
+        if let Some(parent) = g_parent {
+            grads.register::<B>(parent.id, B::moe_grouped_matmul(a, grad, counts, false));
+        }
+    }
+}
+
 impl<B: Backend + MoeKernelOps, C: CheckpointStrategy> MoeKernelOps for Autodiff<B, C> {
+    fn moe_grouped_matmul(
+        a: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        counts: IntTensor<Self>,
+        transposed: bool,
+    ) -> FloatTensor<Self> {
+        match GroupedMatmulBackward
+            .prepare::<C>([a.node(), w.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = (
+                    a.primitive().clone(),
+                    w.primitive().clone(),
+                    counts.clone(),
+                    transposed,
+                );
+                let out = B::moe_grouped_matmul(
+                    a.into_primitive(),
+                    w.into_primitive(),
+                    counts,
+                    transposed,
+                );
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::moe_grouped_matmul(
+                a.into_primitive(),
+                w.into_primitive(),
+                counts,
+                transposed,
+            )),
+        }
+    }
+
+    fn moe_grouped_swiglu(
+        a: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        counts: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match GroupedSwigluBackward
+            .prepare::<C>([a.node(), gate.node(), up.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = (
+                    a.primitive().clone(),
+                    gate.primitive().clone(),
+                    up.primitive().clone(),
+                    counts.clone(),
+                );
+                let out = B::moe_grouped_swiglu(
+                    a.into_primitive(),
+                    gate.into_primitive(),
+                    up.into_primitive(),
+                    counts,
+                );
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::moe_grouped_swiglu(
+                a.into_primitive(),
+                gate.into_primitive(),
+                up.into_primitive(),
+                counts,
+            )),
+        }
+    }
+
+    fn moe_segment_outer(
+        a: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        counts: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match SegmentOuterBackward
+            .prepare::<C>([a.node(), g.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = (a.primitive().clone(), g.primitive().clone(), counts.clone());
+                let out = B::moe_segment_outer(a.into_primitive(), g.into_primitive(), counts);
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::moe_segment_outer(
+                a.into_primitive(),
+                g.into_primitive(),
+                counts,
+            )),
+        }
+    }
+
     fn moe_gather_rows(x: FloatTensor<Self>, indices: IntTensor<Self>) -> FloatTensor<Self> {
         match GatherRowsBackward
             .prepare::<C>([x.node()])

@@ -131,3 +131,310 @@ pub(crate) fn place_pairs_kernel<I: Numeric>(
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Grouped expert GEMM. Rows sorted by expert form one segment per expert; a cube computes one
+// `TILE_M × TILE_N` output tile of one segment with a `SIDE × SIDE` grid of units, each holding
+// `PER_UNIT × PER_UNIT` accumulators (f32, whatever the storage dtype). Unit (x, y) owns rows
+// `y + SIDE·i` and columns `x + SIDE·j` of the tile, so neighbouring units touch neighbouring
+// columns in global and shared memory.
+// ---------------------------------------------------------------------------------------------
+
+/// Rows of a grouped-GEMM tile.
+pub(crate) const TILE_M: usize = 64;
+/// Columns of a grouped-GEMM tile.
+pub(crate) const TILE_N: usize = 64;
+/// Depth of one step of the reduction, staged through shared memory.
+pub(crate) const TILE_K: usize = 16;
+/// Units along each side of a cube.
+pub(crate) const SIDE: usize = 16;
+const PER_UNIT: usize = 4;
+const UNITS: usize = SIDE * SIDE;
+/// Elements each unit stages per operand per step (`TILE_M · TILE_K / UNITS`).
+const STAGED: usize = 4;
+
+/// The tile schedule of a grouped GEMM, one unit: `E + 1` segments (the experts, then the rows
+/// no expert owns, `rows - Σ counts`), each cut into `ceil(len / block)` tiles.
+///
+/// `schedule = [first tile of each segment (E + 2: the last is the total) |
+///              first row of each segment (E + 2: the last is rows)]`.
+///
+/// Counts are clamped so that segments never run past `rows`.
+#[cube(launch, address_type = "dynamic")]
+pub(crate) fn tile_schedule_kernel<I: Numeric>(
+    counts: &Tensor<I>,
+    schedule: &mut Tensor<I>,
+    rows: usize,
+    experts: usize,
+    #[comptime] block: usize,
+    #[define(I)] _dtype: ElemType,
+) {
+    if ABSOLUTE_POS > 0 {
+        terminate!();
+    }
+    let mut tiles = 0usize;
+    let mut start = 0usize;
+    for e in 0..experts + 1 {
+        schedule[e] = I::cast_from(tiles);
+        schedule[experts + 2 + e] = I::cast_from(start);
+        let mut len = rows - start;
+        if e < experts {
+            len = usize::min(usize::cast_from(counts[e]), len);
+        }
+        tiles += (len + block - 1) / block;
+        start += len;
+    }
+    schedule[experts + 1] = I::cast_from(tiles);
+    schedule[2 * experts + 3] = I::cast_from(rows);
+}
+
+/// Element `(k, col)` of expert `e`'s matrix, stored `[E, K, N]`, or `[E, N, K]` when
+/// `transposed`; zero outside the matrix.
+#[cube]
+fn weight_at<F: Float>(
+    w: &Tensor<F>,
+    e: usize,
+    k: usize,
+    col: usize,
+    kdim: usize,
+    n: usize,
+    #[comptime] transposed: bool,
+) -> f32 {
+    let mut value = 0.0f32;
+    if k < kdim && col < n {
+        let base = e * kdim * n;
+        if transposed {
+            value = f32::cast_from(w[base + col * kdim + k]);
+        } else {
+            value = f32::cast_from(w[base + k * n + col]);
+        }
+    }
+    value
+}
+
+/// Grouped GEMM over expert segments: for every row `r` of expert `e`'s segment,
+/// `out[r, :] = a[r, :] · w[e]` — or, when `gated`, `silu(a[r, :] · w[e]) ⊙ (a[r, :] · w2[e])`
+/// (SwiGLU's gate and up projections in one pass, the activation applied to the f32
+/// accumulators). Rows of no expert are written as zeros. Cube (x, y) = (column tile, tile of
+/// the schedule); cubes past the schedule's tiles end at once.
+#[cube(launch, address_type = "dynamic")]
+pub(crate) fn grouped_matmul_kernel<F: Float, I: Numeric>(
+    a: &Tensor<F>,
+    w: &Tensor<F>,
+    w2: &Tensor<F>,
+    schedule: &Tensor<I>,
+    out: &mut Tensor<F>,
+    kdim: usize,
+    n: usize,
+    experts: usize,
+    #[comptime] transposed: bool,
+    #[comptime] gated: bool,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let tile = CUBE_POS_Y as usize;
+    if tile >= usize::cast_from(schedule[experts + 1]) {
+        terminate!();
+    }
+    // The segment of this tile: the last one starting at or before it (empty segments start
+    // where the next one does, so they are never picked).
+    let mut lo = 0usize;
+    let mut hi = experts + 1;
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        if usize::cast_from(schedule[mid]) <= tile {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let e = lo;
+    let row0 = usize::cast_from(schedule[experts + 2 + e])
+        + (tile - usize::cast_from(schedule[e])) * TILE_M;
+    let row_end = usize::min(usize::cast_from(schedule[experts + 3 + e]), row0 + TILE_M);
+    let col0 = CUBE_POS_X as usize * TILE_N;
+    let tx = UNIT_POS_X as usize;
+    let ty = UNIT_POS_Y as usize;
+
+    if e == experts {
+        #[unroll]
+        for i in 0..PER_UNIT {
+            #[unroll]
+            for j in 0..PER_UNIT {
+                let row = row0 + ty + SIDE * i;
+                let col = col0 + tx + SIDE * j;
+                if row < row_end && col < n {
+                    out[row * n + col] = F::from_int(0);
+                }
+            }
+        }
+        terminate!();
+    }
+
+    let lin = ty * SIDE + tx;
+    let mut acc = Array::<f32>::new(PER_UNIT * PER_UNIT);
+    let mut acc2 = Array::<f32>::new(PER_UNIT * PER_UNIT);
+    #[unroll]
+    for i in 0..PER_UNIT * PER_UNIT {
+        acc[i] = 0.0f32;
+        acc2[i] = 0.0f32;
+    }
+    let mut sa = Shared::<[f32]>::new_slice(TILE_K * TILE_M);
+    let mut sw = Shared::<[f32]>::new_slice(TILE_K * TILE_N);
+    let mut sw2 = Shared::<[f32]>::new_slice(TILE_K * TILE_N);
+    let steps = (kdim + TILE_K - 1) / TILE_K;
+    for s in 0..steps {
+        let k0 = s * TILE_K;
+        #[unroll]
+        for q in 0..STAGED {
+            let idx = lin + q * UNITS;
+            // a: TILE_M rows × TILE_K, read along k.
+            let r = idx / TILE_K;
+            let ka = idx % TILE_K;
+            let row = row0 + r;
+            let mut value = 0.0f32;
+            if row < row_end && k0 + ka < kdim {
+                value = f32::cast_from(a[row * kdim + k0 + ka]);
+            }
+            sa[ka * TILE_M + r] = value;
+            // w: TILE_K × TILE_N, read along the stored inner axis.
+            let mut kw = idx / TILE_N;
+            let mut cw = idx % TILE_N;
+            if transposed {
+                kw = idx % TILE_K;
+                cw = idx / TILE_K;
+            }
+            sw[kw * TILE_N + cw] = weight_at::<F>(w, e, k0 + kw, col0 + cw, kdim, n, transposed);
+            if gated {
+                sw2[kw * TILE_N + cw] =
+                    weight_at::<F>(w2, e, k0 + kw, col0 + cw, kdim, n, transposed);
+            }
+        }
+        sync_cube();
+        #[unroll]
+        for kk in 0..TILE_K {
+            let mut av = Array::<f32>::new(PER_UNIT);
+            #[unroll]
+            for i in 0..PER_UNIT {
+                av[i] = sa[kk * TILE_M + ty + SIDE * i];
+            }
+            #[unroll]
+            for j in 0..PER_UNIT {
+                let bv = sw[kk * TILE_N + tx + SIDE * j];
+                #[unroll]
+                for i in 0..PER_UNIT {
+                    acc[i * PER_UNIT + j] += av[i] * bv;
+                }
+                if gated {
+                    let bv2 = sw2[kk * TILE_N + tx + SIDE * j];
+                    #[unroll]
+                    for i in 0..PER_UNIT {
+                        acc2[i * PER_UNIT + j] += av[i] * bv2;
+                    }
+                }
+            }
+        }
+        sync_cube();
+    }
+
+    #[unroll]
+    for i in 0..PER_UNIT {
+        #[unroll]
+        for j in 0..PER_UNIT {
+            let row = row0 + ty + SIDE * i;
+            let col = col0 + tx + SIDE * j;
+            if row < row_end && col < n {
+                let mut value = acc[i * PER_UNIT + j];
+                if gated {
+                    value = value / (1.0f32 + f32::exp(-value)) * acc2[i * PER_UNIT + j];
+                }
+                out[row * n + col] = F::cast_from(value);
+            }
+        }
+    }
+}
+
+/// Per-segment outer products (the weight gradient of a grouped GEMM): for each expert `e`,
+/// `out[e] = Σ_{r in segment e} a[r, :]ᵀ · g[r, :]`, `[K, N]`. Cube (x, y, z) = (column tile,
+/// tile of K, expert); an empty segment gives zeros.
+#[cube(launch, address_type = "dynamic")]
+pub(crate) fn segment_outer_kernel<F: Float, I: Numeric>(
+    a: &Tensor<F>,
+    g: &Tensor<F>,
+    schedule: &Tensor<I>,
+    out: &mut Tensor<F>,
+    kdim: usize,
+    n: usize,
+    experts: usize,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let e = CUBE_POS_Z as usize;
+    let k0 = CUBE_POS_Y as usize * TILE_M;
+    let col0 = CUBE_POS_X as usize * TILE_N;
+    let first = usize::cast_from(schedule[experts + 2 + e]);
+    let end = usize::cast_from(schedule[experts + 3 + e]);
+    let tx = UNIT_POS_X as usize;
+    let ty = UNIT_POS_Y as usize;
+    let lin = ty * SIDE + tx;
+    let mut acc = Array::<f32>::new(PER_UNIT * PER_UNIT);
+    #[unroll]
+    for i in 0..PER_UNIT * PER_UNIT {
+        acc[i] = 0.0f32;
+    }
+    let mut sa = Shared::<[f32]>::new_slice(TILE_K * TILE_M);
+    let mut sg = Shared::<[f32]>::new_slice(TILE_K * TILE_N);
+    let steps = (end - first + TILE_K - 1) / TILE_K;
+    for s in 0..steps {
+        let r0 = first + s * TILE_K;
+        #[unroll]
+        for q in 0..STAGED {
+            let idx = lin + q * UNITS;
+            // TILE_K rows × TILE_M columns of a, TILE_K rows × TILE_N of g, read along rows.
+            let rr = idx / TILE_M;
+            let m = idx % TILE_M;
+            let row = r0 + rr;
+            let mut va = 0.0f32;
+            if row < end && k0 + m < kdim {
+                va = f32::cast_from(a[row * kdim + k0 + m]);
+            }
+            sa[rr * TILE_M + m] = va;
+            let rg = idx / TILE_N;
+            let c = idx % TILE_N;
+            let row_g = r0 + rg;
+            let mut vg = 0.0f32;
+            if row_g < end && col0 + c < n {
+                vg = f32::cast_from(g[row_g * n + col0 + c]);
+            }
+            sg[rg * TILE_N + c] = vg;
+        }
+        sync_cube();
+        #[unroll]
+        for rr in 0..TILE_K {
+            let mut av = Array::<f32>::new(PER_UNIT);
+            #[unroll]
+            for i in 0..PER_UNIT {
+                av[i] = sa[rr * TILE_M + ty + SIDE * i];
+            }
+            #[unroll]
+            for j in 0..PER_UNIT {
+                let bv = sg[rr * TILE_N + tx + SIDE * j];
+                #[unroll]
+                for i in 0..PER_UNIT {
+                    acc[i * PER_UNIT + j] += av[i] * bv;
+                }
+            }
+        }
+        sync_cube();
+    }
+    let base = e * kdim * n;
+    #[unroll]
+    for i in 0..PER_UNIT {
+        #[unroll]
+        for j in 0..PER_UNIT {
+            let k = k0 + ty + SIDE * i;
+            let col = col0 + tx + SIDE * j;
+            if k < kdim && col < n {
+                out[base + k * n + col] = F::cast_from(acc[i * PER_UNIT + j]);
+            }
+        }
+    }
+}

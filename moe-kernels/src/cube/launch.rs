@@ -13,7 +13,8 @@ use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use super::MoeKernelOps;
 use super::kernels::{
-    chunk_counts_kernel, gather_rows_kernel, place_pairs_kernel, weighted_combine_kernel,
+    SIDE, TILE_M, TILE_N, chunk_counts_kernel, gather_rows_kernel, grouped_matmul_kernel,
+    place_pairs_kernel, segment_outer_kernel, tile_schedule_kernel, weighted_combine_kernel,
 };
 
 /// Pairs one unit of the plan kernels scans. Short loops keep the work parallel; one unit per
@@ -40,7 +41,168 @@ fn address_type(tensors: &[&CubeTensor]) -> AddressType {
         .unwrap_or_default()
 }
 
+/// The grouped-GEMM tile schedule of `rows` rows cut into segments of `counts` (see
+/// `tile_schedule_kernel`): `[2 · (E + 2)]`, in `counts`' dtype.
+fn tile_schedule(counts: &CubeTensor, rows: usize) -> CubeTensor {
+    let counts = into_contiguous(counts.clone());
+    let experts = counts.meta.shape()[0];
+    let schedule = empty_device_dtype(
+        counts.client.clone(),
+        counts.device.clone(),
+        Shape::new([2 * (experts + 2)]),
+        counts.dtype,
+    );
+    tile_schedule_kernel::launch(
+        &counts.client,
+        CubeCount::Static(1, 1, 1),
+        CubeDim::new_1d(1),
+        address_type(&[&counts, &schedule]),
+        counts.clone().into_tensor_arg(),
+        schedule.clone().into_tensor_arg(),
+        rows,
+        experts,
+        TILE_M,
+        dtype_to_storage_type(counts.dtype),
+    );
+    schedule
+}
+
+/// Most row tiles `rows` rows in `experts` segments (plus the rows of none) can take.
+pub(super) fn max_row_tiles(rows: usize, experts: usize) -> usize {
+    rows / TILE_M + experts + 1
+}
+
+/// One launch of `grouped_matmul_kernel`: `w2` is the up projection when gated.
+fn launch_grouped(
+    a: CubeTensor,
+    w: CubeTensor,
+    w2: Option<CubeTensor>,
+    counts: CubeTensor,
+    transposed: bool,
+) -> CubeTensor {
+    let a = into_contiguous(a);
+    let w = into_contiguous(w);
+    let (rows, kdim) = (a.meta.shape()[0], a.meta.shape()[1]);
+    let experts = w.meta.shape()[0];
+    let n = match transposed {
+        true => w.meta.shape()[1],
+        false => w.meta.shape()[2],
+    };
+    let out = empty_device_dtype(
+        a.client.clone(),
+        a.device.clone(),
+        Shape::new([rows, n]),
+        a.dtype,
+    );
+    if rows == 0 || n == 0 {
+        return out;
+    }
+    let schedule = tile_schedule(&counts, rows);
+    let gated = w2.is_some();
+    let w2 = match w2 {
+        Some(w2) => into_contiguous(w2),
+        // Never read: a one-element stand-in for the missing second matrix.
+        None => empty_device_dtype(
+            a.client.clone(),
+            a.device.clone(),
+            Shape::new([1, 1, 1]),
+            a.dtype,
+        ),
+    };
+    let cube_count = CubeCount::Static(
+        n.div_ceil(TILE_N) as u32,
+        max_row_tiles(rows, experts) as u32,
+        1,
+    );
+    let address = address_type(&[&a, &w, &w2, &schedule, &out]);
+    let dtypes = [
+        dtype_to_storage_type(a.dtype),
+        dtype_to_storage_type(schedule.dtype),
+    ];
+    let client = a.client.clone();
+    grouped_matmul_kernel::launch(
+        &client,
+        cube_count,
+        CubeDim::new_2d(SIDE as u32, SIDE as u32),
+        address,
+        a.into_tensor_arg(),
+        w.into_tensor_arg(),
+        w2.into_tensor_arg(),
+        schedule.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        kdim,
+        n,
+        experts,
+        transposed,
+        gated,
+        dtypes,
+    );
+    out
+}
+
 impl MoeKernelOps for CubeBackend {
+    fn moe_grouped_matmul(
+        a: CubeTensor,
+        w: CubeTensor,
+        counts: CubeTensor,
+        transposed: bool,
+    ) -> CubeTensor {
+        launch_grouped(a, w, None, counts, transposed)
+    }
+
+    fn moe_grouped_swiglu(
+        a: CubeTensor,
+        gate: CubeTensor,
+        up: CubeTensor,
+        counts: CubeTensor,
+    ) -> CubeTensor {
+        launch_grouped(a, gate, Some(up), counts, false)
+    }
+
+    fn moe_segment_outer(a: CubeTensor, g: CubeTensor, counts: CubeTensor) -> CubeTensor {
+        let a = into_contiguous(a);
+        let g = into_contiguous(g);
+        let (rows, kdim) = (a.meta.shape()[0], a.meta.shape()[1]);
+        let n = g.meta.shape()[1];
+        let experts = counts.meta.shape()[0];
+        let out = empty_device_dtype(
+            a.client.clone(),
+            a.device.clone(),
+            Shape::new([experts, kdim, n]),
+            a.dtype,
+        );
+        if experts == 0 || kdim == 0 || n == 0 {
+            return out;
+        }
+        let schedule = tile_schedule(&counts, rows);
+        let cube_count = CubeCount::Static(
+            n.div_ceil(TILE_N) as u32,
+            kdim.div_ceil(TILE_M) as u32,
+            experts as u32,
+        );
+        let address = address_type(&[&a, &g, &schedule, &out]);
+        let dtypes = [
+            dtype_to_storage_type(a.dtype),
+            dtype_to_storage_type(schedule.dtype),
+        ];
+        let client = a.client.clone();
+        segment_outer_kernel::launch(
+            &client,
+            cube_count,
+            CubeDim::new_2d(SIDE as u32, SIDE as u32),
+            address,
+            a.into_tensor_arg(),
+            g.into_tensor_arg(),
+            schedule.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            kdim,
+            n,
+            experts,
+            dtypes,
+        );
+        out
+    }
+
     fn moe_gather_rows(x: CubeTensor, indices: CubeTensor) -> CubeTensor {
         let x = into_contiguous(x);
         let indices = into_contiguous(indices);

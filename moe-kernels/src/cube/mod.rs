@@ -28,6 +28,34 @@ pub trait MoeKernelOps: burn::backend::Backend {
     /// `[counts (E) | offsets (E) | sorted pairs (P) | inverse (P)]`.
     #[fusion(dtype = ids, shape = Shape::new([2 * *num_experts + 2 * ids[0]]))]
     fn moe_expert_plan(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self>;
+
+    /// Grouped GEMM over expert segments (`counts` rows each, in order; the rows after the last
+    /// segment are zeros): `out[r] = a[r] · w[e]`, with `w` `[E, K, N]`, or `[E, N, K]` read
+    /// transposed.
+    #[fusion(dtype = a, shape = Shape::new([a[0], if *transposed { w[1] } else { w[2] }]))]
+    fn moe_grouped_matmul(
+        a: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        counts: IntTensor<Self>,
+        transposed: bool,
+    ) -> FloatTensor<Self>;
+
+    /// SwiGLU's first half over expert segments: `silu(a[r] · gate[e]) ⊙ (a[r] · up[e])`.
+    #[fusion(dtype = a, shape = Shape::new([a[0], gate[2]]))]
+    fn moe_grouped_swiglu(
+        a: FloatTensor<Self>,
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        counts: IntTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// Per-segment outer products `out[e] = Σ_{r in segment e} a[r]ᵀ g[r]` (`[E, K, N]`).
+    #[fusion(dtype = a, shape = Shape::new([counts[0], a[1], g[1]]))]
+    fn moe_segment_outer(
+        a: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        counts: IntTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 /// Whether `device` (or the device an autodiff device wraps) is a CubeCL device.
@@ -86,5 +114,47 @@ pub(crate) fn weighted_combine(
         rows.into_dispatch(),
         sources.into_dispatch(),
         weights.into_dispatch(),
+    ))
+}
+
+/// Whether a grouped GEMM over `rows` rows and `experts` segments fits the launch grid (row
+/// tiles along its second axis, at most 65 535).
+pub(crate) fn grouped_grid_fits(rows: usize, experts: usize) -> bool {
+    launch::max_row_tiles(rows, experts) <= u16::MAX as usize
+}
+
+pub(crate) fn grouped_matmul(
+    a: Tensor<2>,
+    w: Tensor<3>,
+    counts: Tensor<1, Int>,
+    transposed: bool,
+) -> Tensor<2> {
+    Tensor::from_dispatch(Dispatch::moe_grouped_matmul(
+        a.into_dispatch(),
+        w.into_dispatch(),
+        counts.into_dispatch(),
+        transposed,
+    ))
+}
+
+pub(crate) fn grouped_swiglu(
+    a: Tensor<2>,
+    gate: Tensor<3>,
+    up: Tensor<3>,
+    counts: Tensor<1, Int>,
+) -> Tensor<2> {
+    Tensor::from_dispatch(Dispatch::moe_grouped_swiglu(
+        a.into_dispatch(),
+        gate.into_dispatch(),
+        up.into_dispatch(),
+        counts.into_dispatch(),
+    ))
+}
+
+pub(crate) fn segment_outer(a: Tensor<2>, g: Tensor<2>, counts: Tensor<1, Int>) -> Tensor<3> {
+    Tensor::from_dispatch(Dispatch::moe_segment_outer(
+        a.into_dispatch(),
+        g.into_dispatch(),
+        counts.into_dispatch(),
     ))
 }
