@@ -4,6 +4,9 @@
 //! - `plan`: the routing plan (histogram, offsets, stable permutation, inverse) of `[T, k]` ids;
 //! - `permute`: rows gathered into expert order (`[T·k, H]`, the order of a real routing plan);
 //! - `combine`: unpermute + weighted combine of `[T·k, H]` expert rows into `[T, H]`;
+//! - `experts`: the SwiGLU experts on `[T·k, H]` expert-sorted rows — the grouped-GEMM kernels
+//!   (two launches, counts read on the device) against one matmul chain per expert after a
+//!   host read of the counts;
 //! - `layer`: the whole MoE layer (route, plan, permute, experts, combine).
 //!
 //! Every timed chain feeds each call's output into the next call's input (lavapipe and lazy
@@ -15,11 +18,12 @@
 //! MOE_BENCH_TOKENS=1,16 MOE_BENCH_STAGES=permute,combine MOE_BENCH_BACKENDS=wgpu \
 //!     cargo bench --features wgpu --bench dispatch
 //! ```
-//! Defaults: tokens 1,16,128,512,2048; stages plan,permute,combine,layer; every compiled-in backend
-//! (wgpu only where a Vulkan driver is installed). On lavapipe (software Vulkan) the layer stage
-//! does not run at this shape: a stacked expert tensor (`[64, 2048, 1024]` f32, 512 MiB) exceeds
-//! its 128 MiB storage-binding limit; plan, permute and combine run there, slowly — lavapipe is
-//! a correctness target, not a performance one.
+//! Defaults: tokens 1,16,128,512,2048; stages plan,permute,combine,experts,layer; every
+//! compiled-in backend (wgpu only where a Vulkan driver is installed). A stacked expert tensor
+//! at this shape (`[64, 2048, 1024]` f32) is 512 MiB; where the device binds less (lavapipe:
+//! 128 MiB) the experts and layer stages run with the expert width `I` halved until one fits
+//! (lavapipe: I = 128) and say so in their name. Lavapipe (software Vulkan) is a correctness
+//! target, not a performance one.
 
 use std::time::{Duration, Instant};
 
@@ -86,6 +90,17 @@ fn routing_ids(t: usize, device: &Device) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(ids, [t, K]), device)
 }
 
+/// The expert width `I` of the experts and layer stages: the OLMoE width, halved until one
+/// stacked `[E, H, I]` f32 tensor fits the device's largest buffer.
+fn expert_width(device: &Device) -> usize {
+    let limit = moe::moe_kernels::max_buffer_bytes(device).unwrap_or(u64::MAX);
+    let mut d_ff = I;
+    while d_ff > 1 && (E * H * d_ff * 4) as u64 >= limit {
+        d_ff /= 2;
+    }
+    d_ff
+}
+
 fn paths(device: &Device) -> Vec<(DispatchPath, &'static str)> {
     let mut out = vec![(DispatchPath::TensorOps, "tensor-ops")];
     if DispatchStrategy::Kernels.resolve(device).is_ok() {
@@ -126,13 +141,18 @@ fn bench(c: &mut Criterion) {
                 .expect("MOE_BENCH_TOKENS: comma-separated integers")
         })
         .collect();
-    let stages = list("MOE_BENCH_STAGES", "plan,permute,combine,layer");
+    let stages = list("MOE_BENCH_STAGES", "plan,permute,combine,experts,layer");
     for backend in backends() {
         let device = backend.device();
+        let d_ff = expert_width(&device);
+        let wide = |stage: &str| match d_ff {
+            I => stage.to_string(),
+            _ => format!("{stage}-i{d_ff}"),
+        };
         let layer: Option<MoeLayer> = stages
             .iter()
-            .any(|s| s == "layer")
-            .then(|| MoeLayerConfig::olmoe(H, I, E, K).init(&device).unwrap());
+            .any(|s| s == "layer" || s == "experts")
+            .then(|| MoeLayerConfig::olmoe(H, d_ff, E, K).init(&device).unwrap());
         for &t in &tokens {
             let plan = DispatchPlan::new(&routing_ids(t, &device), E);
             let rows = t * K;
@@ -207,14 +227,47 @@ fn bench(c: &mut Criterion) {
                     });
                     group.finish();
                 }
-                if let Some(layer) = &layer {
+                if let Some(layer) = layer
+                    .as_ref()
+                    .filter(|_| stages.iter().any(|s| s == "experts"))
+                {
+                    let mut group = c.benchmark_group(id(&wide("experts")));
+                    settle(&mut group);
+                    let experts = &layer.experts;
+                    group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
+                        b.iter_custom(|iters| {
+                            timed(
+                                iters,
+                                x_rows.clone(),
+                                |x| {
+                                    let out = match path {
+                                        DispatchPath::Kernels => {
+                                            experts.forward_grouped(x, plan.counts.clone()).unwrap()
+                                        }
+                                        DispatchPath::TensorOps => {
+                                            let counts = plan.counts_to_host();
+                                            experts.forward_segments(x, &counts)
+                                        }
+                                    };
+                                    out.tanh()
+                                },
+                                sync,
+                            )
+                        })
+                    });
+                    group.finish();
+                }
+                if let Some(layer) = layer
+                    .as_ref()
+                    .filter(|_| stages.iter().any(|s| s == "layer"))
+                {
                     let strategy = match path {
                         DispatchPath::Kernels => DispatchStrategy::Kernels,
                         DispatchPath::TensorOps => DispatchStrategy::TensorOps,
                     };
                     let layer = layer.clone().with_dispatch(strategy);
                     let x0 = Tensor::<2>::random([t, H], Distribution::Normal(0.0, 1.0), &device);
-                    let mut group = c.benchmark_group(id("layer"));
+                    let mut group = c.benchmark_group(id(&wide("layer")));
                     settle(&mut group);
                     group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
                         b.iter_custom(|iters| {

@@ -5,7 +5,9 @@
 //!
 //! Shapes cover one row, one expert, E = 128 with most experts empty, every row to one expert,
 //! rows after the last segment (unused slots), no rows at all, and sizes that are not tile
-//! multiples (tiles are 64 × 64, 16 deep). The kernels run wherever a CubeCL device is in
+//! multiples. The average segment length picks the kernel (GEMV-like tiles of 4 or 16 rows up to
+//! 16 rows per expert, shared-memory tiles of 16, 32 or 64 rows × 64 columns above, and for
+//! transposed weights), and the cases cover each. The kernels run wherever a CubeCL device is in
 //! `common::devices()` (wgpu on lavapipe in CI).
 
 mod common;
@@ -83,6 +85,7 @@ fn cases() -> Vec<Case> {
         (64, 64, 64, 70, 33, 1),
         (1000, 1000, 8, 130, 65, 2),
         (300, 280, 128, 24, 129, 3),
+        (100, 100, 8, 40, 36, 4),
     ] {
         out.push(Case {
             rows,

@@ -134,13 +134,13 @@ pub(crate) fn place_pairs_kernel<I: Numeric>(
 
 // ---------------------------------------------------------------------------------------------
 // Grouped expert GEMM. Rows sorted by expert form one segment per expert; a cube computes one
-// `TILE_M × TILE_N` output tile of one segment with a `SIDE × SIDE` grid of units, each holding
-// `PER_UNIT × PER_UNIT` accumulators (f32, whatever the storage dtype). Unit (x, y) owns rows
+// `(SIDE · rows) × TILE_N` output tile of one segment with a `SIDE × SIDE` grid of units, each
+// holding `rows × PER_UNIT` accumulators (f32, whatever the storage dtype). Unit (x, y) owns rows
 // `y + SIDE·i` and columns `x + SIDE·j` of the tile, so neighbouring units touch neighbouring
 // columns in global and shared memory.
 // ---------------------------------------------------------------------------------------------
 
-/// Rows of a grouped-GEMM tile.
+/// Rows of a segment-outer-product tile (of K), and of the tallest grouped-GEMM tile.
 pub(crate) const TILE_M: usize = 64;
 /// Columns of a grouped-GEMM tile.
 pub(crate) const TILE_N: usize = 64;
@@ -217,6 +217,11 @@ fn weight_at<F: Float>(
 /// (SwiGLU's gate and up projections in one pass, the activation applied to the f32
 /// accumulators). Rows of no expert are written as zeros. Cube (x, y) = (column tile, tile of
 /// the schedule); cubes past the schedule's tiles end at once.
+///
+/// A tile has `SIDE · rows` rows (`rows` per unit: 1, 2 or 4, picked by the host from the
+/// average segment length, so that short segments do not pay for 64-row tiles) and `TILE_N`
+/// columns. Units whose rows all lie past the segment skip the arithmetic (they still stage
+/// their share of the weights).
 #[cube(launch, address_type = "dynamic")]
 pub(crate) fn grouped_matmul_kernel<F: Float, I: Numeric>(
     a: &Tensor<F>,
@@ -227,10 +232,12 @@ pub(crate) fn grouped_matmul_kernel<F: Float, I: Numeric>(
     kdim: usize,
     n: usize,
     experts: usize,
+    #[comptime] rows: usize,
     #[comptime] transposed: bool,
     #[comptime] gated: bool,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
+    let tile_m = comptime!(SIDE * rows);
     let tile = CUBE_POS_Y as usize;
     if tile >= usize::cast_from(schedule[experts + 1]) {
         terminate!();
@@ -249,15 +256,15 @@ pub(crate) fn grouped_matmul_kernel<F: Float, I: Numeric>(
     }
     let e = lo;
     let row0 = usize::cast_from(schedule[experts + 2 + e])
-        + (tile - usize::cast_from(schedule[e])) * TILE_M;
-    let row_end = usize::min(usize::cast_from(schedule[experts + 3 + e]), row0 + TILE_M);
+        + (tile - usize::cast_from(schedule[e])) * tile_m;
+    let row_end = usize::min(usize::cast_from(schedule[experts + 3 + e]), row0 + tile_m);
     let col0 = CUBE_POS_X as usize * TILE_N;
     let tx = UNIT_POS_X as usize;
     let ty = UNIT_POS_Y as usize;
 
     if e == experts {
         #[unroll]
-        for i in 0..PER_UNIT {
+        for i in 0..rows {
             #[unroll]
             for j in 0..PER_UNIT {
                 let row = row0 + ty + SIDE * i;
@@ -271,23 +278,24 @@ pub(crate) fn grouped_matmul_kernel<F: Float, I: Numeric>(
     }
 
     let lin = ty * SIDE + tx;
-    let mut acc = Array::<f32>::new(PER_UNIT * PER_UNIT);
-    let mut acc2 = Array::<f32>::new(PER_UNIT * PER_UNIT);
+    let busy = row0 + ty < row_end;
+    let mut acc = Array::<f32>::new(comptime!(rows * PER_UNIT));
+    let mut acc2 = Array::<f32>::new(comptime!(rows * PER_UNIT));
     #[unroll]
-    for i in 0..PER_UNIT * PER_UNIT {
+    for i in 0..comptime!(rows * PER_UNIT) {
         acc[i] = 0.0f32;
         acc2[i] = 0.0f32;
     }
-    let mut sa = Shared::<[f32]>::new_slice(TILE_K * TILE_M);
+    let mut sa = Shared::<[f32]>::new_slice(TILE_K * tile_m);
     let mut sw = Shared::<[f32]>::new_slice(TILE_K * TILE_N);
     let mut sw2 = Shared::<[f32]>::new_slice(TILE_K * TILE_N);
     let steps = (kdim + TILE_K - 1) / TILE_K;
     for s in 0..steps {
         let k0 = s * TILE_K;
+        // a: tile_m rows × TILE_K, read along k (`rows` elements per unit).
         #[unroll]
-        for q in 0..STAGED {
+        for q in 0..rows {
             let idx = lin + q * UNITS;
-            // a: TILE_M rows × TILE_K, read along k.
             let r = idx / TILE_K;
             let ka = idx % TILE_K;
             let row = row0 + r;
@@ -295,8 +303,12 @@ pub(crate) fn grouped_matmul_kernel<F: Float, I: Numeric>(
             if row < row_end && k0 + ka < kdim {
                 value = f32::cast_from(a[row * kdim + k0 + ka]);
             }
-            sa[ka * TILE_M + r] = value;
-            // w: TILE_K × TILE_N, read along the stored inner axis.
+            sa[ka * tile_m + r] = value;
+        }
+        // w: TILE_K × TILE_N, read along the stored inner axis.
+        #[unroll]
+        for q in 0..STAGED {
+            let idx = lin + q * UNITS;
             let mut kw = idx / TILE_N;
             let mut cw = idx % TILE_N;
             if transposed {
@@ -310,25 +322,27 @@ pub(crate) fn grouped_matmul_kernel<F: Float, I: Numeric>(
             }
         }
         sync_cube();
-        #[unroll]
-        for kk in 0..TILE_K {
-            let mut av = Array::<f32>::new(PER_UNIT);
+        if busy {
             #[unroll]
-            for i in 0..PER_UNIT {
-                av[i] = sa[kk * TILE_M + ty + SIDE * i];
-            }
-            #[unroll]
-            for j in 0..PER_UNIT {
-                let bv = sw[kk * TILE_N + tx + SIDE * j];
+            for kk in 0..TILE_K {
+                let mut av = Array::<f32>::new(rows);
                 #[unroll]
-                for i in 0..PER_UNIT {
-                    acc[i * PER_UNIT + j] += av[i] * bv;
+                for i in 0..rows {
+                    av[i] = sa[kk * tile_m + ty + SIDE * i];
                 }
-                if gated {
-                    let bv2 = sw2[kk * TILE_N + tx + SIDE * j];
+                #[unroll]
+                for j in 0..PER_UNIT {
+                    let bv = sw[kk * TILE_N + tx + SIDE * j];
                     #[unroll]
-                    for i in 0..PER_UNIT {
-                        acc2[i * PER_UNIT + j] += av[i] * bv2;
+                    for i in 0..rows {
+                        acc[i * PER_UNIT + j] += av[i] * bv;
+                    }
+                    if gated {
+                        let bv2 = sw2[kk * TILE_N + tx + SIDE * j];
+                        #[unroll]
+                        for i in 0..rows {
+                            acc2[i * PER_UNIT + j] += av[i] * bv2;
+                        }
                     }
                 }
             }
@@ -337,7 +351,7 @@ pub(crate) fn grouped_matmul_kernel<F: Float, I: Numeric>(
     }
 
     #[unroll]
-    for i in 0..PER_UNIT {
+    for i in 0..rows {
         #[unroll]
         for j in 0..PER_UNIT {
             let row = row0 + ty + SIDE * i;
@@ -349,6 +363,95 @@ pub(crate) fn grouped_matmul_kernel<F: Float, I: Numeric>(
                 }
                 out[row * n + col] = F::cast_from(value);
             }
+        }
+    }
+}
+
+/// Units of a [`grouped_gemv_kernel`] cube, one per column vector.
+pub(crate) const GEMV_UNITS: usize = 256;
+/// Most rows of a [`grouped_gemv_kernel`] tile.
+pub(crate) const GEMV_ROWS: usize = 16;
+
+/// The grouped GEMM of [`grouped_matmul_kernel`] for short segments (decoding: a row or a few
+/// per expert), with `w` stored `[E, K, N]`: one unit per vector of `V` output columns, each
+/// walking K once and keeping the tile's (at most `rows` ≤ `GEMV_ROWS`) rows in registers, so every
+/// weight is read once per tile in vectors, neighbouring units read neighbouring weights, and
+/// no shared memory or barrier is needed. Cube x = `GEMV_UNITS` column vectors, y = tile of
+/// the schedule.
+#[cube(launch, address_type = "dynamic")]
+pub(crate) fn grouped_gemv_kernel<F: Float, I: Numeric, V: Size>(
+    a: &Tensor<F>,
+    w: &Tensor<Vector<F, V>>,
+    w2: &Tensor<Vector<F, V>>,
+    schedule: &Tensor<I>,
+    out: &mut Tensor<Vector<F, V>>,
+    kdim: usize,
+    n_vectors: usize,
+    experts: usize,
+    #[comptime] rows: usize,
+    #[comptime] gated: bool,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let tile = CUBE_POS_Y as usize;
+    let col = CUBE_POS_X as usize * GEMV_UNITS + UNIT_POS_X as usize;
+    if tile >= usize::cast_from(schedule[experts + 1]) || col >= n_vectors {
+        terminate!();
+    }
+    let mut lo = 0usize;
+    let mut hi = experts + 1;
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        if usize::cast_from(schedule[mid]) <= tile {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let e = lo;
+    let row0 =
+        usize::cast_from(schedule[experts + 2 + e]) + (tile - usize::cast_from(schedule[e])) * rows;
+    let row_end = usize::min(usize::cast_from(schedule[experts + 3 + e]), row0 + rows);
+    let active = row_end - row0;
+    if e == experts {
+        for r in row0..row_end {
+            out[r * n_vectors + col] = Vector::new(F::from_int(0));
+        }
+        terminate!();
+    }
+    let mut acc = Array::<Vector<f32, V>>::new(rows);
+    let mut acc2 = Array::<Vector<f32, V>>::new(rows);
+    #[unroll]
+    for i in 0..rows {
+        acc[i] = Vector::new(0.0f32);
+        acc2[i] = Vector::new(0.0f32);
+    }
+    let base = e * kdim * n_vectors + col;
+    for k in 0..kdim {
+        let wv = Vector::<f32, V>::cast_from(w[base + k * n_vectors]);
+        let mut wv2 = Vector::<f32, V>::new(0.0f32);
+        if gated {
+            wv2 = Vector::<f32, V>::cast_from(w2[base + k * n_vectors]);
+        }
+        #[unroll]
+        for i in 0..rows {
+            if i < active {
+                let av = Vector::<f32, V>::new(f32::cast_from(a[(row0 + i) * kdim + k]));
+                acc[i] += av * wv;
+                if gated {
+                    acc2[i] += av * wv2;
+                }
+            }
+        }
+    }
+    #[unroll]
+    for i in 0..rows {
+        if i < active {
+            let mut value = acc[i];
+            if gated {
+                let one = Vector::<f32, V>::new(1.0f32);
+                value = value / (one + Vector::exp(-value)) * acc2[i];
+            }
+            out[(row0 + i) * n_vectors + col] = Vector::cast_from(value);
         }
     }
 }

@@ -13,8 +13,9 @@ use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use super::MoeKernelOps;
 use super::kernels::{
-    SIDE, TILE_M, TILE_N, chunk_counts_kernel, gather_rows_kernel, grouped_matmul_kernel,
-    place_pairs_kernel, segment_outer_kernel, tile_schedule_kernel, weighted_combine_kernel,
+    GEMV_ROWS, GEMV_UNITS, SIDE, TILE_M, TILE_N, chunk_counts_kernel, gather_rows_kernel,
+    grouped_gemv_kernel, grouped_matmul_kernel, place_pairs_kernel, segment_outer_kernel,
+    tile_schedule_kernel, weighted_combine_kernel,
 };
 
 /// Pairs one unit of the plan kernels scans. Short loops keep the work parallel; one unit per
@@ -43,7 +44,7 @@ fn address_type(tensors: &[&CubeTensor]) -> AddressType {
 
 /// The grouped-GEMM tile schedule of `rows` rows cut into segments of `counts` (see
 /// `tile_schedule_kernel`): `[2 · (E + 2)]`, in `counts`' dtype.
-fn tile_schedule(counts: &CubeTensor, rows: usize) -> CubeTensor {
+fn tile_schedule(counts: &CubeTensor, rows: usize, block: usize) -> CubeTensor {
     let counts = into_contiguous(counts.clone());
     let experts = counts.meta.shape()[0];
     let schedule = empty_device_dtype(
@@ -61,15 +62,33 @@ fn tile_schedule(counts: &CubeTensor, rows: usize) -> CubeTensor {
         schedule.clone().into_tensor_arg(),
         rows,
         experts,
-        TILE_M,
+        block,
         dtype_to_storage_type(counts.dtype),
     );
     schedule
 }
 
-/// Most row tiles `rows` rows in `experts` segments (plus the rows of none) can take.
-pub(super) fn max_row_tiles(rows: usize, experts: usize) -> usize {
-    rows / TILE_M + experts + 1
+/// Most row tiles of `block` rows that `rows` rows in `experts` segments (plus the rows of
+/// none) can take.
+fn max_row_tiles(rows: usize, experts: usize, block: usize) -> usize {
+    rows / block + experts + 1
+}
+
+/// Rows per unit of the grouped GEMM (its tiles have `SIDE ·` that many rows): the smallest of
+/// 1, 2, 4 whose tile holds the average segment, so that decoding (a row or two per expert)
+/// does not compute 64-row tiles.
+pub(super) fn rows_per_unit(rows: usize, experts: usize) -> usize {
+    let average = rows.div_ceil(experts.max(1));
+    [1, 2, 4]
+        .into_iter()
+        .find(|r| SIDE * r >= average)
+        .unwrap_or(TILE_M / SIDE)
+}
+
+/// Whether the grouped GEMM's launch grid holds every row tile (second axis ≤ 65 535) with
+/// the smallest tiles either kernel uses.
+pub(super) fn grouped_grid_fits(rows: usize, experts: usize) -> bool {
+    max_row_tiles(rows, experts, 4) <= u16::MAX as usize
 }
 
 /// One launch of `grouped_matmul_kernel`: `w2` is the up projection when gated.
@@ -97,21 +116,31 @@ fn launch_grouped(
     if rows == 0 || n == 0 {
         return out;
     }
-    let schedule = tile_schedule(&counts, rows);
+    let per_unit = rows_per_unit(rows, experts);
+    // Short segments (at most 16 rows on average) and weights read along N: the GEMV-like
+    // kernel, one unit per column, no shared memory. Otherwise shared-memory tiles.
+    let gemv = per_unit == 1 && !transposed;
+    let gemv_rows = if rows.div_ceil(experts.max(1)) <= 4 {
+        4
+    } else {
+        GEMV_ROWS
+    };
+    let block = if gemv { gemv_rows } else { SIDE * per_unit };
+    let schedule = tile_schedule(&counts, rows, block);
     let gated = w2.is_some();
     let w2 = match w2 {
         Some(w2) => into_contiguous(w2),
-        // Never read: a one-element stand-in for the missing second matrix.
+        // Never read: a stand-in for the missing second matrix, one vector of any width long.
         None => empty_device_dtype(
             a.client.clone(),
             a.device.clone(),
-            Shape::new([1, 1, 1]),
+            Shape::new([1, 1, 16]),
             a.dtype,
         ),
     };
     let cube_count = CubeCount::Static(
         n.div_ceil(TILE_N) as u32,
-        max_row_tiles(rows, experts) as u32,
+        max_row_tiles(rows, experts, block) as u32,
         1,
     );
     let address = address_type(&[&a, &w, &w2, &schedule, &out]);
@@ -120,6 +149,33 @@ fn launch_grouped(
         dtype_to_storage_type(schedule.dtype),
     ];
     let client = a.client.clone();
+    if gemv {
+        let vector = vector_size(&w, w.dtype, n);
+        let n_vectors = n / vector;
+        grouped_gemv_kernel::launch(
+            &client,
+            CubeCount::Static(
+                n_vectors.div_ceil(GEMV_UNITS) as u32,
+                max_row_tiles(rows, experts, block) as u32,
+                1,
+            ),
+            CubeDim::new_1d(GEMV_UNITS.min(n_vectors) as u32),
+            address,
+            vector,
+            a.into_tensor_arg(),
+            w.into_tensor_arg(),
+            w2.into_tensor_arg(),
+            schedule.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            kdim,
+            n_vectors,
+            experts,
+            gemv_rows,
+            gated,
+            dtypes,
+        );
+        return out;
+    }
     grouped_matmul_kernel::launch(
         &client,
         cube_count,
@@ -133,6 +189,7 @@ fn launch_grouped(
         kdim,
         n,
         experts,
+        per_unit,
         transposed,
         gated,
         dtypes,
@@ -174,7 +231,8 @@ impl MoeKernelOps for CubeBackend {
         if experts == 0 || kdim == 0 || n == 0 {
             return out;
         }
-        let schedule = tile_schedule(&counts, rows);
+        // Only the segment bounds of the schedule are read here; any block will do.
+        let schedule = tile_schedule(&counts, rows, TILE_M);
         let cube_count = CubeCount::Static(
             n.div_ceil(TILE_N) as u32,
             kdim.div_ceil(TILE_M) as u32,

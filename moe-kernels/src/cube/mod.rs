@@ -120,7 +120,7 @@ pub(crate) fn weighted_combine(
 /// Whether a grouped GEMM over `rows` rows and `experts` segments fits the launch grid (row
 /// tiles along its second axis, at most 65 535).
 pub(crate) fn grouped_grid_fits(rows: usize, experts: usize) -> bool {
-    launch::max_row_tiles(rows, experts) <= u16::MAX as usize
+    launch::grouped_grid_fits(rows, experts)
 }
 
 pub(crate) fn grouped_matmul(
