@@ -1,6 +1,8 @@
 //! The dispatch hot path at the OLMoE-1B-7B layer shape (H 2048, I 1024, E 64, k 8), per
 //! backend and dispatch strategy:
 //!
+//! - `route`: the router (logits, scores, top-k, weights) — the fused epilogue kernel after the
+//!   logits against the composed tensor ops;
 //! - `plan`: the routing plan (histogram, offsets, stable permutation, inverse) of `[T, k]` ids;
 //! - `permute`: rows gathered into expert order (`[T·k, H]`, the order of a real routing plan);
 //! - `combine`: unpermute + weighted combine of `[T·k, H]` expert rows into `[T, H]`;
@@ -18,7 +20,7 @@
 //! MOE_BENCH_TOKENS=1,16 MOE_BENCH_STAGES=permute,combine MOE_BENCH_BACKENDS=wgpu \
 //!     cargo bench --features wgpu --bench dispatch
 //! ```
-//! Defaults: tokens 1,16,128,512,2048; stages plan,permute,combine,experts,layer; every
+//! Defaults: tokens 1,16,128,512,2048; stages route,plan,permute,combine,experts,layer; every
 //! compiled-in backend (wgpu only where a Vulkan driver is installed). A stacked expert tensor
 //! at this shape (`[64, 2048, 1024]` f32) is 512 MiB; where the device binds less (lavapipe:
 //! 128 MiB) the experts and layer stages run with the expert width `I` halved until one fits
@@ -141,7 +143,10 @@ fn bench(c: &mut Criterion) {
                 .expect("MOE_BENCH_TOKENS: comma-separated integers")
         })
         .collect();
-    let stages = list("MOE_BENCH_STAGES", "plan,permute,combine,experts,layer");
+    let stages = list(
+        "MOE_BENCH_STAGES",
+        "route,plan,permute,combine,experts,layer",
+    );
     for backend in backends() {
         let device = backend.device();
         let d_ff = expert_width(&device);
@@ -151,7 +156,7 @@ fn bench(c: &mut Criterion) {
         };
         let layer: Option<MoeLayer> = stages
             .iter()
-            .any(|s| s == "layer" || s == "experts")
+            .any(|s| s == "layer" || s == "experts" || s == "route")
             .then(|| MoeLayerConfig::olmoe(H, d_ff, E, K).init(&device).unwrap());
         for &t in &tokens {
             let plan = DispatchPlan::new(&routing_ids(t, &device), E);
@@ -159,6 +164,37 @@ fn bench(c: &mut Criterion) {
             let x_rows = Tensor::<2>::random([rows, H], Distribution::Normal(0.0, 1.0), &device);
             for (path, path_name) in paths(&device) {
                 let id = |stage: &str| format!("{stage}/{backend}/{path_name}");
+                if let Some(layer) = layer
+                    .as_ref()
+                    .filter(|_| stages.iter().any(|s| s == "route"))
+                {
+                    let strategy = match path {
+                        DispatchPath::Kernels => DispatchStrategy::Kernels,
+                        DispatchPath::TensorOps => DispatchStrategy::TensorOps,
+                    };
+                    let mut group = c.benchmark_group(id("route"));
+                    settle(&mut group);
+                    let x0 = Tensor::<2>::random([t, H], Distribution::Normal(0.0, 1.0), &device);
+                    group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
+                        b.iter_custom(|iters| {
+                            // The next input is moved by this call's weights.
+                            timed(
+                                iters,
+                                x0.clone(),
+                                |x| {
+                                    let routing = layer
+                                        .router
+                                        .route_with(x.clone(), &TopK::Configured, strategy)
+                                        .unwrap();
+                                    let shift = routing.weights.sum_dim(1).mul_scalar(1e-3);
+                                    x + shift
+                                },
+                                sync,
+                            )
+                        })
+                    });
+                    group.finish();
+                }
                 if stages.iter().any(|s| s == "plan") {
                     let mut group = c.benchmark_group(id("plan"));
                     settle(&mut group);

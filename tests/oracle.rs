@@ -327,7 +327,12 @@ fn batched_input_equals_flattened_input_and_runs_are_deterministic() {
         let b = layer.forward(common::upload(x.clone(), [14, 16], &device));
         let c = layer.forward(common::upload(x, [14, 16], &device));
         let b = common::host(b);
-        assert_eq!(common::host(a), b, "{name}: [B,S,d] vs [T,d]");
+        // Same routing and the same dispatch; on wgpu, Burn's fusion may compile the shared
+        // expert's elementwise tail for a rank-3 input with another contraction of a·b + c
+        // (measured: 2.4e-7 there, bit-equal without the shared expert), so batched and
+        // flattened agree to float rounding, and identical calls bit for bit.
+        let err = common::max_abs_diff(&common::host(a), &b);
+        assert!(err <= 1e-6, "{name}: [B,S,d] vs [T,d]: {err:e}");
         assert_eq!(b, common::host(c), "{name}: two identical runs differ");
     }
 }

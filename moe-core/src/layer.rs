@@ -277,7 +277,7 @@ impl MoeLayer {
         let x = x.reshape([tokens, d_model]);
 
         // 1. route
-        let routing = self.router.route_slots(x.clone(), &slots);
+        let routing = self.router.route_slots(x.clone(), &slots, path)?;
         // 2–5. plan, permute, experts, unpermute + combine
         let routed = dispatch::run_experts(&self.experts, x.clone(), &routing, path)?;
         // 6. shared

@@ -9,6 +9,7 @@ use burn::nn::Initializer;
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{Bool, DType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
+use crate::dispatch::{DispatchPath, DispatchStrategy};
 use crate::error::MoeError;
 
 /// Added to the renormalisation denominator, as DeepSeek-V3 does (`+ 1e-20`); it changes no
@@ -362,7 +363,33 @@ impl Router {
             });
         }
         let slots = SlotPlan::resolve(top_k, &self.settings, t, 1)?;
-        Ok(self.route_slots(x, &slots))
+        let path = DispatchStrategy::Auto.resolve(&x.device())?;
+        self.route_slots(x, &slots, path)
+    }
+
+    /// Routes `x` with the given k, the epilogue after the logits run by `strategy`: the fused
+    /// `moe_kernels::route_epilogue` kernel (kernel path, where no gradient is needed and k is
+    /// the same for every token) or the composed tensor ops.
+    ///
+    /// # Shapes
+    /// - `x`: `[T, d_model]`
+    pub fn route_with(
+        &self,
+        x: Tensor<2>,
+        top_k: &TopK,
+        strategy: DispatchStrategy,
+    ) -> Result<Routing, MoeError> {
+        let [t, d] = x.dims();
+        let d_model = self.weight.dims()[0];
+        if d != d_model {
+            return Err(MoeError::HiddenSizeMismatch {
+                expected: d_model,
+                got: d,
+            });
+        }
+        let slots = SlotPlan::resolve(top_k, &self.settings, t, 1)?;
+        let path = strategy.resolve(&x.device())?;
+        self.route_slots(x, &slots, path)
     }
 
     /// Checks `top_k` for `num_tokens` tokens in sequences of `seq_len` tokens without routing
@@ -376,8 +403,27 @@ impl Router {
         SlotPlan::resolve(top_k, &self.settings, num_tokens, seq_len).map(|_| ())
     }
 
+    /// Whether the fused epilogue kernel computes this routing: the kernel path, one k for
+    /// every token, no gradient needed, at most 32 groups.
+    fn fused_epilogue(
+        &self,
+        device: &burn::tensor::Device,
+        slots: &SlotPlan,
+        path: DispatchPath,
+    ) -> bool {
+        path == DispatchPath::Kernels
+            && slots.per_token.is_none()
+            && !moe_kernels::is_autodiff(device)
+            && self.settings.group_limit.is_none_or(|g| g.n_group <= 32)
+    }
+
     /// Routing once the input and the slot counts are known to be valid.
-    pub(crate) fn route_slots(&self, x: Tensor<2>, slots: &SlotPlan) -> Routing {
+    pub(crate) fn route_slots(
+        &self,
+        x: Tensor<2>,
+        slots: &SlotPlan,
+        path: DispatchPath,
+    ) -> Result<Routing, MoeError> {
         let s = &self.settings;
         let num_experts = s.num_experts;
         let device = x.device();
@@ -388,6 +434,24 @@ impl Router {
             Scoring::Softmax => softmax(logits.clone(), 1),
             Scoring::Sigmoid => sigmoid(logits.clone()),
         };
+        if self.fused_epilogue(&device, slots, path) {
+            let spec = moe_kernels::EpilogueSpec {
+                top_k: slots.max_k,
+                sigmoid: s.scoring == Scoring::Sigmoid,
+                normalize: s.normalize_top_k,
+                scale: s.routed_scaling_factor as f32,
+                groups: s.group_limit.map(|g| (g.n_group, g.topk_group)),
+            };
+            let bias = self.selection_bias.as_ref().map(|b| b.val());
+            let (expert_ids, weights) = moe_kernels::route_epilogue(logits.clone(), bias, spec)?;
+            return Ok(Routing {
+                logits: Some(logits),
+                scores: Some(scores),
+                expert_ids,
+                weights,
+                num_experts,
+            });
+        }
 
         let mut choice = scores.clone().detach();
         if let Some(bias) = &self.selection_bias {
@@ -417,13 +481,13 @@ impl Router {
         if s.routed_scaling_factor != 1.0 {
             weights = weights.mul_scalar(s.routed_scaling_factor);
         }
-        Routing {
+        Ok(Routing {
             logits: Some(logits),
             scores: Some(scores),
             expert_ids,
             weights,
             num_experts,
-        }
+        })
     }
 }
 

@@ -14,6 +14,9 @@
 //!   on the device from the counts: no host read, no per-expert launch), the SwiGLU gate and up
 //!   projections fused with the activation. [`segment_outer`] is their weight gradient.
 //!
+//! - [`route_epilogue`] — the router after its logits (scores, bias, group-limited top-k,
+//!   renormalisation, scaling) in one pass per token.
+//!
 //! Each has a tensor-op twin in `moe-core` (`select`, and gather + weighted sum) that gives the
 //! same answer and runs everywhere; [`available`] says whether the kernels run on a device. Both
 //! kernels are differentiable: on an autodiff device the backward of a gather is a scatter-add
@@ -101,6 +104,14 @@ pub fn max_buffer_bytes(device: &Device) -> Option<u64> {
         let _ = device;
         None
     }
+}
+
+/// Whether `device` is an autodiff device (whose tensors may carry gradients).
+pub fn is_autodiff(device: &Device) -> bool {
+    matches!(
+        device.as_dispatch(),
+        burn::backend::DispatchDevice::Autodiff(_)
+    )
 }
 
 fn check_device(op: &'static str, device: &Device) -> Result<(), KernelError> {
@@ -387,6 +398,99 @@ pub fn segment_outer(
     #[cfg(feature = "cube")]
     {
         Ok(cube::segment_outer(a, g, counts))
+    }
+    #[cfg(not(feature = "cube"))]
+    {
+        unreachable!("check_device refuses every device without the cube feature")
+    }
+}
+
+/// What the fused router epilogue computes after the logits (see [`route_epilogue`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpilogueSpec {
+    /// Experts per token.
+    pub top_k: usize,
+    /// Sigmoid scores (DeepSeek-V3) instead of a softmax over the experts.
+    pub sigmoid: bool,
+    /// Divide the selected weights by their sum (+ 1e-20).
+    pub normalize: bool,
+    /// Multiplies the final weights.
+    pub scale: f32,
+    /// Group-limited selection: `(n_group, topk_group)`; at most 32 groups.
+    pub groups: Option<(usize, usize)>,
+}
+
+/// The fused router epilogue, one pass per token over the f32 `logits`: scores (softmax or
+/// sigmoid), selection values (scores + `bias`), group-limited selection, the top k (ties to
+/// the lower expert, as Burn's `topk`), their unbiased scores as weights, renormalisation and
+/// scaling — what the router's composed tensor ops give, in one launch.
+///
+/// The weights carry no gradient: on an autodiff device they are constants (the router uses
+/// its composed ops where it needs gradients).
+///
+/// # Shapes
+/// - `logits`: `[T, E]`, f32; `bias`: `[E]`
+/// - output: expert ids `[T, k]` (the device's int dtype) and weights `[T, k]` (f32)
+pub fn route_epilogue(
+    logits: Tensor<2>,
+    bias: Option<Tensor<1>>,
+    spec: EpilogueSpec,
+) -> Result<(Tensor<2, Int>, Tensor<2>), KernelError> {
+    const OP: &str = "route_epilogue";
+    check_device(OP, &logits.device())?;
+    let [tokens, experts] = logits.dims();
+    let k = spec.top_k;
+    let shape = |reason: String| KernelError::Shape { op: OP, reason };
+    if logits.dtype() != burn::tensor::DType::F32 {
+        return Err(shape(format!(
+            "logits must be f32, not {:?}",
+            logits.dtype()
+        )));
+    }
+    if experts == 0 || k == 0 || k > experts {
+        return Err(shape(format!("k = {k} is not in 1..={experts}")));
+    }
+    let (n_group, topk_group) = spec.groups.unwrap_or((0, 0));
+    if spec.groups.is_some() {
+        if n_group == 0 || n_group > 32 || experts % n_group != 0 {
+            return Err(shape(format!(
+                "{n_group} groups: must divide the {experts} experts and be at most 32"
+            )));
+        }
+        if topk_group == 0 || topk_group > n_group || k > topk_group * (experts / n_group) {
+            return Err(shape(format!(
+                "k = {k} from {topk_group} of {n_group} groups of {} experts",
+                experts / n_group
+            )));
+        }
+    }
+    if let Some(b) = &bias {
+        same_device(OP, &logits.device(), &b.device())?;
+        if b.dims() != [experts] {
+            return Err(shape(format!("bias {:?} for {experts} experts", b.dims())));
+        }
+    }
+    let _ = tokens;
+    #[cfg(feature = "cube")]
+    {
+        let device = logits.device();
+        let biased = bias.is_some();
+        let bias = bias
+            .map(|b| b.cast(burn::tensor::DType::F32))
+            .unwrap_or_else(|| Tensor::zeros([1], &device));
+        let out = cube::route_epilogue(
+            logits,
+            bias,
+            k,
+            n_group,
+            topk_group,
+            spec.scale,
+            spec.sigmoid,
+            biased,
+            spec.normalize,
+        );
+        let ids = out.clone().narrow(1, 0, k).int();
+        Ok((ids, out.narrow(1, k, k)))
     }
     #[cfg(not(feature = "cube"))]
     {

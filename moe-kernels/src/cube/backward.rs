@@ -344,6 +344,33 @@ impl<B: Backend + MoeKernelOps, C: CheckpointStrategy> MoeKernelOps for Autodiff
         }
     }
 
+    fn moe_route_epilogue(
+        logits: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        k: usize,
+        n_group: usize,
+        topk_group: usize,
+        scale: f32,
+        sigmoid: bool,
+        biased: bool,
+        normalize: bool,
+    ) -> FloatTensor<Self> {
+        // Not differentiable: the router takes the composed ops when it needs gradients, so
+        // here the result is a constant.
+        let out = B::moe_route_epilogue(
+            logits.into_primitive(),
+            bias.into_primitive(),
+            k,
+            n_group,
+            topk_group,
+            scale,
+            sigmoid,
+            biased,
+            normalize,
+        );
+        <Self as burn::backend::AutodiffBackend>::from_inner(out)
+    }
+
     fn moe_expert_plan(ids: IntTensor<Self>, num_experts: usize) -> IntTensor<Self> {
         // Integers carry no gradient.
         B::moe_expert_plan(ids, num_experts)

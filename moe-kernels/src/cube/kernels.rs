@@ -541,3 +541,138 @@ pub(crate) fn segment_outer_kernel<F: Float, I: Numeric>(
         }
     }
 }
+
+/// One router score: `sigmoid(logit)`, or the softmax entry given the row's max and
+/// `Σ exp(logit − max)`.
+#[cube]
+fn router_score(logit: f32, max: f32, total: f32, #[comptime] sigmoid: bool) -> f32 {
+    if sigmoid {
+        1.0f32 / (1.0f32 + f32::exp(-logit))
+    } else {
+        f32::exp(logit - max) / total
+    }
+}
+
+/// The router epilogue, one unit per token: from the f32 router logits, scores (softmax over
+/// the row, or sigmoid), selection values (scores + `bias` when `biased`), group-limited
+/// selection when `n_group > 0` (the `topk_group` groups with the largest sum of their two
+/// best selection values; groups tie to the lower index), the top k (descending, ties to the
+/// lower expert, as Burn's `topk`), their unbiased scores as weights, renormalised when
+/// `normalize` (sum + 1e-20) and multiplied by `scale`.
+///
+/// `out[t] = [ids as f32 (k) | weights (k)]`. Nothing is kept but the last pick: pass `j`
+/// takes the largest value after pass `j − 1`'s pick in (value desc, expert asc) order.
+#[cube(launch, address_type = "dynamic")]
+pub(crate) fn route_epilogue_kernel(
+    logits: &Tensor<f32>,
+    bias: &Tensor<f32>,
+    out: &mut Tensor<f32>,
+    tokens: usize,
+    experts: usize,
+    k: usize,
+    n_group: usize,
+    topk_group: usize,
+    scale: f32,
+    #[comptime] sigmoid: bool,
+    #[comptime] biased: bool,
+    #[comptime] normalize: bool,
+) {
+    let t = ABSOLUTE_POS;
+    if t >= tokens {
+        terminate!();
+    }
+    let row = t * experts;
+    // Softmax statistics (no infinities: WGSL cannot be relied on to make them).
+    let mut max = logits[row];
+    let mut total = 0.0f32;
+    if !sigmoid {
+        for i in 1..experts {
+            if logits[row + i] > max {
+                max = logits[row + i];
+            }
+        }
+        for i in 0..experts {
+            total += f32::exp(logits[row + i] - max);
+        }
+    }
+    // Groups kept, as a bit mask (all when there are no groups).
+    let mut kept = 0u32;
+    if n_group > 0 {
+        let size = experts / n_group;
+        for _p in 0..topk_group {
+            let mut best_score = 0.0f32;
+            let mut best = n_group;
+            for g in 0..n_group {
+                if (kept >> g as u32) & 1u32 == 0u32 {
+                    let mut first = 0.0f32;
+                    let mut second = 0.0f32;
+                    let mut seen = 0usize;
+                    for i in g * size..g * size + size {
+                        let mut v = router_score(logits[row + i], max, total, sigmoid);
+                        if biased {
+                            v += bias[i];
+                        }
+                        if seen == 0 || v > first {
+                            second = first;
+                            first = v;
+                        } else if seen == 1 || v > second {
+                            second = v;
+                        }
+                        seen += 1;
+                    }
+                    let mut score = first;
+                    if size > 1 {
+                        score += second;
+                    }
+                    if best == n_group || score > best_score {
+                        best_score = score;
+                        best = g;
+                    }
+                }
+            }
+            kept |= 1u32 << best as u32;
+        }
+    }
+    // Top k over the kept experts.
+    let mut last_value = 0.0f32;
+    let mut last = experts;
+    let mut sum = 0.0f32;
+    for j in 0..k {
+        let mut best_value = 0.0f32;
+        let mut best_score = 0.0f32;
+        let mut best = experts;
+        for i in 0..experts {
+            let mut allowed = true;
+            if n_group > 0 {
+                let g = i / (experts / n_group);
+                allowed = (kept >> g as u32) & 1u32 == 1u32;
+            }
+            if allowed {
+                let score = router_score(logits[row + i], max, total, sigmoid);
+                let mut v = score;
+                if biased {
+                    v += bias[i];
+                }
+                let after = last == experts || v < last_value || (v == last_value && i > last);
+                if after && (best == experts || v > best_value) {
+                    best_value = v;
+                    best_score = score;
+                    best = i;
+                }
+            }
+        }
+        out[t * 2 * k + j] = f32::cast_from(best);
+        out[t * 2 * k + k + j] = best_score;
+        sum += best_score;
+        last_value = best_value;
+        last = best;
+    }
+    for j in 0..k {
+        let at = t * 2 * k + k + j;
+        let mut w = out[at];
+        if normalize {
+            w = w / (sum + 1e-20f32);
+        }
+        out[at] = w * scale;
+    }
+}

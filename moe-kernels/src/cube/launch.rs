@@ -14,8 +14,8 @@ use cubecl::{CubeDim, calculate_cube_count_elemwise};
 use super::MoeKernelOps;
 use super::kernels::{
     GEMV_ROWS, GEMV_UNITS, SIDE, TILE_M, TILE_N, chunk_counts_kernel, gather_rows_kernel,
-    grouped_gemv_kernel, grouped_matmul_kernel, place_pairs_kernel, segment_outer_kernel,
-    tile_schedule_kernel, weighted_combine_kernel,
+    grouped_gemv_kernel, grouped_matmul_kernel, place_pairs_kernel, route_epilogue_kernel,
+    segment_outer_kernel, tile_schedule_kernel, weighted_combine_kernel,
 };
 
 /// Pairs one unit of the plan kernels scans. Short loops keep the work parallel; one unit per
@@ -198,6 +198,54 @@ fn launch_grouped(
 }
 
 impl MoeKernelOps for CubeBackend {
+    fn moe_route_epilogue(
+        logits: CubeTensor,
+        bias: CubeTensor,
+        k: usize,
+        n_group: usize,
+        topk_group: usize,
+        scale: f32,
+        sigmoid: bool,
+        biased: bool,
+        normalize: bool,
+    ) -> CubeTensor {
+        let logits = into_contiguous(logits);
+        let bias = into_contiguous(bias);
+        let (tokens, experts) = (logits.meta.shape()[0], logits.meta.shape()[1]);
+        let out = empty_device_dtype(
+            logits.client.clone(),
+            logits.device.clone(),
+            Shape::new([tokens, 2 * k]),
+            logits.dtype,
+        );
+        if tokens == 0 || k == 0 {
+            return out;
+        }
+        let cube_dim = CubeDim::new(&logits.client, tokens);
+        let cube_count = calculate_cube_count_elemwise(&logits.client, tokens, cube_dim);
+        let address = address_type(&[&logits, &bias, &out]);
+        let client = logits.client.clone();
+        route_epilogue_kernel::launch(
+            &client,
+            cube_count,
+            cube_dim,
+            address,
+            logits.into_tensor_arg(),
+            bias.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            tokens,
+            experts,
+            k,
+            n_group,
+            topk_group,
+            scale,
+            sigmoid,
+            biased,
+            normalize,
+        );
+        out
+    }
+
     fn moe_grouped_matmul(
         a: CubeTensor,
         w: CubeTensor,

@@ -49,6 +49,22 @@ pub trait MoeKernelOps: burn::backend::Backend {
         counts: IntTensor<Self>,
     ) -> FloatTensor<Self>;
 
+    /// The router epilogue on f32 `logits` `[T, E]`: `[T, 2k]` = `[ids as f32 | weights]` per
+    /// token (see `route_epilogue_kernel`). `bias` (`[E]`) is read only when `biased`.
+    #[fusion(dtype = logits, shape = Shape::new([logits[0], 2 * *k]))]
+    #[allow(clippy::too_many_arguments)]
+    fn moe_route_epilogue(
+        logits: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        k: usize,
+        n_group: usize,
+        topk_group: usize,
+        scale: f32,
+        sigmoid: bool,
+        biased: bool,
+        normalize: bool,
+    ) -> FloatTensor<Self>;
+
     /// Per-segment outer products `out[e] = Σ_{r in segment e} a[r]ᵀ g[r]` (`[E, K, N]`).
     #[fusion(dtype = a, shape = Shape::new([counts[0], a[1], g[1]]))]
     fn moe_segment_outer(
@@ -156,5 +172,31 @@ pub(crate) fn segment_outer(a: Tensor<2>, g: Tensor<2>, counts: Tensor<1, Int>) 
         a.into_dispatch(),
         g.into_dispatch(),
         counts.into_dispatch(),
+    ))
+}
+
+/// `[ids as f32 | weights]` of the router epilogue (see `MoeKernelOps::moe_route_epilogue`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn route_epilogue(
+    logits: Tensor<2>,
+    bias: Tensor<1>,
+    k: usize,
+    n_group: usize,
+    topk_group: usize,
+    scale: f32,
+    sigmoid: bool,
+    biased: bool,
+    normalize: bool,
+) -> Tensor<2> {
+    Tensor::from_dispatch(Dispatch::moe_route_epilogue(
+        logits.into_dispatch(),
+        bias.into_dispatch(),
+        k,
+        n_group,
+        topk_group,
+        scale,
+        sigmoid,
+        biased,
+        normalize,
     ))
 }
