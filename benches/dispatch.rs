@@ -3,6 +3,8 @@
 //!
 //! - `route`: the router (logits, scores, top-k, weights) — the fused epilogue kernel after the
 //!   logits against the composed tensor ops;
+//! - `epilogue`: the router after its logits alone (`Router::select`: softmax, top-k, weights),
+//!   fused kernel against composed ops;
 //! - `plan`: the routing plan (histogram, offsets, stable permutation, inverse) of `[T, k]` ids;
 //! - `permute`: rows gathered into expert order (`[T·k, H]`, the order of a real routing plan);
 //! - `combine`: unpermute + weighted combine of `[T·k, H]` expert rows into `[T, H]`;
@@ -20,7 +22,7 @@
 //! MOE_BENCH_TOKENS=1,16 MOE_BENCH_STAGES=permute,combine MOE_BENCH_BACKENDS=wgpu \
 //!     cargo bench --features wgpu --bench dispatch
 //! ```
-//! Defaults: tokens 1,16,128,512,2048; stages route,plan,permute,combine,experts,layer; every
+//! Defaults: tokens 1,16,128,512,2048; stages route,epilogue,plan,permute,combine,experts,layer; every
 //! compiled-in backend (wgpu only where a Vulkan driver is installed). A stacked expert tensor
 //! at this shape (`[64, 2048, 1024]` f32) is 512 MiB; where the device binds less (lavapipe:
 //! 128 MiB) the experts and layer stages run with the expert width `I` halved until one fits
@@ -156,7 +158,7 @@ fn bench(c: &mut Criterion) {
         };
         let layer: Option<MoeLayer> = stages
             .iter()
-            .any(|s| s == "layer" || s == "experts" || s == "route")
+            .any(|s| ["layer", "experts", "route", "epilogue"].contains(&s.as_str()))
             .then(|| MoeLayerConfig::olmoe(H, d_ff, E, K).init(&device).unwrap());
         for &t in &tokens {
             let plan = DispatchPlan::new(&routing_ids(t, &device), E);
@@ -188,6 +190,35 @@ fn bench(c: &mut Criterion) {
                                         .unwrap();
                                     let shift = routing.weights.sum_dim(1).mul_scalar(1e-3);
                                     x + shift
+                                },
+                                sync,
+                            )
+                        })
+                    });
+                    group.finish();
+                }
+                if let Some(layer) = layer
+                    .as_ref()
+                    .filter(|_| stages.iter().any(|s| s == "epilogue"))
+                {
+                    let strategy = match path {
+                        DispatchPath::Kernels => DispatchStrategy::Kernels,
+                        DispatchPath::TensorOps => DispatchStrategy::TensorOps,
+                    };
+                    let mut group = c.benchmark_group(id("epilogue"));
+                    settle(&mut group);
+                    let logits0 =
+                        Tensor::<2>::random([t, E], Distribution::Normal(0.0, 1.0), &device);
+                    group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
+                        b.iter_custom(|iters| {
+                            // The next logits are moved by this call's weights.
+                            timed(
+                                iters,
+                                logits0.clone(),
+                                |logits| {
+                                    let (_, weights) =
+                                        layer.router.select(logits.clone(), K, strategy).unwrap();
+                                    logits + weights.sum_dim(1).mul_scalar(1e-3)
                                 },
                                 sync,
                             )

@@ -1,5 +1,6 @@
 //! The fused router epilogue kernel (`moe_kernels::route_epilogue`, used by the router on the
-//! kernel path when no gradient is needed) against the router's composed tensor ops: softmax
+//! kernel path when no gradient is needed and the input is short) against the router's
+//! composed tensor ops, through `Router::select`: softmax
 //! with and without renormalisation, sigmoid + selection bias + group-limited top-k + scaling
 //! (DeepSeek-V3), k = 1 and k = E, E = 1, one token to a thousand, exact ties; its typed errors;
 //! and the cases where the router must keep the composed ops (autodiff, per-token k).
@@ -8,7 +9,7 @@ mod common;
 
 use burn::tensor::{DType, Tensor};
 use moe::moe_kernels::{self, EpilogueSpec, KernelError};
-use moe::{DispatchStrategy, GroupLimit, MoeLayerConfig, Routing, TopK};
+use moe::{DispatchStrategy, GroupLimit, MoeLayer, MoeLayerConfig, Scoring, TopK};
 
 fn kernel_devices() -> Vec<(&'static str, burn::tensor::Device)> {
     common::devices()
@@ -17,17 +18,28 @@ fn kernel_devices() -> Vec<(&'static str, burn::tensor::Device)> {
         .collect()
 }
 
-/// Compares two routings token by token; a token whose k-th and (k+1)-th selection values lie
-/// within `1e-6` (a near-tie the two score computations may order either way) is skipped.
-/// Returns the number of tokens compared.
-fn compare(fused: Routing, composed: Routing, bias: Option<Vec<f32>>, what: &str) -> usize {
-    let [t, k] = fused.expert_ids.dims();
-    let e = fused.num_experts;
-    let ids_f = common::host_int(fused.expert_ids);
-    let ids_c = common::host_int(composed.expert_ids);
-    let w_f = common::host(fused.weights);
-    let w_c = common::host(composed.weights);
-    let scores = common::host(composed.scores.unwrap());
+/// Routes `x` through `layer`'s router after its logits with `Router::select` on both
+/// strategies (the fused kernel whatever the number of tokens) and compares them token by
+/// token; a token whose k-th and (k+1)-th selection values lie within `1e-6` (a near-tie the
+/// two score computations may order either way) is skipped. Returns the tokens compared.
+fn compare(layer: &MoeLayer, x: Tensor<2>, k: usize, what: &str) -> usize {
+    let e = layer.num_experts();
+    let t = x.dims()[0];
+    let logits = x.matmul(layer.router.weight.val());
+    let select = |strategy| layer.router.select(logits.clone(), k, strategy).unwrap();
+    let (ids_f, w_f) = select(DispatchStrategy::Kernels);
+    let (ids_c, w_c) = select(DispatchStrategy::TensorOps);
+    let scores = common::host(match layer.router.settings.scoring {
+        Scoring::Softmax => burn::tensor::activation::softmax(logits, 1),
+        Scoring::Sigmoid => burn::tensor::activation::sigmoid(logits),
+    });
+    let bias = layer
+        .router
+        .selection_bias
+        .as_ref()
+        .map(|b| common::host(b.val()));
+    let (ids_f, ids_c) = (common::host_int(ids_f), common::host_int(ids_c));
+    let (w_f, w_c) = (common::host(w_f), common::host(w_c));
     let mut compared = 0;
     for token in 0..t {
         let mut values: Vec<f32> = (0..e)
@@ -65,19 +77,8 @@ fn fused_epilogue_equals_the_composed_router() {
                 let config = MoeLayerConfig::olmoe(32, 8, e, k).with_normalize_top_k(normalize);
                 let layer = common::seeded_layer(&config, (t + e) as u64, &device);
                 let x = common::upload(common::normal(t * 32, 1.0, 7), [t, 32], &device);
-                let route = |strategy| {
-                    layer
-                        .router
-                        .route_with(x.clone(), &TopK::Configured, strategy)
-                        .unwrap()
-                };
                 let what = format!("{name} softmax t {t} e {e} k {k} norm {normalize}");
-                let n = compare(
-                    route(DispatchStrategy::Kernels),
-                    route(DispatchStrategy::TensorOps),
-                    None,
-                    &what,
-                );
+                let n = compare(&layer, x, k, &what);
                 assert!(n * 10 >= t * 9, "{what}: only {n} of {t} tokens compared");
                 total += n;
             }
@@ -95,22 +96,10 @@ fn fused_epilogue_equals_the_composed_router() {
                 8,
             );
             let layer = common::seeded_layer(&config, e as u64, &device);
-            let bias = common::host(layer.router.selection_bias.as_ref().unwrap().val());
             let t = 200;
             let x = common::upload(common::normal(t * 32, 1.0, 8), [t, 32], &device);
-            let route = |strategy| {
-                layer
-                    .router
-                    .route_with(x.clone(), &TopK::Configured, strategy)
-                    .unwrap()
-            };
             let what = format!("{name} deepseek e {e} k {k} groups {groups:?}");
-            let n = compare(
-                route(DispatchStrategy::Kernels),
-                route(DispatchStrategy::TensorOps),
-                Some(bias),
-                &what,
-            );
+            let n = compare(&layer, x, k, &what);
             assert!(n * 10 >= t * 9, "{what}: only {n} of {t} tokens compared");
             total += n;
         }
@@ -129,6 +118,42 @@ fn fused_epilogue_equals_the_composed_router() {
             "{name} ties"
         );
         eprintln!("{name}: fused and composed routing agree on {total} tokens");
+    }
+}
+
+#[test]
+fn logits_whose_scores_coincide_rank_as_their_scores() {
+    for (name, device) in kernel_devices() {
+        // Softmax entries that underflow to 0, nearly equal logits, sigmoids that round to 1.
+        let rows: [[f32; 6]; 3] = [
+            [0.0, -200.0, -150.0, -300.0, -120.0, -0.5],
+            [3.0, 3.0 + 1e-7, 3.0 - 1e-7, 3.0, -1.0, 2.0],
+            [20.0, 30.0, 17.0, 40.0, -100.0, -90.0],
+        ];
+        for sigmoid in [false, true] {
+            let values: Vec<f32> = rows.iter().flatten().copied().collect();
+            let logits = common::upload(values, [3, 6], &device);
+            let spec = EpilogueSpec {
+                top_k: 6,
+                sigmoid,
+                normalize: false,
+                scale: 1.0,
+                groups: None,
+            };
+            let (ids, weights) = moe_kernels::route_epilogue(logits.clone(), None, spec).unwrap();
+            let scores = match sigmoid {
+                true => burn::tensor::activation::sigmoid(logits),
+                false => burn::tensor::activation::softmax(logits, 1),
+            };
+            let (want_weights, want_ids) = scores.topk_with_indices(6, 1);
+            assert_eq!(
+                common::host_int(ids),
+                common::host_int(want_ids),
+                "{name} sigmoid {sigmoid}"
+            );
+            let err = common::max_abs_diff(&common::host(weights), &common::host(want_weights));
+            assert!(err <= 1e-7, "{name} sigmoid {sigmoid}: {err:e}");
+        }
     }
 }
 

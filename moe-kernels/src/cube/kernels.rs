@@ -553,6 +553,40 @@ fn router_score(logit: f32, max: f32, total: f32, #[comptime] sigmoid: bool) -> 
     }
 }
 
+/// Whether the expert with logit `a` (index `i`) ranks before the one with logit `b` (index
+/// `j`) by their f32 scores, ties to the lower index — compared on the logits wherever that
+/// gives the same answer, on the scores where two logits may share a score: logits within
+/// `1e-5` (relative) of each other, softmax entries below `e^-80` of the row's largest, or
+/// sigmoids that round to 1 (logits above 15) or to denormals (below −80).
+#[cube]
+fn score_before(
+    a: f32,
+    i: usize,
+    b: f32,
+    j: usize,
+    max: f32,
+    total: f32,
+    #[comptime] sigmoid: bool,
+) -> bool {
+    let mut magnitude = f32::abs(a);
+    if magnitude < 1.0f32 {
+        magnitude = 1.0f32;
+    }
+    let mut exact = f32::abs(a - b) <= 1e-5f32 * magnitude;
+    if sigmoid {
+        exact = exact || (a > 15.0f32 && b > 15.0f32) || (a < -80.0f32 && b < -80.0f32);
+    } else {
+        exact = exact || (a - max < -80.0f32 && b - max < -80.0f32);
+    }
+    let mut before = a > b || (a == b && i < j);
+    if exact {
+        let sa = router_score(a, max, total, sigmoid);
+        let sb = router_score(b, max, total, sigmoid);
+        before = sa > sb || (sa == sb && i < j);
+    }
+    before
+}
+
 /// The router epilogue, one unit per token: from the f32 router logits, scores (softmax over
 /// the row, or sigmoid), selection values (scores + `bias` when `biased`), group-limited
 /// selection when `n_group > 0` (the `topk_group` groups with the largest sum of their two
@@ -561,7 +595,9 @@ fn router_score(logit: f32, max: f32, total: f32, #[comptime] sigmoid: bool) -> 
 /// `normalize` (sum + 1e-20) and multiplied by `scale`.
 ///
 /// `out[t] = [ids as f32 (k) | weights (k)]`. Nothing is kept but the last pick: pass `j`
-/// takes the largest value after pass `j − 1`'s pick in (value desc, expert asc) order.
+/// takes the largest value after pass `j − 1`'s pick in (value desc, expert asc) order. Without
+/// a bias the passes compare logits (the scores rank alike), so a token costs one pass of
+/// exponentials (softmax) and `k` passes of comparisons.
 #[cube(launch, address_type = "dynamic")]
 pub(crate) fn route_epilogue_kernel(
     logits: &Tensor<f32>,
@@ -639,7 +675,6 @@ pub(crate) fn route_epilogue_kernel(
     let mut sum = 0.0f32;
     for j in 0..k {
         let mut best_value = 0.0f32;
-        let mut best_score = 0.0f32;
         let mut best = experts;
         for i in 0..experts {
             let mut allowed = true;
@@ -648,19 +683,30 @@ pub(crate) fn route_epilogue_kernel(
                 allowed = (kept >> g as u32) & 1u32 == 1u32;
             }
             if allowed {
-                let score = router_score(logits[row + i], max, total, sigmoid);
-                let mut v = score;
                 if biased {
-                    v += bias[i];
-                }
-                let after = last == experts || v < last_value || (v == last_value && i > last);
-                if after && (best == experts || v > best_value) {
-                    best_value = v;
-                    best_score = score;
-                    best = i;
+                    let v = router_score(logits[row + i], max, total, sigmoid) + bias[i];
+                    let after = last == experts || v < last_value || (v == last_value && i > last);
+                    if after && (best == experts || v > best_value) {
+                        best_value = v;
+                        best = i;
+                    }
+                } else {
+                    // Without a bias the scores rank as the logits do (softmax and sigmoid
+                    // are increasing), but for logits whose f32 scores coincide.
+                    let v = logits[row + i];
+                    let after = last == experts
+                        || score_before(last_value, last, v, i, max, total, sigmoid);
+                    if after
+                        && (best == experts
+                            || score_before(v, i, best_value, best, max, total, sigmoid))
+                    {
+                        best_value = v;
+                        best = i;
+                    }
                 }
             }
         }
+        let best_score = router_score(logits[row + best], max, total, sigmoid);
         out[t * 2 * k + j] = f32::cast_from(best);
         out[t * 2 * k + k + j] = best_score;
         sum += best_score;
