@@ -1,26 +1,27 @@
 //! # moe-kernels
 //!
-//! CubeCL kernels for the MoE dispatch hot path, written once for Burn's `CubeBackend` (the one
-//! implementation that wgpu, CUDA and ROCm run) and reached through a Burn backend extension:
+//! CubeCL kernels for the MoE hot path, written once for Burn's `CubeBackend` (the one
+//! implementation that wgpu, CUDA and ROCm run) and reached through a Burn backend extension,
+//! in the order of a forward pass:
 //!
-//! - [`gather_rows`] — permute: copy rows of `x` into expert order, vectorised along the row.
-//! - [`weighted_combine`] — unpermute + combine: each output row gathers its k expert rows and
-//!   sums them weighted, accumulating in f32, without atomics.
+//! - [`route_epilogue`] — the router after its logits (scores, selection bias, group-limited
+//!   top-k, renormalisation, scaling) in one pass per token.
 //! - [`expert_plan`] — histogram, exclusive offsets, the stable permutation of (token, slot)
 //!   pairs by expert and its inverse, in one launch (a counting sort, no atomics).
-//!
+//! - [`gather_rows`] — permute: copy rows of `x` into expert order, vectorised along the row.
 //! - [`grouped_swiglu`], [`grouped_matmul`] — the experts: one launch runs every expert on its
 //!   segment of expert-sorted rows (a tiled GEMM whose tiles each belong to one expert, found
 //!   on the device from the counts: no host read, no per-expert launch), the SwiGLU gate and up
 //!   projections fused with the activation. [`segment_outer`] is their weight gradient.
+//! - [`weighted_combine`] — unpermute + combine: each output row gathers its k expert rows and
+//!   sums them weighted, accumulating in f32, without atomics.
 //!
-//! - [`route_epilogue`] — the router after its logits (scores, bias, group-limited top-k,
-//!   renormalisation, scaling) in one pass per token.
-//!
-//! Each has a tensor-op twin in `moe-core` (`select`, and gather + weighted sum) that gives the
-//! same answer and runs everywhere; [`available`] says whether the kernels run on a device. Both
-//! kernels are differentiable: on an autodiff device the backward of a gather is a scatter-add
-//! and the backward of the combine gives gradients to the rows and to the weights.
+//! Each has a tensor-op twin in `moe-core` (composed router ops, argsort plan, `select`,
+//! per-expert matmuls, gather + weighted sum) that gives the same answer and runs everywhere;
+//! [`available`] says whether the kernels run on a device. All but the router epilogue are
+//! differentiable on an autodiff device: the backward of a gather is a scatter-add, the
+//! combine gives gradients to the rows and to the weights, the grouped GEMMs to their input
+//! (the same kernels reading the weights transposed) and to the weights ([`segment_outer`]).
 //!
 //! Without the `cube` feature (switched on by `wgpu` or `cuda`) nothing here runs and
 //! [`available`] is false for every device.
