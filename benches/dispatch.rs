@@ -147,7 +147,7 @@ fn bench(c: &mut Criterion) {
         .collect();
     let stages = list(
         "MOE_BENCH_STAGES",
-        "route,plan,permute,combine,experts,layer",
+        "route,epilogue,plan,permute,combine,experts,layer",
     );
     for backend in backends() {
         let device = backend.device();

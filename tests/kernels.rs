@@ -1,6 +1,8 @@
 //! The CubeCL kernels of moe-kernels against their tensor-op twins: the routing plan
-//! (histogram, offsets, stable permutation, inverse), gather (permute) and weighted combine
-//! (unpermute + combine) across edge shapes, dtypes and out-of-range indices;
+//! (histogram, offsets, stable permutation, inverse), gather (permute), the grouped-GEMM experts
+//! (against a host loop) and weighted combine (unpermute + combine) on real plans over
+//! T ∈ {1, 3, 64, 1000} × E ∈ {1, 8, 64, 128} × k ∈ {1, 2, 8, E}, edge shapes, dtypes and
+//! out-of-range indices;
 //! whole layers (SwiGLU and GELU experts, on the kernel path through the grouped-GEMM experts)
 //! and their gradients equal between the two dispatch strategies; strategy
 //! resolution on devices without kernels.
@@ -190,6 +192,53 @@ fn routing_ids(t: usize, e: usize, k: usize, seed: u64) -> Vec<i64> {
     out
 }
 
+/// Seeded SwiGLU experts of width `width` and hidden size 12.
+fn grid_experts(e: usize, width: usize, device: &Device) -> moe::Experts {
+    let f = 12;
+    let w = |rows, cols, seed| {
+        common::upload(
+            common::normal(e * rows * cols, 1.0 / (rows as f32).sqrt(), seed),
+            [e, rows, cols],
+            device,
+        )
+    };
+    moe::Experts::from_tensors(Some(w(width, f, 31)), w(width, f, 32), w(f, width, 33)).unwrap()
+}
+
+/// `down(silu(x·gate) ⊙ x·up)` in f64 over expert-sorted host rows cut by `counts`.
+fn host_experts(experts: &moe::Experts, rows: &[f32], counts: &[usize], d: usize) -> Vec<f32> {
+    let f = experts.d_ff();
+    let gate = common::host(experts.gate.as_ref().unwrap().val());
+    let up = common::host(experts.up.val());
+    let down = common::host(experts.down.val());
+    let mut out = Vec::with_capacity(rows.len());
+    let mut r = 0;
+    for (e, &count) in counts.iter().enumerate() {
+        for _ in 0..count {
+            let x = &rows[r * d..(r + 1) * d];
+            let h: Vec<f64> = (0..f)
+                .map(|j| {
+                    let dot = |w: &[f32]| -> f64 {
+                        (0..d)
+                            .map(|i| x[i] as f64 * w[e * d * f + i * f + j] as f64)
+                            .sum()
+                    };
+                    let g = dot(&gate);
+                    g / (1.0 + (-g).exp()) * dot(&up)
+                })
+                .collect();
+            for c in 0..d {
+                let y: f64 = (0..f)
+                    .map(|j| h[j] * down[e * f * d + j * d + c] as f64)
+                    .sum();
+                out.push(y as f32);
+            }
+            r += 1;
+        }
+    }
+    out
+}
+
 #[test]
 fn permute_and_combine_on_real_plans_equal_the_tensor_op_path() {
     use moe::dispatch::{self, DispatchPlan};
@@ -247,6 +296,26 @@ fn permute_and_combine_on_real_plans_equal_the_tensor_op_path() {
                     assert_eq!(rows_k, rows_t, "{name} permute t {t} e {e} k {k}");
                     let err = common::max_abs_diff(&out_k, &out_t);
                     assert!(err <= 1e-5, "{name} combine t {t} e {e} k {k}: {err:e}");
+
+                    // The grouped-GEMM experts on this plan (every pair's row, unused slots
+                    // last) against a host loop over the expert-sorted rows.
+                    let experts = grid_experts(e, width, &device);
+                    let all =
+                        moe_kernels::gather_rows(x.clone(), kernel_plan.sorted_tokens.clone())
+                            .unwrap();
+                    let got = common::host(
+                        experts
+                            .forward_grouped(all, kernel_plan.counts.clone())
+                            .unwrap(),
+                    );
+                    let counts = plan.counts_to_host();
+                    let want = host_experts(&experts, &rows_t, &counts, width);
+                    let err = common::max_abs_diff(&got[..active * width], &want);
+                    assert!(err <= 2e-5, "{name} experts t {t} e {e} k {k}: {err:e}");
+                    assert!(
+                        got[active * width..].iter().all(|&v| v == 0.0),
+                        "{name} unused rows t {t} e {e} k {k}"
+                    );
                     cases += 1;
                 }
             }
@@ -265,7 +334,7 @@ fn permute_and_combine_on_real_plans_equal_the_tensor_op_path() {
         };
         let err = common::max_abs_diff(&run(DispatchPath::Kernels), &run(DispatchPath::TensorOps));
         assert!(err <= 1e-6, "{name} one expert: {err:e}");
-        eprintln!("{name}: permute and combine agree on {cases} (T, E, k) plans");
+        eprintln!("{name}: permute, grouped experts and combine agree on {cases} (T, E, k) plans");
     }
 }
 
