@@ -105,6 +105,14 @@ fn expert_width(device: &Device) -> usize {
     d_ff
 }
 
+/// The strategy that always takes `path`.
+fn forced(path: DispatchPath) -> DispatchStrategy {
+    match path {
+        DispatchPath::Kernels => DispatchStrategy::Kernels,
+        DispatchPath::TensorOps => DispatchStrategy::TensorOps,
+    }
+}
+
 fn paths(device: &Device) -> Vec<(DispatchPath, &'static str)> {
     let mut out = vec![(DispatchPath::TensorOps, "tensor-ops")];
     if DispatchStrategy::Kernels.resolve(device).is_ok() {
@@ -170,10 +178,7 @@ fn bench(c: &mut Criterion) {
                     .as_ref()
                     .filter(|_| stages.iter().any(|s| s == "route"))
                 {
-                    let strategy = match path {
-                        DispatchPath::Kernels => DispatchStrategy::Kernels,
-                        DispatchPath::TensorOps => DispatchStrategy::TensorOps,
-                    };
+                    let strategy = forced(path);
                     let mut group = c.benchmark_group(id("route"));
                     settle(&mut group);
                     let x0 = Tensor::<2>::random([t, H], Distribution::Normal(0.0, 1.0), &device);
@@ -201,10 +206,7 @@ fn bench(c: &mut Criterion) {
                     .as_ref()
                     .filter(|_| stages.iter().any(|s| s == "epilogue"))
                 {
-                    let strategy = match path {
-                        DispatchPath::Kernels => DispatchStrategy::Kernels,
-                        DispatchPath::TensorOps => DispatchStrategy::TensorOps,
-                    };
+                    let strategy = forced(path);
                     let mut group = c.benchmark_group(id("epilogue"));
                     settle(&mut group);
                     let logits0 =
@@ -328,10 +330,7 @@ fn bench(c: &mut Criterion) {
                     .as_ref()
                     .filter(|_| stages.iter().any(|s| s == "layer"))
                 {
-                    let strategy = match path {
-                        DispatchPath::Kernels => DispatchStrategy::Kernels,
-                        DispatchPath::TensorOps => DispatchStrategy::TensorOps,
-                    };
+                    let strategy = forced(path);
                     let layer = layer.clone().with_dispatch(strategy);
                     let x0 = Tensor::<2>::random([t, H], Distribution::Normal(0.0, 1.0), &device);
                     let mut group = c.benchmark_group(id(&wide("layer")));

@@ -359,17 +359,7 @@ impl Router {
     /// # Shapes
     /// - `x`: `[T, d_model]`
     pub fn route(&self, x: Tensor<2>, top_k: &TopK) -> Result<Routing, MoeError> {
-        let [t, d] = x.dims();
-        let d_model = self.weight.dims()[0];
-        if d != d_model {
-            return Err(MoeError::HiddenSizeMismatch {
-                expected: d_model,
-                got: d,
-            });
-        }
-        let slots = SlotPlan::resolve(top_k, &self.settings, t, 1)?;
-        let path = DispatchStrategy::Auto.resolve(&x.device())?;
-        self.route_slots(x, &slots, path)
+        self.route_with(x, top_k, DispatchStrategy::Auto)
     }
 
     /// Routes `x` with the given k, the epilogue after the logits run by `strategy`: the fused

@@ -188,6 +188,23 @@ pub(crate) fn tile_schedule_kernel<I: Numeric>(
     schedule[2 * experts + 3] = I::cast_from(rows);
 }
 
+/// The segment of row tile `tile` in a tile schedule: the last one starting at or before it
+/// (binary search; empty segments start where the next one does, so they are never picked).
+#[cube]
+fn tile_segment<I: Numeric>(schedule: &Tensor<I>, tile: usize, experts: usize) -> usize {
+    let mut lo = 0usize;
+    let mut hi = experts + 1;
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        if usize::cast_from(schedule[mid]) <= tile {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
 /// Element `(k, col)` of expert `e`'s matrix, stored `[E, K, N]`, or `[E, N, K]` when
 /// `transposed`; zero outside the matrix.
 #[cube]
@@ -242,19 +259,7 @@ pub(crate) fn grouped_matmul_kernel<F: Float, I: Numeric>(
     if tile >= usize::cast_from(schedule[experts + 1]) {
         terminate!();
     }
-    // The segment of this tile: the last one starting at or before it (empty segments start
-    // where the next one does, so they are never picked).
-    let mut lo = 0usize;
-    let mut hi = experts + 1;
-    while lo + 1 < hi {
-        let mid = (lo + hi) / 2;
-        if usize::cast_from(schedule[mid]) <= tile {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    let e = lo;
+    let e = tile_segment::<I>(schedule, tile, experts);
     let row0 = usize::cast_from(schedule[experts + 2 + e])
         + (tile - usize::cast_from(schedule[e])) * tile_m;
     let row_end = usize::min(usize::cast_from(schedule[experts + 3 + e]), row0 + tile_m);
@@ -397,17 +402,7 @@ pub(crate) fn grouped_gemv_kernel<F: Float, I: Numeric, V: Size>(
     if tile >= usize::cast_from(schedule[experts + 1]) || col >= n_vectors {
         terminate!();
     }
-    let mut lo = 0usize;
-    let mut hi = experts + 1;
-    while lo + 1 < hi {
-        let mid = (lo + hi) / 2;
-        if usize::cast_from(schedule[mid]) <= tile {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    let e = lo;
+    let e = tile_segment::<I>(schedule, tile, experts);
     let row0 =
         usize::cast_from(schedule[experts + 2 + e]) + (tile - usize::cast_from(schedule[e])) * rows;
     let row_end = usize::min(usize::cast_from(schedule[experts + 3 + e]), row0 + rows);
