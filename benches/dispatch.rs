@@ -130,6 +130,24 @@ fn settle(group: &mut BenchmarkGroup<'_, WallTime>) {
         .measurement_time(Duration::from_secs(3));
 }
 
+/// One criterion group `name` timing, for `t` tokens, chains of `step` from `start`; `done`
+/// waits for the last result before the clock stops.
+fn stage<T: Clone>(
+    c: &mut Criterion,
+    name: String,
+    t: usize,
+    start: T,
+    mut step: impl FnMut(T) -> T,
+    done: impl Fn(T),
+) {
+    let mut group = c.benchmark_group(name);
+    settle(&mut group);
+    group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
+        b.iter_custom(|iters| timed(iters, start.clone(), &mut step, &done))
+    });
+    group.finish();
+}
+
 fn timed<T: Clone>(
     iters: u64,
     start: T,
@@ -179,152 +197,121 @@ fn bench(c: &mut Criterion) {
                     .filter(|_| stages.iter().any(|s| s == "route"))
                 {
                     let strategy = forced(path);
-                    let mut group = c.benchmark_group(id("route"));
-                    settle(&mut group);
                     let x0 = Tensor::<2>::random([t, H], Distribution::Normal(0.0, 1.0), &device);
-                    group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
-                        b.iter_custom(|iters| {
-                            // The next input is moved by this call's weights.
-                            timed(
-                                iters,
-                                x0.clone(),
-                                |x| {
-                                    let routing = layer
-                                        .router
-                                        .route_with(x.clone(), &TopK::Configured, strategy)
-                                        .unwrap();
-                                    let shift = routing.weights.sum_dim(1).mul_scalar(1e-3);
-                                    x + shift
-                                },
-                                sync,
-                            )
-                        })
-                    });
-                    group.finish();
+                    // The next input is moved by this call's weights.
+                    stage(
+                        c,
+                        id("route"),
+                        t,
+                        x0.clone(),
+                        |x| {
+                            let routing = layer
+                                .router
+                                .route_with(x.clone(), &TopK::Configured, strategy)
+                                .unwrap();
+                            let shift = routing.weights.sum_dim(1).mul_scalar(1e-3);
+                            x + shift
+                        },
+                        sync,
+                    );
                 }
                 if let Some(layer) = layer
                     .as_ref()
                     .filter(|_| stages.iter().any(|s| s == "epilogue"))
                 {
                     let strategy = forced(path);
-                    let mut group = c.benchmark_group(id("epilogue"));
-                    settle(&mut group);
                     let logits0 =
                         Tensor::<2>::random([t, E], Distribution::Normal(0.0, 1.0), &device);
-                    group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
-                        b.iter_custom(|iters| {
-                            // The next logits are moved by this call's weights.
-                            timed(
-                                iters,
-                                logits0.clone(),
-                                |logits| {
-                                    let (_, weights) =
-                                        layer.router.select(logits.clone(), K, strategy).unwrap();
-                                    logits + weights.sum_dim(1).mul_scalar(1e-3)
-                                },
-                                sync,
-                            )
-                        })
-                    });
-                    group.finish();
+                    // The next logits are moved by this call's weights.
+                    stage(
+                        c,
+                        id("epilogue"),
+                        t,
+                        logits0.clone(),
+                        |logits| {
+                            let (_, weights) =
+                                layer.router.select(logits.clone(), K, strategy).unwrap();
+                            logits + weights.sum_dim(1).mul_scalar(1e-3)
+                        },
+                        sync,
+                    );
                 }
                 if stages.iter().any(|s| s == "plan") {
-                    let mut group = c.benchmark_group(id("plan"));
-                    settle(&mut group);
                     let ids0 = routing_ids(t, &device);
-                    group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
-                        b.iter_custom(|iters| {
-                            // Each call's expert ids come from the previous call's plan.
-                            timed(
-                                iters,
-                                ids0.clone(),
-                                |ids| {
-                                    let plan = DispatchPlan::build(&ids, E, path).unwrap();
-                                    plan.sorted_pairs.reshape([t, K]).remainder_scalar(E as i64)
-                                },
-                                |ids| {
-                                    let device = ids.device();
-                                    let _ = ids.sum().into_data();
-                                    let _ = device.sync();
-                                },
-                            )
-                        })
-                    });
-                    group.finish();
+                    // Each call's expert ids come from the previous call's plan.
+                    stage(
+                        c,
+                        id("plan"),
+                        t,
+                        ids0.clone(),
+                        |ids| {
+                            let plan = DispatchPlan::build(&ids, E, path).unwrap();
+                            plan.sorted_pairs.reshape([t, K]).remainder_scalar(E as i64)
+                        },
+                        |ids| {
+                            let device = ids.device();
+                            let _ = ids.sum().into_data();
+                            let _ = device.sync();
+                        },
+                    );
                 }
                 if stages.iter().any(|s| s == "permute") {
-                    let mut group = c.benchmark_group(id("permute"));
-                    settle(&mut group);
-                    group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
-                        b.iter_custom(|iters| {
-                            timed(
-                                iters,
-                                x_rows.clone(),
-                                |x| {
-                                    let order = plan.sorted_pairs.clone();
-                                    match path {
-                                        DispatchPath::Kernels => {
-                                            moe::moe_kernels::gather_rows(x, order).unwrap()
-                                        }
-                                        DispatchPath::TensorOps => x.select(0, order),
-                                    }
-                                },
-                                sync,
-                            )
-                        })
-                    });
-                    group.finish();
+                    stage(
+                        c,
+                        id("permute"),
+                        t,
+                        x_rows.clone(),
+                        |x| {
+                            let order = plan.sorted_pairs.clone();
+                            match path {
+                                DispatchPath::Kernels => {
+                                    moe::moe_kernels::gather_rows(x, order).unwrap()
+                                }
+                                DispatchPath::TensorOps => x.select(0, order),
+                            }
+                        },
+                        sync,
+                    );
                 }
                 if stages.iter().any(|s| s == "combine") {
-                    let mut group = c.benchmark_group(id("combine"));
-                    settle(&mut group);
                     let w0 = Tensor::<2>::random([t, K], Distribution::Uniform(0.0, 0.2), &device);
-                    group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
-                        b.iter_custom(|iters| {
-                            // Each call's weights come from the previous call's output.
-                            timed(
-                                iters,
-                                w0.clone(),
-                                |w| {
-                                    let out =
-                                        dispatch::combine(x_rows.clone(), &plan, &w, path).unwrap();
-                                    out.narrow(1, 0, K).cast(DType::F32).mul_scalar(1e-3)
-                                },
-                                sync,
-                            )
-                        })
-                    });
-                    group.finish();
+                    // Each call's weights come from the previous call's output.
+                    stage(
+                        c,
+                        id("combine"),
+                        t,
+                        w0.clone(),
+                        |w| {
+                            let out = dispatch::combine(x_rows.clone(), &plan, &w, path).unwrap();
+                            out.narrow(1, 0, K).cast(DType::F32).mul_scalar(1e-3)
+                        },
+                        sync,
+                    );
                 }
                 if let Some(layer) = layer
                     .as_ref()
                     .filter(|_| stages.iter().any(|s| s == "experts"))
                 {
-                    let mut group = c.benchmark_group(id(&wide("experts")));
-                    settle(&mut group);
                     let experts = &layer.experts;
-                    group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
-                        b.iter_custom(|iters| {
-                            timed(
-                                iters,
-                                x_rows.clone(),
-                                |x| {
-                                    let out = match path {
-                                        DispatchPath::Kernels => {
-                                            experts.forward_grouped(x, plan.counts.clone()).unwrap()
-                                        }
-                                        DispatchPath::TensorOps => {
-                                            let counts = plan.counts_to_host();
-                                            experts.forward_segments(x, &counts)
-                                        }
-                                    };
-                                    out.tanh()
-                                },
-                                sync,
-                            )
-                        })
-                    });
-                    group.finish();
+                    stage(
+                        c,
+                        id(&wide("experts")),
+                        t,
+                        x_rows.clone(),
+                        |x| {
+                            let out = match path {
+                                DispatchPath::Kernels => {
+                                    experts.forward_grouped(x, plan.counts.clone()).unwrap()
+                                }
+                                DispatchPath::TensorOps => {
+                                    let counts = plan.counts_to_host();
+                                    experts.forward_segments(x, &counts)
+                                }
+                            };
+                            out.tanh()
+                        },
+                        sync,
+                    );
                 }
                 if let Some(layer) = layer
                     .as_ref()
@@ -333,22 +320,17 @@ fn bench(c: &mut Criterion) {
                     let strategy = forced(path);
                     let layer = layer.clone().with_dispatch(strategy);
                     let x0 = Tensor::<2>::random([t, H], Distribution::Normal(0.0, 1.0), &device);
-                    let mut group = c.benchmark_group(id(&wide("layer")));
-                    settle(&mut group);
-                    group.bench_with_input(BenchmarkId::from_parameter(t), &t, |b, _| {
-                        b.iter_custom(|iters| {
-                            timed(
-                                iters,
-                                x0.clone(),
-                                |x| {
-                                    let out = layer.try_forward(x, &TopK::Configured).unwrap();
-                                    out.hidden.tanh()
-                                },
-                                sync,
-                            )
-                        })
-                    });
-                    group.finish();
+                    stage(
+                        c,
+                        id(&wide("layer")),
+                        t,
+                        x0.clone(),
+                        |x| {
+                            let out = layer.try_forward(x, &TopK::Configured).unwrap();
+                            out.hidden.tanh()
+                        },
+                        sync,
+                    );
                 }
             }
         }
