@@ -38,6 +38,7 @@ use criterion::{
 };
 use moe::backend::Backend;
 use moe::dispatch::{self, DispatchPath, DispatchPlan};
+use moe::moe_kernels::cpu::{self, HostTensor};
 use moe::{DispatchStrategy, MoeLayer, MoeLayerConfig, TopK};
 
 const H: usize = 2048;
@@ -105,18 +106,25 @@ fn expert_width(device: &Device) -> usize {
     d_ff
 }
 
+/// The host kernels' plan of `ids`, after one read of the ids.
+fn host_plan(ids: &Tensor<2, Int>) -> cpu::HostPlan {
+    let [t, k] = ids.dims();
+    let ids: Vec<i64> = ids.to_data().iter::<i64>().collect();
+    cpu::HostPlan::new(&ids, t, k, E).unwrap()
+}
+
 /// The strategy that always takes `path`.
 fn forced(path: DispatchPath) -> DispatchStrategy {
     match path {
-        DispatchPath::Kernels => DispatchStrategy::Kernels,
+        DispatchPath::Kernels | DispatchPath::HostKernels => DispatchStrategy::Kernels,
         DispatchPath::TensorOps => DispatchStrategy::TensorOps,
     }
 }
 
 fn paths(device: &Device) -> Vec<(DispatchPath, &'static str)> {
     let mut out = vec![(DispatchPath::TensorOps, "tensor-ops")];
-    if DispatchStrategy::Kernels.resolve(device).is_ok() {
-        out.push((DispatchPath::Kernels, "kernels"));
+    if let Ok(path) = DispatchStrategy::Kernels.resolve(device) {
+        out.push((path, path.name()));
     }
     out
 }
@@ -188,6 +196,7 @@ fn bench(c: &mut Criterion) {
             .then(|| MoeLayerConfig::olmoe(H, d_ff, E, K).init(&device).unwrap());
         for &t in &tokens {
             let plan = DispatchPlan::new(&routing_ids(t, &device), E);
+            let host_routing = host_plan(&routing_ids(t, &device));
             let rows = t * K;
             let x_rows = Tensor::<2>::random([rows, H], Distribution::Normal(0.0, 1.0), &device);
             for (path, path_name) in paths(&device) {
@@ -244,9 +253,19 @@ fn bench(c: &mut Criterion) {
                         id("plan"),
                         t,
                         ids0.clone(),
-                        |ids| {
-                            let plan = DispatchPlan::build(&ids, E, path).unwrap();
-                            plan.sorted_pairs.reshape([t, K]).remainder_scalar(E as i64)
+                        |ids| match path {
+                            DispatchPath::HostKernels => {
+                                // the read of the ids is part of this path's plan
+                                let plan = host_plan(&ids);
+                                let order: Vec<i64> =
+                                    plan.sorted_tokens.iter().map(|&r| r as i64).collect();
+                                Tensor::<2, Int>::from_data(TensorData::new(order, [t, K]), &device)
+                                    .remainder_scalar(E as i64)
+                            }
+                            _ => {
+                                let plan = DispatchPlan::build(&ids, E, path).unwrap();
+                                plan.sorted_pairs.reshape([t, K]).remainder_scalar(E as i64)
+                            }
                         },
                         |ids| {
                             let device = ids.device();
@@ -255,7 +274,8 @@ fn bench(c: &mut Criterion) {
                         },
                     );
                 }
-                if stages.iter().any(|s| s == "permute") {
+                // The host kernels fuse the gather into the expert products: no permute stage.
+                if stages.iter().any(|s| s == "permute") && path != DispatchPath::HostKernels {
                     stage(
                         c,
                         id("permute"),
@@ -267,7 +287,7 @@ fn bench(c: &mut Criterion) {
                                 DispatchPath::Kernels => {
                                     moe::moe_kernels::gather_rows(x, order).unwrap()
                                 }
-                                DispatchPath::TensorOps => x.select(0, order),
+                                _ => x.select(0, order),
                             }
                         },
                         sync,
@@ -282,7 +302,21 @@ fn bench(c: &mut Criterion) {
                         t,
                         w0.clone(),
                         |w| {
-                            let out = dispatch::combine(x_rows.clone(), &plan, &w, path).unwrap();
+                            let out = match path {
+                                DispatchPath::HostKernels => {
+                                    let rows = HostTensor::new(x_rows.clone()).unwrap();
+                                    let weights: Vec<f32> = w.to_data().iter::<f32>().collect();
+                                    let out = cpu::combine(
+                                        &rows.to_f32_vec(),
+                                        &host_routing,
+                                        &weights,
+                                        H,
+                                    )
+                                    .unwrap();
+                                    Tensor::<2>::from_data(TensorData::new(out, [t, H]), &device)
+                                }
+                                _ => dispatch::combine(x_rows.clone(), &plan, &w, path).unwrap(),
+                            };
                             out.narrow(1, 0, K).cast(DType::F32).mul_scalar(1e-3)
                         },
                         sync,
@@ -291,6 +325,43 @@ fn bench(c: &mut Criterion) {
                 if let Some(layer) = layer
                     .as_ref()
                     .filter(|_| stages.iter().any(|s| s == "experts"))
+                {
+                    let experts = &layer.experts;
+                    if path == DispatchPath::HostKernels {
+                        // [T, H] tokens gathered through the plan inside the expert products
+                        let held = [&experts.gate.as_ref().unwrap(), &experts.up, &experts.down]
+                            .map(|p| HostTensor::new(p.val()).unwrap());
+                        let matrices = cpu::ExpertMatrices::new(
+                            held[0].matrix(),
+                            held[1].matrix().unwrap(),
+                            held[2].matrix().unwrap(),
+                            E,
+                            H,
+                            d_ff,
+                        )
+                        .unwrap();
+                        let x0 =
+                            Tensor::<2>::random([t, H], Distribution::Normal(0.0, 1.0), &device);
+                        stage(
+                            c,
+                            id(&wide("experts")),
+                            t,
+                            x0,
+                            |x| {
+                                let x = HostTensor::new(x).unwrap().to_f32_vec();
+                                let rows = cpu::grouped_ffn(&x, &host_routing, &matrices).unwrap();
+                                Tensor::<2>::from_data(TensorData::new(rows, [t * K, H]), &device)
+                                    .narrow(0, 0, t)
+                                    .tanh()
+                            },
+                            sync,
+                        );
+                    }
+                }
+                if let Some(layer) = layer
+                    .as_ref()
+                    .filter(|_| stages.iter().any(|s| s == "experts"))
+                    .filter(|_| path != DispatchPath::HostKernels)
                 {
                     let experts = &layer.experts;
                     stage(
@@ -303,7 +374,7 @@ fn bench(c: &mut Criterion) {
                                 DispatchPath::Kernels => {
                                     experts.forward_grouped(x, plan.counts.clone()).unwrap()
                                 }
-                                DispatchPath::TensorOps => {
+                                _ => {
                                     let counts = plan.counts_to_host();
                                     experts.forward_segments(x, &counts)
                                 }

@@ -353,7 +353,7 @@ fn bench_prints_one_json_line_per_case() {
         assert_eq!(line["preset"], "mixtral-8x7b-scaled");
         assert_eq!(line["tokens"], tokens);
         assert_eq!(line["backend"], "flex");
-        assert_eq!(line["dispatch"], "tensor-ops");
+        assert_eq!(line["dispatch"], "host-kernels");
         assert_eq!(line["dtype"], "f32");
         for field in ["median_ms", "gflops", "weight_gbps"] {
             let v = line[field].as_f64().unwrap();

@@ -283,7 +283,7 @@ fn permute_and_combine_on_real_plans_equal_the_tensor_op_path() {
                     let run = |path| {
                         let plan = match path {
                             DispatchPath::Kernels => &kernel_plan,
-                            DispatchPath::TensorOps => &plan,
+                            _ => &plan,
                         };
                         let rows = dispatch::permute(x.clone(), plan, active, path).unwrap();
                         // Stand-in for the experts: any row-wise map.
@@ -499,14 +499,30 @@ fn gradients_agree_between_strategies() {
 fn strategies_resolve_from_the_device() {
     for (name, device) in common::devices() {
         let kernels = moe_kernels::available(&device);
+        let host = moe_kernels::cpu::host_available(&device);
+        // CubeCL kernels on wgpu, host kernels on flex (not on its autodiff device: they
+        // record no gradient), tensor ops on ndarray.
+        assert_eq!(host, name == "flex", "{name}");
+        assert!(!moe_kernels::cpu::host_available(&device.clone().autodiff()));
+        let expected = if kernels {
+            DispatchPath::Kernels
+        } else if host {
+            DispatchPath::HostKernels
+        } else {
+            DispatchPath::TensorOps
+        };
+        assert_eq!(DispatchStrategy::Auto.resolve(&device).unwrap(), expected, "{name}");
+        if kernels || host {
+            assert_eq!(DispatchStrategy::Kernels.resolve(&device).unwrap(), expected);
+        }
         assert_eq!(
-            DispatchStrategy::Auto.resolve(&device).unwrap(),
+            DispatchStrategy::Auto.resolve(&device.clone().autodiff()).unwrap(),
             if kernels {
                 DispatchPath::Kernels
             } else {
                 DispatchPath::TensorOps
             },
-            "{name}"
+            "{name} autodiff"
         );
         assert_eq!(
             DispatchStrategy::TensorOps.resolve(&device).unwrap(),
@@ -514,7 +530,7 @@ fn strategies_resolve_from_the_device() {
         );
         // The autodiff device of a backend resolves like the backend.
         assert_eq!(moe_kernels::available(&device.clone().autodiff()), kernels);
-        if !kernels {
+        if !kernels && !host {
             let err = DispatchStrategy::Kernels.resolve(&device).unwrap_err();
             assert!(
                 matches!(err, MoeError::KernelsUnavailable { .. }),

@@ -29,6 +29,7 @@
 
 use burn::tensor::{Device, Int, Tensor};
 
+pub mod cpu;
 #[cfg(feature = "cube")]
 mod cube;
 

@@ -322,10 +322,7 @@ fn bench(
         let weight_bytes = (touched as f64 / runs as f64) * matrices * (h * i) as f64 * bytes
             + (h * e) as f64 * bytes;
         let dtype_name = format!("{:?}", burn::tensor::DType::from(float)).to_lowercase();
-        let path_name = match path {
-            moe::DispatchPath::Kernels => "kernels",
-            moe::DispatchPath::TensorOps => "tensor-ops",
-        };
+        let path_name = path.name();
         if json {
             let value = serde_json::json!({
                 "preset": preset,

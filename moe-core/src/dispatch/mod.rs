@@ -2,6 +2,8 @@
 //! order), **experts** (one segment per expert), **unpermute + combine** (gather back and sum
 //! the k weighted rows of each token). Deterministic: no scatter-add touches activations.
 
+#[cfg(feature = "flex")]
+mod host;
 mod plan;
 mod strategy;
 
@@ -28,7 +30,7 @@ pub fn permute(
     let rows = plan.sorted_tokens.clone().narrow(0, 0, active_rows);
     Ok(match path {
         DispatchPath::Kernels => moe_kernels::gather_rows(x, rows)?,
-        DispatchPath::TensorOps => x.select(0, rows),
+        DispatchPath::TensorOps | DispatchPath::HostKernels => x.select(0, rows),
     })
 }
 
@@ -78,6 +80,9 @@ pub fn combine(
 ///   slots last) and [`Experts::forward_grouped`] runs all experts in grouped-GEMM launches
 ///   whose tiles find their expert from the counts on the device. Nothing is read back to
 ///   the host and no launch is made per expert.
+/// - [`DispatchPath::HostKernels`]: one host read of the routing, then the `moe_kernels::cpu`
+///   plan, experts (gather fused, weights read in place, threads across experts) and combine.
+///   Expert weights it cannot read in place (f16, a strided view) take the tensor-op path.
 /// - [`DispatchPath::TensorOps`]: the tensor-op plan, **one host read** of the per-expert
 ///   counts, then [`Experts::forward_segments`] (one matmul chain per non-empty expert).
 ///
@@ -89,6 +94,16 @@ pub fn run_experts(
     routing: &Routing,
     path: DispatchPath,
 ) -> Result<Tensor<2>, MoeError> {
+    let path = match path {
+        #[cfg(feature = "flex")]
+        DispatchPath::HostKernels => match host::run_experts(experts, x.clone(), routing)? {
+            Some(out) => return Ok(out),
+            None => DispatchPath::TensorOps,
+        },
+        #[cfg(not(feature = "flex"))]
+        DispatchPath::HostKernels => DispatchPath::TensorOps,
+        other => other,
+    };
     let plan = DispatchPlan::build(&routing.expert_ids, routing.num_experts, path)?;
     let expert_rows = match path {
         DispatchPath::Kernels => {
@@ -96,7 +111,7 @@ pub fn run_experts(
             let sorted_rows = permute(x, &plan, pairs, path)?;
             experts.forward_grouped(sorted_rows, plan.counts.clone())?
         }
-        DispatchPath::TensorOps => {
+        DispatchPath::TensorOps | DispatchPath::HostKernels => {
             let counts = plan.counts_to_host();
             let active_rows = counts.iter().sum();
             let sorted_rows = permute(x, &plan, active_rows, path)?;

@@ -87,7 +87,7 @@ impl DispatchPlan {
         num_experts: usize,
         path: DispatchPath,
     ) -> Result<Self, MoeError> {
-        if path == DispatchPath::TensorOps {
+        if path != DispatchPath::Kernels {
             return Ok(Self::new(expert_ids, num_experts));
         }
         let [num_tokens, top_k] = expert_ids.dims();

@@ -1,5 +1,5 @@
 //! Which implementation runs the plan, permute, experts and combine steps: the CubeCL kernels of
-//! `moe-kernels` or their tensor-op twins. Resolved from the device before any work, so no backend ever
+//! `moe-kernels` (GPU devices), its host kernels (the flex CPU backend) or their tensor-op twins. Resolved from the device before any work, so no backend ever
 //! reaches a kernel it does not have.
 
 use burn::tensor::Device;
@@ -9,10 +9,11 @@ use crate::error::MoeError;
 /// The user's choice of dispatch implementation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DispatchStrategy {
-    /// The kernels where they run (CubeCL devices: wgpu, CUDA), tensor ops everywhere else.
+    /// The kernels where they run (CubeCL devices: wgpu, CUDA; host kernels on flex without
+    /// autodiff), tensor ops everywhere else.
     #[default]
     Auto,
-    /// The kernels; an error on a device they do not run on.
+    /// The kernels of the device (CubeCL or host); an error on a device neither runs on.
     Kernels,
     /// Burn tensor ops (`select`, gather + weighted sum) on every device.
     TensorOps,
@@ -24,9 +25,24 @@ pub enum DispatchPath {
     /// The `moe_kernels` plan, gather, grouped-GEMM experts and weighted combine: no host
     /// read, no per-expert launch.
     Kernels,
+    /// The `moe_kernels::cpu` host kernels on the flex CPU backend: one read of the routing,
+    /// a counting-sort plan, the experts on every segment spread over the threads (gather
+    /// fused, weights read in place), a deterministic combine. Not differentiable.
+    HostKernels,
     /// Tensor-op plan (argsort), `select`, one matmul chain per expert after a host read of
     /// the counts, gather + weighted sum.
     TensorOps,
+}
+
+impl DispatchPath {
+    /// Its short name: `kernels`, `host-kernels` or `tensor-ops`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DispatchPath::Kernels => "kernels",
+            DispatchPath::HostKernels => "host-kernels",
+            DispatchPath::TensorOps => "tensor-ops",
+        }
+    }
 }
 
 impl DispatchStrategy {
@@ -36,15 +52,14 @@ impl DispatchStrategy {
     /// [`MoeError::KernelsUnavailable`] for [`DispatchStrategy::Kernels`] on a device the
     /// kernels do not run on.
     pub fn resolve(self, device: &Device) -> Result<DispatchPath, MoeError> {
-        let kernels = moe_kernels::available(device);
-        match (self, kernels) {
-            (DispatchStrategy::Auto, true) | (DispatchStrategy::Kernels, true) => {
-                Ok(DispatchPath::Kernels)
-            }
-            (DispatchStrategy::Auto, false) | (DispatchStrategy::TensorOps, _) => {
-                Ok(DispatchPath::TensorOps)
-            }
-            (DispatchStrategy::Kernels, false) => Err(MoeError::KernelsUnavailable {
+        let cube = moe_kernels::available(device);
+        let host = moe_kernels::cpu::host_available(device);
+        match self {
+            DispatchStrategy::TensorOps => Ok(DispatchPath::TensorOps),
+            _ if cube => Ok(DispatchPath::Kernels),
+            _ if host => Ok(DispatchPath::HostKernels),
+            DispatchStrategy::Auto => Ok(DispatchPath::TensorOps),
+            DispatchStrategy::Kernels => Err(MoeError::KernelsUnavailable {
                 device: format!("{device:?}"),
             }),
         }

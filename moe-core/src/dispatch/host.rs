@@ -1,0 +1,70 @@
+//! Steps 2–5 on the host kernels (`moe_kernels::cpu`), for the flex CPU backend: the routing
+//! is read once, then plan, permute + experts and combine run on the stored values.
+
+use burn::tensor::{DType, Tensor, TensorData};
+use moe_kernels::cpu::{self, ExpertMatrices, HostPlan, HostTensor};
+
+use crate::error::MoeError;
+use crate::experts::Experts;
+use crate::router::Routing;
+
+/// The experts' output for `x` as `routing` says, or `None` when the expert weights cannot be
+/// read in place (a dtype other than f32 or bf16, a strided view): the caller then takes the
+/// tensor-op path.
+///
+/// # Shapes
+/// - `x`: `[T, d_model]` → `[T, d_model]`, in `x`'s dtype
+pub(crate) fn run_experts(
+    experts: &Experts,
+    x: Tensor<2>,
+    routing: &Routing,
+) -> Result<Option<Tensor<2>>, MoeError> {
+    let gate = experts
+        .gate
+        .as_ref()
+        .map(|g| HostTensor::new(g.val()))
+        .transpose()?;
+    let up = HostTensor::new(experts.up.val())?;
+    let down = HostTensor::new(experts.down.val())?;
+    let (Some(up_m), Some(down_m)) = (up.matrix(), down.matrix()) else {
+        return Ok(None);
+    };
+    let gate_m = match &gate {
+        Some(g) => match g.matrix() {
+            Some(m) => Some(m),
+            None => return Ok(None),
+        },
+        None => None,
+    };
+    let matrices = ExpertMatrices::new(
+        gate_m,
+        up_m,
+        down_m,
+        experts.num_experts(),
+        experts.d_model(),
+        experts.d_ff(),
+    )?;
+
+    let [t, k] = routing.expert_ids.dims();
+    let (device, dtype) = (x.device(), x.dtype());
+    // 2. plan: the one read of the routing
+    let ids: Vec<i64> = routing.expert_ids.to_data().iter::<i64>().collect();
+    let plan = HostPlan::new(&ids, t, k, routing.num_experts)?;
+    let weights: Vec<f32> = routing.weights.to_data().iter::<f32>().collect();
+    // 3–4. permute + experts (the gather is fused into the products)
+    let x = HostTensor::new(x)?;
+    let rows = match x.matrix() {
+        Some(cpu::Matrix::F32(values)) => cpu::grouped_ffn(values, &plan, &matrices)?,
+        _ => cpu::grouped_ffn(&x.to_f32_vec(), &plan, &matrices)?,
+    };
+    // 5. unpermute + combine
+    let out = cpu::combine(&rows, &plan, &weights, experts.d_model())?;
+    let out = Tensor::<2>::from_data(
+        TensorData::new(out, [t, experts.d_model()]),
+        (&device, DType::F32),
+    );
+    Ok(Some(match dtype {
+        DType::F32 => out,
+        other => out.cast(other),
+    }))
+}

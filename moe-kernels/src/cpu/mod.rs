@@ -1,0 +1,507 @@
+//! Host kernels: the MoE hot path on the CPU, on plain slices, for the CPU backends (Burn
+//! flex). The same steps as the CubeCL kernels, in the order of a forward pass:
+//!
+//! - [`HostPlan::new`] — **plan**: a stable counting sort of the (token, slot) pairs by expert,
+//!   with the inverse (the sorted row of every slot).
+//! - [`grouped_ffn`] — **permute + experts**: every expert on its segment of rows, the gather
+//!   fused into the products (rows are read from `x` where they are). Work is cut into
+//!   (expert, column block) items spread over the rayon pool: the threads share out experts
+//!   and columns, not the inside of tiny GEMMs, and each weight byte is read by one thread.
+//!   Short segments (decoding) stream the stored `[K, N]` weights straight through
+//!   [`panel`](panel) (AVX2 + FMA where the CPU has them); long segments use the `gemm`
+//!   crate's packed kernels. SwiGLU's gate and up products share the item and the activation
+//!   is applied in place; f32 accumulation throughout, f32 or bf16 weights.
+//! - [`combine`] — **unpermute + combine**: each token sums its k expert rows weighted, in
+//!   slot order: deterministic, whatever the number of threads.
+//!
+//! The weights are read where the backend stores them (no copy, no repacking per call): the
+//! stacked `[E, K, N]` expert tensors are already the layout both products stream.
+
+#[cfg(feature = "flex")]
+mod flex;
+mod panel;
+
+#[cfg(feature = "flex")]
+pub use flex::{HostTensor, host_available};
+pub use panel::Matrix;
+
+/// Whether the host kernels run on `device` (never, in a build without the `flex` feature).
+#[cfg(not(feature = "flex"))]
+pub fn host_available(_device: &burn::tensor::Device) -> bool {
+    false
+}
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::KernelError;
+use panel::OutBlock;
+
+/// Segments of at most this many rows run through the streaming [`panel`](panel::panel)
+/// product, longer ones through the `gemm` crate (measured with `moe bench`: see the README).
+pub const PANEL_MAX_ROWS: usize = 16;
+
+/// Column blocks are at least this wide (and a multiple of 16).
+const MIN_BLOCK_COLS: usize = 128;
+
+/// Work items per thread the columns are split to reach, when there are few experts.
+const ITEMS_PER_THREAD: usize = 4;
+
+/// The routed experts' stacked weights, as [`grouped_ffn`] reads them.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertMatrices<'a> {
+    /// Gate projections `[E, d_model, d_ff]`: SwiGLU experts. `None`: GELU MLP experts.
+    pub gate: Option<Matrix<'a>>,
+    /// Up projections `[E, d_model, d_ff]`.
+    pub up: Matrix<'a>,
+    /// Down projections `[E, d_ff, d_model]`.
+    pub down: Matrix<'a>,
+    /// Number of experts `E`.
+    pub num_experts: usize,
+    /// Hidden size.
+    pub d_model: usize,
+    /// Intermediate size.
+    pub d_ff: usize,
+}
+
+impl<'a> ExpertMatrices<'a> {
+    /// Checks that every matrix holds `E × d_model × d_ff` values.
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] naming the matrix and both sizes.
+    pub fn new(
+        gate: Option<Matrix<'a>>,
+        up: Matrix<'a>,
+        down: Matrix<'a>,
+        num_experts: usize,
+        d_model: usize,
+        d_ff: usize,
+    ) -> Result<Self, KernelError> {
+        let expected = num_experts * d_model * d_ff;
+        let named = [("gate", gate), ("up", Some(up)), ("down", Some(down))];
+        for (name, m) in named {
+            if let Some(m) = m
+                && m.len() != expected
+            {
+                return Err(KernelError::Shape {
+                    op: "grouped_ffn",
+                    reason: format!(
+                        "{name} holds {} values, expected {num_experts} experts × {d_model} × {d_ff} = {expected}",
+                        m.len()
+                    ),
+                });
+            }
+        }
+        Ok(Self {
+            gate,
+            up,
+            down,
+            num_experts,
+            d_model,
+            d_ff,
+        })
+    }
+
+    fn expert(&self, m: Matrix<'a>, e: usize) -> Matrix<'a> {
+        let per = self.d_model * self.d_ff;
+        m.rows(e, 1, per)
+    }
+}
+
+/// The dispatch plan on the host: pairs `(token, slot)` sorted by expert, stable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPlan {
+    /// Tokens `T`.
+    pub num_tokens: usize,
+    /// Slots per token `k`.
+    pub top_k: usize,
+    /// Experts `E`.
+    pub num_experts: usize,
+    /// Segment starts, `E + 1` entries: expert `e` owns sorted rows `offsets[e]..offsets[e+1]`.
+    pub offsets: Vec<usize>,
+    /// The token of every sorted row.
+    pub sorted_tokens: Vec<u32>,
+    /// The sorted row of every slot `t·k + j`, or `u32::MAX` for an unused slot.
+    pub slot_rows: Vec<u32>,
+}
+
+impl HostPlan {
+    /// Sorts the pairs of `ids` (`[T, k]` row-major; the id `E` marks an unused slot).
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] when `ids` is not `T × k` long or holds an id outside `0..=E`.
+    pub fn new(
+        ids: &[i64],
+        num_tokens: usize,
+        top_k: usize,
+        num_experts: usize,
+    ) -> Result<Self, KernelError> {
+        if ids.len() != num_tokens * top_k {
+            return Err(KernelError::Shape {
+                op: "HostPlan",
+                reason: format!(
+                    "{} expert ids for {num_tokens} tokens × {top_k} slots",
+                    ids.len()
+                ),
+            });
+        }
+        if num_tokens * top_k >= u32::MAX as usize {
+            return Err(KernelError::Shape {
+                op: "HostPlan",
+                reason: format!("{num_tokens} tokens × {top_k} slots overflow u32 row indices"),
+            });
+        }
+        let mut counts = vec![0usize; num_experts + 1];
+        for (p, &id) in ids.iter().enumerate() {
+            match usize::try_from(id) {
+                Ok(e) if e <= num_experts => counts[e] += 1,
+                _ => {
+                    return Err(KernelError::Shape {
+                        op: "HostPlan",
+                        reason: format!(
+                            "token {} slot {} has expert id {id}, outside 0..={num_experts}",
+                            p / top_k.max(1),
+                            p % top_k.max(1)
+                        ),
+                    });
+                }
+            }
+        }
+        let mut offsets = Vec::with_capacity(num_experts + 1);
+        let mut next = Vec::with_capacity(num_experts);
+        let mut start = 0;
+        for &c in &counts[..num_experts] {
+            offsets.push(start);
+            next.push(start);
+            start += c;
+        }
+        offsets.push(start);
+        let mut sorted_tokens = vec![0u32; start];
+        let mut slot_rows = vec![u32::MAX; ids.len()];
+        for (p, &id) in ids.iter().enumerate() {
+            let e = id as usize;
+            if e < num_experts {
+                let row = next[e];
+                next[e] += 1;
+                sorted_tokens[row] = (p / top_k) as u32;
+                slot_rows[p] = row as u32;
+            }
+        }
+        Ok(Self {
+            num_tokens,
+            top_k,
+            num_experts,
+            offsets,
+            sorted_tokens,
+            slot_rows,
+        })
+    }
+
+    /// Rows of expert `e`.
+    pub fn segment(&self, e: usize) -> Range<usize> {
+        self.offsets[e]..self.offsets[e + 1]
+    }
+
+    /// Rows sent to each expert.
+    pub fn counts(&self) -> Vec<usize> {
+        self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    /// Sorted rows in all: the used slots.
+    pub fn active_rows(&self) -> usize {
+        self.sorted_tokens.len()
+    }
+}
+
+/// One piece of a phase: expert `expert`'s sorted rows `rows`, output columns `cols`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Item {
+    expert: usize,
+    rows: Range<usize>,
+    cols: Range<usize>,
+}
+
+/// The items of one phase with `n` output columns: one per non-empty expert, the columns cut
+/// into blocks when there are too few experts to keep `threads` threads busy. Largest first.
+fn items(plan: &HostPlan, n: usize, threads: usize) -> Vec<Item> {
+    let active: Vec<usize> = (0..plan.num_experts)
+        .filter(|&e| !plan.segment(e).is_empty())
+        .collect();
+    if active.is_empty() {
+        return Vec::new();
+    }
+    let wanted = (ITEMS_PER_THREAD * threads).div_ceil(active.len()).max(1);
+    let widest_split = n.div_ceil(MIN_BLOCK_COLS).max(1);
+    let splits = wanted.min(widest_split);
+    let block = n.div_ceil(splits).div_ceil(16) * 16;
+    let mut out = Vec::with_capacity(active.len() * splits);
+    for &e in &active {
+        let mut c = 0;
+        while c < n {
+            let end = (c + block).min(n);
+            out.push(Item {
+                expert: e,
+                rows: plan.segment(e),
+                cols: c..end,
+            });
+            c = end;
+        }
+    }
+    out.sort_by_key(|item| std::cmp::Reverse(item.rows.len() * item.cols.len()));
+    out
+}
+
+/// Scratch buffers of one worker.
+#[derive(Default)]
+struct Scratch {
+    gathered: Vec<f32>,
+    second: Vec<f32>,
+    widened: Vec<f32>,
+}
+
+/// `out = rows · w[:, cols]` for one item: the streaming panel for short segments, the
+/// `gemm` crate (rows gathered into `scratch.gathered` unless `contiguous`) for long ones.
+///
+/// # Safety
+/// `out` must be this item's own block.
+unsafe fn product(
+    rows: &[&[f32]],
+    contiguous: Option<&[f32]>,
+    w: Matrix<'_>,
+    n: usize,
+    c0: usize,
+    out: OutBlock,
+    gathered: &mut Vec<f32>,
+    widened: &mut Vec<f32>,
+) {
+    if rows.len() <= PANEL_MAX_ROWS {
+        // SAFETY: the caller's contract.
+        unsafe { panel::panel(rows, w, n, c0, out) };
+        return;
+    }
+    let a = match contiguous {
+        Some(a) => a,
+        None => {
+            gathered.clear();
+            for r in rows {
+                gathered.extend_from_slice(r);
+            }
+            gathered.as_slice()
+        }
+    };
+    // SAFETY: the caller's contract.
+    unsafe { panel::gemm(a, rows.len(), w, n, c0, out, widened) };
+}
+
+#[inline]
+fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+#[inline]
+fn gelu(v: f32) -> f32 {
+    0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// Runs `work` on every item over the rayon pool, each with its own scratch.
+fn run_phase(items: &[Item], work: impl Fn(&Item, &mut Scratch) + Sync + Send) {
+    items
+        .par_iter()
+        .with_max_len(1)
+        .for_each_init(Scratch::default, |scratch, item| work(item, scratch));
+}
+
+/// Steps 3–4, **permute + experts**: every expert on its segment of rows of `x`
+/// (`[T, d_model]` row-major f32), gathered through `plan`, giving `[active rows, d_model]`
+/// in sorted order. SwiGLU `down(silu(x·gate) ⊙ (x·up))` or GELU `down(gelu(x·up))`.
+///
+/// # Errors
+/// [`KernelError::Shape`] when `x` is not `T × d_model` or `plan` has another `E`.
+pub fn grouped_ffn(
+    x: &[f32],
+    plan: &HostPlan,
+    experts: &ExpertMatrices<'_>,
+) -> Result<Vec<f32>, KernelError> {
+    let (h, f) = (experts.d_model, experts.d_ff);
+    if x.len() != plan.num_tokens * h || plan.num_experts != experts.num_experts {
+        return Err(KernelError::Shape {
+            op: "grouped_ffn",
+            reason: format!(
+                "x holds {} values for {} tokens × d_model {h}; plan has {} experts, weights {}",
+                x.len(),
+                plan.num_tokens,
+                plan.num_experts,
+                experts.num_experts
+            ),
+        });
+    }
+    let p = plan.active_rows();
+    let threads = rayon::current_num_threads();
+
+    // phase 1: hidden = act(rows · gate, rows · up), [p, d_ff]
+    let mut hidden = vec![0.0f32; p * f];
+    let hidden_ptr = OutBlock {
+        ptr: hidden.as_mut_ptr(),
+        stride: f,
+        cols: f,
+    };
+    run_phase(&items(plan, f, threads), |item, s| {
+        let rows: Vec<&[f32]> = plan.sorted_tokens[item.rows.clone()]
+            .iter()
+            .map(|&t| &x[t as usize * h..(t as usize + 1) * h])
+            .collect();
+        let (m, c0, cols) = (rows.len(), item.cols.start, item.cols.len());
+        // SAFETY: rows `item.rows`, columns `item.cols` of `hidden` belong to this item only.
+        let out = unsafe { hidden_ptr.sub(item.rows.start, c0, cols) };
+        let up = experts.expert(experts.up, item.expert);
+        match experts.gate {
+            Some(gate) => {
+                let gate = experts.expert(gate, item.expert);
+                s.second.clear();
+                s.second.resize(m * cols, 0.0);
+                let up_block = OutBlock {
+                    ptr: s.second.as_mut_ptr(),
+                    stride: cols,
+                    cols,
+                };
+                // SAFETY: `out` is this item's block, `up_block` this worker's scratch.
+                unsafe {
+                    product(&rows, None, gate, f, c0, out, &mut s.gathered, &mut s.widened);
+                    product(&rows, None, up, f, c0, up_block, &mut s.gathered, &mut s.widened);
+                }
+                for r in 0..m {
+                    // SAFETY: row r of this item's block, the only live reference to it.
+                    let g = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(r * f), cols) };
+                    let u = &s.second[r * cols..(r + 1) * cols];
+                    for (g, &u) in g.iter_mut().zip(u) {
+                        *g = silu(*g) * u;
+                    }
+                }
+            }
+            None => {
+                // SAFETY: `out` is this item's block.
+                unsafe { product(&rows, None, up, f, c0, out, &mut s.gathered, &mut s.widened) };
+                for r in 0..m {
+                    // SAFETY: as above.
+                    let g = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(r * f), cols) };
+                    g.iter_mut().for_each(|v| *v = gelu(*v));
+                }
+            }
+        }
+    });
+
+    // phase 2: out = hidden · down, [p, d_model]
+    let mut out = vec![0.0f32; p * h];
+    let out_ptr = OutBlock {
+        ptr: out.as_mut_ptr(),
+        stride: h,
+        cols: h,
+    };
+    let hidden = &hidden;
+    run_phase(&items(plan, h, threads), |item, s| {
+        let seg = &hidden[item.rows.start * f..item.rows.end * f];
+        let rows: Vec<&[f32]> = seg.chunks_exact(f).collect();
+        let c0 = item.cols.start;
+        // SAFETY: rows `item.rows`, columns `item.cols` of `out` belong to this item only.
+        let block = unsafe { out_ptr.sub(item.rows.start, c0, item.cols.len()) };
+        let down = experts.expert(experts.down, item.expert);
+        // SAFETY: `block` is this item's.
+        unsafe { product(&rows, Some(seg), down, h, c0, block, &mut s.gathered, &mut s.widened) };
+    });
+    Ok(out)
+}
+
+/// Step 5, **unpermute + combine**: `out[t] = Σ_j weights[t, j] · rows[slot_rows[t·k + j]]`,
+/// in slot order (unused slots add nothing), `[T, d_model]`.
+///
+/// # Errors
+/// [`KernelError::Shape`] when `rows` is not `active rows × d_model` or `weights` not `T × k`.
+pub fn combine(
+    rows: &[f32],
+    plan: &HostPlan,
+    weights: &[f32],
+    d_model: usize,
+) -> Result<Vec<f32>, KernelError> {
+    let (t, k) = (plan.num_tokens, plan.top_k);
+    if rows.len() != plan.active_rows() * d_model || weights.len() != t * k {
+        return Err(KernelError::Shape {
+            op: "combine",
+            reason: format!(
+                "rows hold {} values for {} rows × d_model {d_model}; {} weights for {t} tokens × {k} slots",
+                rows.len(),
+                plan.active_rows(),
+                weights.len()
+            ),
+        });
+    }
+    let mut out = vec![0.0f32; t * d_model];
+    if d_model == 0 {
+        return Ok(out);
+    }
+    let tokens_per_job = (4096 / d_model).max(1);
+    out.par_chunks_mut(d_model * tokens_per_job)
+        .enumerate()
+        .for_each(|(job, chunk)| {
+            for (i, o) in chunk.chunks_exact_mut(d_model).enumerate() {
+                let token = job * tokens_per_job + i;
+                for j in 0..k {
+                    let row = plan.slot_rows[token * k + j];
+                    if row == u32::MAX {
+                        continue;
+                    }
+                    let w = weights[token * k + j];
+                    let src = &rows[row as usize * d_model..(row as usize + 1) * d_model];
+                    for (o, &s) in o.iter_mut().zip(src) {
+                        *o += w * s;
+                    }
+                }
+            }
+        });
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_is_a_stable_counting_sort_with_unused_slots() {
+        // T = 3, k = 2, E = 3; id 3 marks an unused slot
+        let ids = [2, 0, 0, 3, 2, 2];
+        let plan = HostPlan::new(&ids, 3, 2, 3).unwrap();
+        assert_eq!(plan.offsets, vec![0, 2, 2, 5]);
+        assert_eq!(plan.counts(), vec![2, 0, 3]);
+        assert_eq!(plan.sorted_tokens, vec![0, 1, 0, 2, 2]);
+        assert_eq!(plan.slot_rows, vec![2, 0, 1, u32::MAX, 3, 4]);
+        let err = HostPlan::new(&[0, 4], 1, 2, 3).unwrap_err();
+        assert!(err.to_string().contains("slot 1 has expert id 4, outside 0..=3"), "{err}");
+        let err = HostPlan::new(&[0, -1], 1, 2, 3).unwrap_err();
+        assert!(err.to_string().contains("expert id -1"), "{err}");
+        let err = HostPlan::new(&[0], 1, 2, 3).unwrap_err();
+        assert!(err.to_string().contains("1 expert ids for 1 tokens × 2 slots"), "{err}");
+    }
+
+    #[test]
+    fn items_cover_every_output_once() {
+        let ids: Vec<i64> = vec![1, 1, 1, 4];
+        let plan = HostPlan::new(&ids, 4, 1, 5).unwrap();
+        for n in [1, 17, 128, 1000, 2048] {
+            for threads in [1, 2, 16] {
+                let items = items(&plan, n, threads);
+                let mut seen = vec![0u8; plan.active_rows() * n];
+                for item in &items {
+                    assert!(item.cols.len() % 16 == 0 || item.cols.end == n);
+                    for r in item.rows.clone() {
+                        for c in item.cols.clone() {
+                            seen[r * n + c] += 1;
+                        }
+                    }
+                }
+                assert!(seen.iter().all(|&s| s == 1), "n {n} threads {threads}");
+            }
+        }
+        let empty = HostPlan::new(&[2, 2], 2, 1, 2).unwrap();
+        assert!(items(&empty, 64, 2).is_empty());
+    }
+}
