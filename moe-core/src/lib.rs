@@ -63,7 +63,8 @@ pub use dispatch::{DispatchPath, DispatchStrategy};
 pub use error::MoeError;
 pub use experts::{ExpertActivation, Experts, ExpertsConfig};
 pub use layer::{MoeLayer, MoeLayerConfig, MoeOutput};
-/// The CubeCL kernels behind [`DispatchPath::Kernels`].
+/// The CubeCL kernels behind [`DispatchPath::Kernels`] and the host kernels behind
+/// [`DispatchPath::HostKernels`].
 pub use moe_kernels;
 pub use router::{GroupLimit, Router, RouterConfig, RouterSettings, Routing, Scoring, TopK};
 pub use shared::{SharedExpert, SharedExpertConfig};

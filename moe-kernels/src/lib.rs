@@ -25,6 +25,10 @@
 //!
 //! Without the `cube` feature (switched on by `wgpu` or `cuda`) nothing here runs and
 //! [`available`] is false for every device.
+//!
+//! [`cpu`] holds the **host kernels**, the same steps on the CPU for the flex backend (plan,
+//! experts with the gather fused and the weights read in place, combine), on plain slices;
+//! its `flex` feature adds the bridge from Burn flex tensors.
 #![warn(missing_docs)]
 
 use burn::tensor::{Device, Int, Tensor};

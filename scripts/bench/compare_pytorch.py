@@ -15,7 +15,8 @@ Setup (its own virtualenv, not the fixture one):
     .venv-bench/bin/python scripts/bench/compare_pytorch.py --moe target/release/moe
 
 Options: --presets olmoe-1b-7b,mixtral-8x7b-scaled,qwen3-30b-a3b --tokens 1,16,128,512,2048
---threads 2 --runs 7 --dtype f32|bf16 --json (one JSON line per case).
+--threads 2 --runs 7 --dtype f32|bf16 (both sides) --torch-dtype f32|bf16 (PyTorch's side only)
+--json (one JSON line per case). Per-stage figures come from `cargo bench --bench dispatch`.
 """
 
 import argparse
@@ -100,15 +101,19 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--dtype", default="f32", choices=["f32", "bf16"])
+    parser.add_argument("--torch-dtype", choices=["f32", "bf16"],
+                        help="PyTorch's dtype (default: --dtype), e.g. moe bf16 against PyTorch f32")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
-    torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    torch_name = args.torch_dtype or args.dtype
+    torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[torch_name]
     if not args.json:
-        print(f"threads {args.threads}, {args.runs} timed calls per case, medians in ms")
+        print(f"threads {args.threads}, {args.runs} timed calls per case, medians in ms, "
+              f"pytorch {torch_name}, moe {args.dtype}")
         print(f"{'preset':<22}{'T':>6}{'pytorch':>12}{'moe':>12}{'pytorch/moe':>14}")
     for preset in args.presets.split(","):
         if preset not in PRESETS:
@@ -119,7 +124,8 @@ def main():
             ratio = torch_ms / ours["median_ms"]
             if args.json:
                 print(json.dumps({"preset": preset, "tokens": tokens, "threads": args.threads,
-                                  "dtype": args.dtype, "pytorch_ms": round(torch_ms, 3),
+                                  "dtype": args.dtype, "torch_dtype": torch_name,
+                                  "pytorch_ms": round(torch_ms, 3),
                                   "moe_ms": ours["median_ms"], "pytorch_over_moe": round(ratio, 3),
                                   "moe_backend": ours["backend"]}), flush=True)
             else:

@@ -114,6 +114,10 @@ enum Command {
         /// One JSON object per case.
         #[arg(long)]
         json: bool,
+        /// Also time the same code on one dense matmul chain of the same FLOPs (one expert,
+        /// k = 1, T·k tokens) and print its rate and the ratio.
+        #[arg(long)]
+        dense: bool,
     },
     /// The backends of this build and the dtypes each computes in.
     Backends {
@@ -216,25 +220,100 @@ fn bench_preset(name: &str) -> Result<moe::MoeLayerConfig> {
     })
 }
 
+/// What `moe bench` was asked besides the shapes.
+struct BenchOptions<'a> {
+    dispatch: &'a str,
+    runs: usize,
+    json: bool,
+    dense: bool,
+}
+
+/// A layer of `config` on `device` with its expert weights in `float` (the router computes in
+/// f32 whatever its weight's dtype).
+fn bench_layer(
+    config: &moe::MoeLayerConfig,
+    device: &burn::tensor::Device,
+    float: FloatDType,
+    strategy: moe::DispatchStrategy,
+) -> Result<moe::MoeLayer> {
+    use burn::module::Param;
+    use burn::tensor::Tensor;
+    let mut layer = config.init(device)?.with_dispatch(strategy);
+    let cast = |p: &Param<Tensor<3>>| p.val().cast(float);
+    layer.experts = moe::Experts::from_tensors(
+        layer.experts.gate.as_ref().map(cast),
+        cast(&layer.experts.up),
+        cast(&layer.experts.down),
+    )?;
+    Ok(layer)
+}
+
+/// Median seconds of `runs` calls of `layer` on fresh `[t, H]` inputs (after one warm-up
+/// call), and the mean number of experts a call touched.
+fn time_layer(
+    layer: &moe::MoeLayer,
+    t: usize,
+    float: FloatDType,
+    runs: usize,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<(f64, f64)> {
+    use burn::tensor::{DType, Tensor, TensorData};
+    use rand::RngExt;
+    let device = layer.router.weight.device();
+    let (h, e) = (layer.d_model(), layer.num_experts());
+    let call = |x: Tensor<2>| -> Result<(f64, Vec<i64>)> {
+        let start = Instant::now();
+        let out = layer.try_forward(x, &moe::TopK::Configured)?;
+        let _ = out.hidden.sum().into_data();
+        let _ = device.sync();
+        let seconds = start.elapsed().as_secs_f64();
+        let ids = out.routing.expert_ids.into_data().iter::<i64>().collect();
+        Ok((seconds, ids))
+    };
+    // Fresh host values for every call, uploaded before the clock starts: no call repeats
+    // another's input (a device generator could, and lavapipe then answers from a cache).
+    let mut fresh = || {
+        let values: Vec<f32> = (0..t * h)
+            .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+            .collect();
+        let x = Tensor::<2>::from_data(TensorData::new(values, [t, h]), (&device, DType::F32))
+            .cast(float);
+        let _ = x.clone().sum().into_data();
+        x
+    };
+    call(fresh())?; // warm-up: shader compilation, allocations
+    let mut times = Vec::with_capacity(runs);
+    let mut touched = 0usize;
+    for _ in 0..runs {
+        let (seconds, ids) = call(fresh())?;
+        times.push(seconds);
+        let mut seen = vec![false; e];
+        for id in ids {
+            if let Some(s) = seen.get_mut(id as usize) {
+                *s = true;
+            }
+        }
+        touched += seen.iter().filter(|&&s| s).count();
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[runs / 2], touched as f64 / runs as f64))
+}
+
 /// Times `config` at each token count and prints one line (or JSON object) per case.
 fn bench(
     backend: Backend,
     dtype: Dtype,
     preset: &str,
     tokens: &[usize],
-    dispatch: &str,
-    runs: usize,
-    json: bool,
+    options: &BenchOptions<'_>,
 ) -> Result<()> {
-    use burn::module::Param;
-    use burn::tensor::{DType, Tensor, TensorData};
-    use moe::{DispatchStrategy, TopK};
-    use rand::{RngExt, SeedableRng};
+    use moe::DispatchStrategy;
+    use rand::SeedableRng;
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-
+    let runs = options.runs;
     let config = bench_preset(preset)?;
-    let strategy = match dispatch {
+    let strategy = match options.dispatch {
         "auto" => DispatchStrategy::Auto,
         "tensor-ops" => DispatchStrategy::TensorOps,
         "kernels" => DispatchStrategy::Kernels,
@@ -244,6 +323,9 @@ fn bench(
     };
     if runs < 3 {
         return Err(format!("--runs must be at least 3, got {runs}").into());
+    }
+    if let Some(&t) = tokens.iter().find(|&&t| t == 0) {
+        return Err(format!("--tokens: every count must be at least 1, got {t}").into());
     }
     let device = backend.device();
     let float: FloatDType = dtype.into();
@@ -259,14 +341,7 @@ fn bench(
         )
         .into());
     }
-    let mut layer = config.init(&device)?.with_dispatch(strategy);
-    // Weights in the compute dtype (the router computes in f32 whatever its weight's dtype).
-    let cast = |p: &Param<Tensor<3>>| p.val().cast(float);
-    layer.experts = moe::Experts::from_tensors(
-        layer.experts.gate.as_ref().map(cast),
-        cast(&layer.experts.up),
-        cast(&layer.experts.down),
-    )?;
+    let layer = bench_layer(&config, &device, float, strategy)?;
     let (h, i, e, k) = (
         config.d_model,
         config.d_ff,
@@ -279,67 +354,51 @@ fn bench(
     } else {
         2.0
     };
+    // One expert with every (token, slot) row: the same expert FLOPs as one dense chain.
+    let dense = match options.dense {
+        true => {
+            let one = moe::MoeLayerConfig::new(h, i, 1, 1).with_activation(config.activation);
+            Some(bench_layer(&one, &device, float, strategy)?)
+        }
+        false => None,
+    };
+    let dtype_name = format!("{:?}", burn::tensor::DType::from(float)).to_lowercase();
+    let path_name = path.name();
     for &t in tokens {
-        if t == 0 {
-            return Err("--tokens: every count must be at least 1".into());
-        }
-        let call = |x: Tensor<2>| -> Result<(f64, Vec<i64>)> {
-            let start = Instant::now();
-            let out = layer.try_forward(x, &TopK::Configured)?;
-            let _ = out.hidden.sum().into_data();
-            let seconds = start.elapsed().as_secs_f64();
-            let ids = out.routing.expert_ids.into_data().iter::<i64>().collect();
-            Ok((seconds, ids))
-        };
-        // Fresh host values for every call, uploaded before the clock starts: no call repeats
-        // another's input (a device generator could, and lavapipe then answers from a cache).
-        let mut fresh = || {
-            let values: Vec<f32> = (0..t * h)
-                .map(|_| rng.random::<f32>() * 2.0 - 1.0)
-                .collect();
-            let x = Tensor::<2>::from_data(TensorData::new(values, [t, h]), (&device, DType::F32))
-                .cast(float);
-            let _ = x.clone().sum().into_data();
-            x
-        };
-        call(fresh())?; // warm-up: shader compilation, allocations
-        let mut times = Vec::with_capacity(runs);
-        let mut touched = 0usize;
-        for _ in 0..runs {
-            let (seconds, ids) = call(fresh())?;
-            times.push(seconds);
-            let mut seen = vec![false; e];
-            for id in ids {
-                if let Some(s) = seen.get_mut(id as usize) {
-                    *s = true;
-                }
-            }
-            touched += seen.iter().filter(|&&s| s).count();
-        }
-        times.sort_by(f64::total_cmp);
-        let median = times[runs / 2];
+        let (median, touched) = time_layer(&layer, t, float, runs, &mut rng)?;
         let flops = t as f64 * (2.0 * (h * e) as f64 + matrices * 2.0 * (k * h * i) as f64);
-        let weight_bytes = (touched as f64 / runs as f64) * matrices * (h * i) as f64 * bytes
-            + (h * e) as f64 * bytes;
-        let dtype_name = format!("{:?}", burn::tensor::DType::from(float)).to_lowercase();
-        let path_name = path.name();
-        if json {
-            let value = serde_json::json!({
+        let weight_bytes = touched * matrices * (h * i) as f64 * bytes + (h * e) as f64 * bytes;
+        let dense_gflops = match &dense {
+            Some(layer) => {
+                let (median, _) = time_layer(layer, t * k, float, runs, &mut rng)?;
+                let flops = (t * k) as f64 * (2.0 * h as f64 + matrices * 2.0 * (h * i) as f64);
+                Some(flops / median / 1e9)
+            }
+            None => None,
+        };
+        let gflops = flops / median / 1e9;
+        if options.json {
+            let mut value = serde_json::json!({
                 "preset": preset,
                 "tokens": t,
                 "backend": backend.name(),
                 "dispatch": path_name,
                 "dtype": dtype_name,
                 "median_ms": median * 1e3,
-                "gflops": flops / median / 1e9,
+                "gflops": gflops,
                 "weight_gbps": weight_bytes / median / 1e9,
             });
+            if let Some(d) = dense_gflops {
+                value["dense_gflops"] = serde_json::json!(d);
+            }
             println!("{value}");
         } else {
+            let dense = dense_gflops.map_or(String::new(), |d| {
+                format!("  dense {d:>7.1} GFLOP/s ({:.0}%)", 100.0 * gflops / d)
+            });
             println!(
-                "{preset:<20} T={t:<5} {backend:<7} {path_name:<10} {dtype_name:<4} median {:>9.3} ms  {:>7.1} GFLOP/s  {:>6.1} GB/s of weights",
+                "{preset:<20} T={t:<5} {backend:<7} {path_name:<12} {dtype_name:<4} median {:>9.3} ms  {gflops:>7.1} GFLOP/s  {:>6.1} GB/s of weights{dense}",
                 median * 1e3,
-                flops / median / 1e9,
                 weight_bytes / median / 1e9
             );
         }
@@ -394,9 +453,16 @@ fn run(cli: Cli) -> Result<()> {
             dispatch,
             runs,
             json,
+            dense,
         } => {
             for p in &preset {
-                bench(backend, cli.dtype, p, &tokens, &dispatch, runs, json)?;
+                let options = BenchOptions {
+                    dispatch: &dispatch,
+                    runs,
+                    json,
+                    dense,
+                };
+                bench(backend, cli.dtype, p, &tokens, &options)?;
             }
         }
         Command::Logits {

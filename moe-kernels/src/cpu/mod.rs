@@ -42,11 +42,16 @@ use panel::OutBlock;
 /// product, longer ones through the `gemm` crate (measured with `moe bench`: see the README).
 pub const PANEL_MAX_ROWS: usize = 16;
 
+/// Row chunks of a long segment cut for the threads hold at least this many rows.
+const MIN_CHUNK_ROWS: usize = 128;
+
 /// Column blocks are at least this wide (and a multiple of 16).
 const MIN_BLOCK_COLS: usize = 128;
 
-/// Work items per thread the columns are split to reach, when there are few experts.
-const ITEMS_PER_THREAD: usize = 4;
+/// Work items the columns are split to reach when few experts are active (decoding): enough
+/// to share out over the threads. A constant, not the thread count: the column blocks, and so
+/// every result bit, are the same whatever the number of threads.
+const MIN_ITEMS: usize = 16;
 
 /// The routed experts' stacked weights, as [`grouped_ffn`] reads them.
 #[derive(Debug, Clone, Copy)]
@@ -222,30 +227,43 @@ struct Item {
     cols: Range<usize>,
 }
 
-/// The items of one phase with `n` output columns: one per non-empty expert, the columns cut
-/// into blocks when there are too few experts to keep `threads` threads busy. Largest first.
-fn items(plan: &HostPlan, n: usize, threads: usize) -> Vec<Item> {
+/// The items of one phase with `n` output columns: one per non-empty expert, cut further when
+/// there are fewer than [`MIN_ITEMS`] experts — long segments into row chunks of at least
+/// [`MIN_CHUNK_ROWS`] (the `gemm` crate keeps its full width), short ones into column blocks.
+/// Largest first.
+fn items(plan: &HostPlan, n: usize) -> Vec<Item> {
     let active: Vec<usize> = (0..plan.num_experts)
         .filter(|&e| !plan.segment(e).is_empty())
         .collect();
     if active.is_empty() {
         return Vec::new();
     }
-    let wanted = (ITEMS_PER_THREAD * threads).div_ceil(active.len()).max(1);
+    let wanted = MIN_ITEMS.div_ceil(active.len()).max(1);
     let widest_split = n.div_ceil(MIN_BLOCK_COLS).max(1);
-    let splits = wanted.min(widest_split);
-    let block = n.div_ceil(splits).div_ceil(16) * 16;
-    let mut out = Vec::with_capacity(active.len() * splits);
+    let mut out = Vec::new();
     for &e in &active {
-        let mut c = 0;
-        while c < n {
-            let end = (c + block).min(n);
-            out.push(Item {
-                expert: e,
-                rows: plan.segment(e),
-                cols: c..end,
-            });
-            c = end;
+        let seg = plan.segment(e);
+        let row_parts = match seg.len() > PANEL_MAX_ROWS {
+            true => wanted.min(seg.len() / MIN_CHUNK_ROWS).max(1),
+            false => 1,
+        };
+        let col_parts = wanted.div_ceil(row_parts).min(widest_split);
+        let block = n.div_ceil(col_parts).div_ceil(16) * 16;
+        let chunk = seg.len().div_ceil(row_parts);
+        let mut r = seg.start;
+        while r < seg.end {
+            let r_end = (r + chunk).min(seg.end);
+            let mut c = 0;
+            while c < n {
+                let end = (c + block).min(n);
+                out.push(Item {
+                    expert: e,
+                    rows: r..r_end,
+                    cols: c..end,
+                });
+                c = end;
+            }
+            r = r_end;
         }
     }
     out.sort_by_key(|item| std::cmp::Reverse(item.rows.len() * item.cols.len()));
@@ -337,7 +355,6 @@ pub fn grouped_ffn(
         });
     }
     let p = plan.active_rows();
-    let threads = rayon::current_num_threads();
 
     // phase 1: hidden = act(rows · gate, rows · up), [p, d_ff]
     let mut hidden = vec![0.0f32; p * f];
@@ -346,7 +363,7 @@ pub fn grouped_ffn(
         stride: f,
         cols: f,
     };
-    run_phase(&items(plan, f, threads), |item, s| {
+    run_phase(&items(plan, f), |item, s| {
         let rows: Vec<&[f32]> = plan.sorted_tokens[item.rows.clone()]
             .iter()
             .map(|&t| &x[t as usize * h..(t as usize + 1) * h])
@@ -399,7 +416,7 @@ pub fn grouped_ffn(
         cols: h,
     };
     let hidden = &hidden;
-    run_phase(&items(plan, h, threads), |item, s| {
+    run_phase(&items(plan, h), |item, s| {
         let seg = &hidden[item.rows.start * f..item.rows.end * f];
         let rows: Vec<&[f32]> = seg.chunks_exact(f).collect();
         let c0 = item.cols.start;
@@ -484,11 +501,14 @@ mod tests {
 
     #[test]
     fn items_cover_every_output_once() {
-        let ids: Vec<i64> = vec![1, 1, 1, 4];
-        let plan = HostPlan::new(&ids, 4, 1, 5).unwrap();
+        // a short segment, a long one (cut into row chunks) and empty experts
+        let mut ids: Vec<i64> = vec![1, 1, 1, 4];
+        ids.extend(std::iter::repeat_n(2, 700));
+        let plan = HostPlan::new(&ids, ids.len(), 1, 5).unwrap();
         for n in [1, 17, 128, 1000, 2048] {
-            for threads in [1, 2, 16] {
-                let items = items(&plan, n, threads);
+            {
+                let items = items(&plan, n);
+                assert!(items.iter().any(|i| i.expert == 2 && i.rows.len() < 700));
                 let mut seen = vec![0u8; plan.active_rows() * n];
                 for item in &items {
                     assert!(item.cols.len() % 16 == 0 || item.cols.end == n);
@@ -498,10 +518,10 @@ mod tests {
                         }
                     }
                 }
-                assert!(seen.iter().all(|&s| s == 1), "n {n} threads {threads}");
+                assert!(seen.iter().all(|&s| s == 1), "n {n}");
             }
         }
         let empty = HostPlan::new(&[2, 2], 2, 1, 2).unwrap();
-        assert!(items(&empty, 64, 2).is_empty());
+        assert!(items(&empty, 64).is_empty());
     }
 }

@@ -86,8 +86,13 @@ impl OutBlock {
     }
 }
 
-/// Weight rows streamed together by [`panel`].
+/// Weight rows streamed together by [`panel`] (8 pieces in flight per row of output: tried
+/// against 1 and 16 with `moe bench`, 8 was fastest).
 const K_BLOCK: usize = 8;
+
+/// Columns [`panel`] runs every row over before moving on (a multiple of 8): 8 weight row
+/// pieces of this width (8 KiB in f32) stay in L1 for the whole segment.
+const COL_CHUNK: usize = 256;
 
 /// `out[r, c] = Σ_k rows[r][k] · w[k, c0 + c]` for `c < out.cols`, with `w` row-major
 /// `[K, n]` and `K = rows[r].len()`. Overwrites the block.
@@ -190,6 +195,7 @@ macro_rules! avx2_panel {
             let widen = $widen;
             let cols = out.cols;
             let vec_cols = cols / 8 * 8;
+            debug_assert!(COL_CHUNK % 8 == 0);
             let k_len = rows.first().map_or(0, |x| x.len());
             debug_assert!(k_len == 0 || (k_len - 1) * n + c0 + cols <= w.len());
             for r in 0..rows.len() {
@@ -204,32 +210,42 @@ macro_rules! avx2_panel {
                 unsafe {
                     let p: [*const $elem; K_BLOCK] =
                         std::array::from_fn(|i| wp.add((k0 + i) * n + c0));
-                    for (r, x) in rows.iter().enumerate() {
-                        let b: [__m256; K_BLOCK] =
-                            std::array::from_fn(|i| _mm256_set1_ps(*x.get_unchecked(k0 + i)));
-                        let o = out.ptr.add(r * out.stride);
-                        let mut c = 0;
-                        while c < vec_cols {
-                            let mut s0 = _mm256_mul_ps($load(p[0].add(c)), b[0]);
-                            let mut s1 = _mm256_mul_ps($load(p[1].add(c)), b[1]);
-                            s0 = _mm256_fmadd_ps($load(p[2].add(c)), b[2], s0);
-                            s1 = _mm256_fmadd_ps($load(p[3].add(c)), b[3], s1);
-                            s0 = _mm256_fmadd_ps($load(p[4].add(c)), b[4], s0);
-                            s1 = _mm256_fmadd_ps($load(p[5].add(c)), b[5], s1);
-                            s0 = _mm256_fmadd_ps($load(p[6].add(c)), b[6], s0);
-                            s1 = _mm256_fmadd_ps($load(p[7].add(c)), b[7], s1);
-                            let acc = _mm256_add_ps(_mm256_loadu_ps(o.add(c)), _mm256_add_ps(s0, s1));
-                            _mm256_storeu_ps(o.add(c), acc);
-                            c += 8;
-                        }
-                        while c < cols {
-                            let mut sum = 0.0f32;
-                            for i in 0..K_BLOCK {
-                                sum += *x.get_unchecked(k0 + i) * widen(*p[i].add(c));
+                    // Column chunks keep the 8 weight row pieces in L1 while every row of
+                    // the segment uses them.
+                    let mut c_start = 0;
+                    while c_start < cols {
+                        let c_end = (c_start + COL_CHUNK).min(cols);
+                        let vec_end = c_start + (c_end - c_start) / 8 * 8;
+                        for (r, x) in rows.iter().enumerate() {
+                            let b: [__m256; K_BLOCK] = std::array::from_fn(|i| {
+                                _mm256_set1_ps(*x.get_unchecked(k0 + i))
+                            });
+                            let o = out.ptr.add(r * out.stride);
+                            let mut c = c_start;
+                            while c < vec_end {
+                                let mut s0 = _mm256_mul_ps($load(p[0].add(c)), b[0]);
+                                let mut s1 = _mm256_mul_ps($load(p[1].add(c)), b[1]);
+                                s0 = _mm256_fmadd_ps($load(p[2].add(c)), b[2], s0);
+                                s1 = _mm256_fmadd_ps($load(p[3].add(c)), b[3], s1);
+                                s0 = _mm256_fmadd_ps($load(p[4].add(c)), b[4], s0);
+                                s1 = _mm256_fmadd_ps($load(p[5].add(c)), b[5], s1);
+                                s0 = _mm256_fmadd_ps($load(p[6].add(c)), b[6], s0);
+                                s1 = _mm256_fmadd_ps($load(p[7].add(c)), b[7], s1);
+                                let acc =
+                                    _mm256_add_ps(_mm256_loadu_ps(o.add(c)), _mm256_add_ps(s0, s1));
+                                _mm256_storeu_ps(o.add(c), acc);
+                                c += 8;
                             }
-                            *o.add(c) += sum;
-                            c += 1;
+                            while c < c_end {
+                                let mut sum = 0.0f32;
+                                for i in 0..K_BLOCK {
+                                    sum += *x.get_unchecked(k0 + i) * widen(*p[i].add(c));
+                                }
+                                *o.add(c) += sum;
+                                c += 1;
+                            }
                         }
+                        c_start = c_end;
                     }
                 }
                 k0 += K_BLOCK;

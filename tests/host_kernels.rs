@@ -1,0 +1,167 @@
+//! The host kernels (`DispatchPath::HostKernels`, the flex default) against the tensor-op path
+//! on shapes that reach every branch of the expert products (vector tails, the streaming
+//! panel and the `gemm` crate), with bf16 weights, across thread counts, and on bad routings.
+
+mod common;
+
+use burn::module::Param;
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use moe::moe_kernels::cpu::{self, PANEL_MAX_ROWS};
+use moe::{
+    DispatchPath, DispatchStrategy, ExpertActivation, MoeError, MoeLayer, MoeLayerConfig, Routing,
+    TopK,
+};
+
+fn flex() -> Option<Device> {
+    common::devices()
+        .into_iter()
+        .find(|(name, _)| *name == "flex")
+        .map(|(_, d)| d)
+}
+
+fn run(layer: &MoeLayer, x: &[f32], t: usize, k: usize, strategy: DispatchStrategy) -> Vec<f32> {
+    let device = layer.router.weight.device();
+    let layer = layer.clone().with_dispatch(strategy);
+    let x = common::upload(x.to_vec(), [t, layer.d_model()], &device);
+    common::host(layer.try_forward(x, &TopK::Fixed(k)).unwrap().hidden)
+}
+
+fn largest(v: &[f32]) -> f32 {
+    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+}
+
+#[test]
+fn host_kernels_match_tensor_ops_on_every_branch() {
+    let Some(device) = flex() else { return };
+    assert_eq!(
+        DispatchStrategy::Auto.resolve(&device).unwrap(),
+        DispatchPath::HostKernels
+    );
+    // d_model 44 and d_ff 72: column blocks with vector tails; T up to 300 with E = 4 makes
+    // segments both shorter and longer than PANEL_MAX_ROWS.
+    for activation in [ExpertActivation::SwiGlu, ExpertActivation::Gelu] {
+        let config = MoeLayerConfig::olmoe(44, 72, 4, 2).with_activation(activation);
+        let layer = common::seeded_layer(&config, 11, &device);
+        for t in [1, 3, 2 * PANEL_MAX_ROWS + 5, 300] {
+            for k in [1, 2, 4] {
+                let x = common::normal(t * 44, 1.0, (t * 10 + k) as u64);
+                let host = run(&layer, &x, t, k, DispatchStrategy::Kernels);
+                let ops = run(&layer, &x, t, k, DispatchStrategy::TensorOps);
+                let err = common::max_abs_diff(&host, &ops);
+                assert!(
+                    err <= 1e-5 * largest(&ops).max(1.0),
+                    "{activation:?} T={t} k={k}: off by {err:e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_token_to_one_expert_and_empty_experts() {
+    let Some(device) = flex() else { return };
+    let layer = common::seeded_layer(&MoeLayerConfig::olmoe(24, 40, 5, 1), 3, &device);
+    for t in [1, PANEL_MAX_ROWS, PANEL_MAX_ROWS + 1, 70] {
+        // every token to expert 3 (the other four are empty), one token's slot unused
+        let mut ids = vec![3i64; t];
+        ids[t - 1] = 5;
+        let weights: Vec<f32> = (0..t).map(|i| 0.5 + i as f32 / t as f32).collect();
+        let routing = Routing::new(
+            Tensor::<2, Int>::from_data(TensorData::new(ids, [t, 1]), &device),
+            common::upload(weights.clone(), [t, 1], &device),
+            5,
+        )
+        .unwrap();
+        let x = common::upload(common::normal(t * 24, 1.0, t as u64), [t, 24], &device);
+        let got = common::host(layer.experts.forward(x.clone(), &routing).unwrap());
+        let want = common::host(layer.experts.forward_expert(3, x));
+        for token in 0..t {
+            for c in 0..24 {
+                let w = if token == t - 1 { 0.0 } else { weights[token] };
+                let (g, e) = (got[token * 24 + c], w * want[token * 24 + c]);
+                assert!((g - e).abs() <= 1e-5, "T={t} token {token}: {g} vs {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_weights_are_widened_exactly() {
+    let Some(device) = flex() else { return };
+    let config = MoeLayerConfig::olmoe(32, 48, 4, 2);
+    let layer = common::seeded_layer(&config, 5, &device);
+    // the same weights, rounded to bf16: stored as bf16, and stored as f32
+    let round = |p: &Param<Tensor<3>>| p.val().cast(DType::BF16);
+    let mut bf16 = layer.clone();
+    bf16.experts = moe::Experts::from_tensors(
+        layer.experts.gate.as_ref().map(round),
+        round(&layer.experts.up),
+        round(&layer.experts.down),
+    )
+    .unwrap();
+    let mut rounded = layer.clone();
+    let widen = |p: &Param<Tensor<3>>| p.val().cast(DType::BF16).cast(DType::F32);
+    rounded.experts = moe::Experts::from_tensors(
+        layer.experts.gate.as_ref().map(widen),
+        widen(&layer.experts.up),
+        widen(&layer.experts.down),
+    )
+    .unwrap();
+    for t in [1, 40] {
+        let x = common::normal(t * 32, 1.0, t as u64);
+        let a = run(&bf16, &x, t, 2, DispatchStrategy::Kernels);
+        let b = run(&rounded, &x, t, 2, DispatchStrategy::Kernels);
+        assert_eq!(a, b, "T={t}: bf16 storage must compute like its f32 widening");
+    }
+}
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let Some(device) = flex() else { return };
+    let layer = common::seeded_layer(&MoeLayerConfig::olmoe(64, 256, 8, 2), 9, &device);
+    for t in [1, 9, 200] {
+        let x = common::normal(t * 64, 1.0, t as u64);
+        let with = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| run(&layer, &x, t, 2, DispatchStrategy::Kernels))
+        };
+        let one = with(1);
+        assert_eq!(one, with(2), "T={t}");
+        assert_eq!(one, with(5), "T={t}");
+    }
+}
+
+#[test]
+fn bad_routings_are_typed_errors() {
+    let Some(device) = flex() else { return };
+    let layer = common::seeded_layer(&MoeLayerConfig::olmoe(8, 8, 4, 2), 1, &device);
+    let x = common::upload(vec![0.1; 16], [2, 8], &device);
+    for bad in [7i64, -1] {
+        let routing = Routing::new(
+            Tensor::<2, Int>::from_data(TensorData::new(vec![0, 1, 2, bad], [2, 2]), &device),
+            common::upload(vec![0.25; 4], [2, 2], &device),
+            4,
+        )
+        .unwrap();
+        let err = layer.experts.forward(x.clone(), &routing).unwrap_err();
+        assert!(
+            matches!(err, MoeError::Kernel(_)) && err.to_string().contains(&format!("id {bad}")),
+            "{err}"
+        );
+    }
+    // the kernels themselves check their slices
+    let w = vec![0.0f32; 10];
+    let err = cpu::ExpertMatrices::new(
+        None,
+        cpu::Matrix::F32(&w),
+        cpu::Matrix::F32(&w),
+        2,
+        2,
+        3,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("up holds 10 values, expected 2 experts × 2 × 3 = 12"), "{err}");
+}
