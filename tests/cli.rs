@@ -363,7 +363,15 @@ fn bench_prints_one_json_line_per_case() {
     for args in [
         vec!["bench", "--preset", "nope"],
         // ndarray runs neither the CubeCL nor the host kernels
-        vec!["--backend", "ndarray", "bench", "--dispatch", "kernels", "--tokens", "1"],
+        vec![
+            "--backend",
+            "ndarray",
+            "bench",
+            "--dispatch",
+            "kernels",
+            "--tokens",
+            "1",
+        ],
         vec!["bench", "--dispatch", "fastest", "--tokens", "1"],
         vec!["bench", "--runs", "1"],
         vec!["bench", "--tokens", "0", "--preset", "mixtral-8x7b-scaled"],

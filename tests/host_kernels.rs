@@ -111,7 +111,10 @@ fn bf16_weights_are_widened_exactly() {
         let x = common::normal(t * 32, 1.0, t as u64);
         let a = run(&bf16, &x, t, 2, DispatchStrategy::Kernels);
         let b = run(&rounded, &x, t, 2, DispatchStrategy::Kernels);
-        assert_eq!(a, b, "T={t}: bf16 storage must compute like its f32 widening");
+        assert_eq!(
+            a, b,
+            "T={t}: bf16 storage must compute like its f32 widening"
+        );
     }
 }
 
@@ -154,14 +157,11 @@ fn bad_routings_are_typed_errors() {
     }
     // the kernels themselves check their slices
     let w = vec![0.0f32; 10];
-    let err = cpu::ExpertMatrices::new(
-        None,
-        cpu::Matrix::F32(&w),
-        cpu::Matrix::F32(&w),
-        2,
-        2,
-        3,
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("up holds 10 values, expected 2 experts × 2 × 3 = 12"), "{err}");
+    let err = cpu::ExpertMatrices::new(None, cpu::Matrix::F32(&w), cpu::Matrix::F32(&w), 2, 2, 3)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("up holds 10 values, expected 2 experts × 2 × 3 = 12"),
+        "{err}"
+    );
 }

@@ -503,7 +503,9 @@ fn strategies_resolve_from_the_device() {
         // CubeCL kernels on wgpu, host kernels on flex (not on its autodiff device: they
         // record no gradient), tensor ops on ndarray.
         assert_eq!(host, name == "flex", "{name}");
-        assert!(!moe_kernels::cpu::host_available(&device.clone().autodiff()));
+        assert!(!moe_kernels::cpu::host_available(
+            &device.clone().autodiff()
+        ));
         let expected = if kernels {
             DispatchPath::Kernels
         } else if host {
@@ -511,12 +513,21 @@ fn strategies_resolve_from_the_device() {
         } else {
             DispatchPath::TensorOps
         };
-        assert_eq!(DispatchStrategy::Auto.resolve(&device).unwrap(), expected, "{name}");
+        assert_eq!(
+            DispatchStrategy::Auto.resolve(&device).unwrap(),
+            expected,
+            "{name}"
+        );
         if kernels || host {
-            assert_eq!(DispatchStrategy::Kernels.resolve(&device).unwrap(), expected);
+            assert_eq!(
+                DispatchStrategy::Kernels.resolve(&device).unwrap(),
+                expected
+            );
         }
         assert_eq!(
-            DispatchStrategy::Auto.resolve(&device.clone().autodiff()).unwrap(),
+            DispatchStrategy::Auto
+                .resolve(&device.clone().autodiff())
+                .unwrap(),
             if kernels {
                 DispatchPath::Kernels
             } else {

@@ -11,10 +11,7 @@ use crate::KernelError;
 /// Whether the host kernels run on `device`: a Burn flex device without autodiff (the host
 /// kernels record no gradient).
 pub fn host_available(device: &Device) -> bool {
-    matches!(
-        device.as_dispatch(),
-        burn::backend::DispatchDevice::Flex(_)
-    )
+    matches!(device.as_dispatch(), burn::backend::DispatchDevice::Flex(_))
 }
 
 /// A float tensor of the flex backend, readable as a slice of its stored values. Holding it
@@ -65,9 +62,11 @@ impl HostTensor {
         let (start, n) = (layout.start_offset(), layout.num_elements());
         let bytes = self.inner.bytes();
         match self.inner.dtype() {
-            DType::F32 => bytemuck::try_cast_slice::<u8, f32>(bytes.get(start * 4..(start + n) * 4)?)
-                .ok()
-                .map(Matrix::F32),
+            DType::F32 => {
+                bytemuck::try_cast_slice::<u8, f32>(bytes.get(start * 4..(start + n) * 4)?)
+                    .ok()
+                    .map(Matrix::F32)
+            }
             DType::BF16 => {
                 bytemuck::try_cast_slice::<u8, bf16>(bytes.get(start * 2..(start + n) * 2)?)
                     .ok()

@@ -39,8 +39,10 @@ use crate::KernelError;
 use panel::OutBlock;
 
 /// Segments of at most this many rows run through the streaming [`panel`](panel::panel)
-/// product, longer ones through the `gemm` crate (measured with `moe bench`: see the README).
-pub const PANEL_MAX_ROWS: usize = 16;
+/// product, longer ones through the `gemm` crate. Measured with `moe bench` at the OLMoE shape
+/// on 2 cores: 32 beat 16 at T = 128 (about 260 against 320 ms: segments of 17–30 rows) and
+/// 64 lost at T = 512 (the `gemm` crate wins from about 40 rows).
+pub const PANEL_MAX_ROWS: usize = 32;
 
 /// Row chunks of a long segment cut for the threads hold at least this many rows.
 const MIN_CHUNK_ROWS: usize = 128;
@@ -384,8 +386,26 @@ pub fn grouped_ffn(
                 };
                 // SAFETY: `out` is this item's block, `up_block` this worker's scratch.
                 unsafe {
-                    product(&rows, None, gate, f, c0, out, &mut s.gathered, &mut s.widened);
-                    product(&rows, None, up, f, c0, up_block, &mut s.gathered, &mut s.widened);
+                    product(
+                        &rows,
+                        None,
+                        gate,
+                        f,
+                        c0,
+                        out,
+                        &mut s.gathered,
+                        &mut s.widened,
+                    );
+                    product(
+                        &rows,
+                        None,
+                        up,
+                        f,
+                        c0,
+                        up_block,
+                        &mut s.gathered,
+                        &mut s.widened,
+                    );
                 }
                 for r in 0..m {
                     // SAFETY: row r of this item's block, the only live reference to it.
@@ -424,7 +444,18 @@ pub fn grouped_ffn(
         let block = unsafe { out_ptr.sub(item.rows.start, c0, item.cols.len()) };
         let down = experts.expert(experts.down, item.expert);
         // SAFETY: `block` is this item's.
-        unsafe { product(&rows, Some(seg), down, h, c0, block, &mut s.gathered, &mut s.widened) };
+        unsafe {
+            product(
+                &rows,
+                Some(seg),
+                down,
+                h,
+                c0,
+                block,
+                &mut s.gathered,
+                &mut s.widened,
+            )
+        };
     });
     Ok(out)
 }
@@ -492,11 +523,19 @@ mod tests {
         assert_eq!(plan.sorted_tokens, vec![0, 1, 0, 2, 2]);
         assert_eq!(plan.slot_rows, vec![2, 0, 1, u32::MAX, 3, 4]);
         let err = HostPlan::new(&[0, 4], 1, 2, 3).unwrap_err();
-        assert!(err.to_string().contains("slot 1 has expert id 4, outside 0..=3"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("slot 1 has expert id 4, outside 0..=3"),
+            "{err}"
+        );
         let err = HostPlan::new(&[0, -1], 1, 2, 3).unwrap_err();
         assert!(err.to_string().contains("expert id -1"), "{err}");
         let err = HostPlan::new(&[0], 1, 2, 3).unwrap_err();
-        assert!(err.to_string().contains("1 expert ids for 1 tokens × 2 slots"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("1 expert ids for 1 tokens × 2 slots"),
+            "{err}"
+        );
     }
 
     #[test]

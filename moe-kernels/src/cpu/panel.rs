@@ -217,9 +217,8 @@ macro_rules! avx2_panel {
                         let c_end = (c_start + COL_CHUNK).min(cols);
                         let vec_end = c_start + (c_end - c_start) / 8 * 8;
                         for (r, x) in rows.iter().enumerate() {
-                            let b: [__m256; K_BLOCK] = std::array::from_fn(|i| {
-                                _mm256_set1_ps(*x.get_unchecked(k0 + i))
-                            });
+                            let b: [__m256; K_BLOCK] =
+                                std::array::from_fn(|i| _mm256_set1_ps(*x.get_unchecked(k0 + i)));
                             let o = out.ptr.add(r * out.stride);
                             let mut c = c_start;
                             while c < vec_end {
@@ -260,7 +259,8 @@ macro_rules! avx2_panel {
                         let o = out.ptr.add(r * out.stride);
                         let mut c = 0;
                         while c < vec_cols {
-                            let acc = _mm256_fmadd_ps($load(p.add(c)), b, _mm256_loadu_ps(o.add(c)));
+                            let acc =
+                                _mm256_fmadd_ps($load(p.add(c)), b, _mm256_loadu_ps(o.add(c)));
                             _mm256_storeu_ps(o.add(c), acc);
                             c += 8;
                         }
@@ -342,7 +342,9 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
@@ -364,7 +366,9 @@ mod tests {
 
     fn run_all(m: usize, k: usize, n: usize, c0: usize, cols: usize) {
         let mut seed = (m * 1000 + k * 10 + n) as u64;
-        let x: Vec<Vec<f32>> = (0..m).map(|_| (0..k).map(|_| lcg(&mut seed)).collect()).collect();
+        let x: Vec<Vec<f32>> = (0..m)
+            .map(|_| (0..k).map(|_| lcg(&mut seed)).collect())
+            .collect();
         let w: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
         let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let w_rounded: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
