@@ -7,8 +7,8 @@
 //!   fused into the products (rows are read from `x` where they are). Work is cut into
 //!   (expert, column block) items spread over the rayon pool: the threads share out experts
 //!   and columns, not the inside of tiny GEMMs, and each weight byte is read by one thread.
-//!   Short segments (decoding) stream the stored `[K, N]` weights straight through
-//!   [`panel`](panel) (AVX2 + FMA where the CPU has them); long segments use the `gemm`
+//!   Short segments (decoding) stream the stored `[K, N]` weights straight through a
+//!   panel (AVX2 + FMA where the CPU has them); long segments use the `gemm`
 //!   crate's packed kernels. SwiGLU's gate and up products share the item and the activation
 //!   is applied in place; f32 accumulation throughout, f32 or bf16 weights.
 //! - [`combine`] — **unpermute + combine**: each token sums its k expert rows weighted, in
@@ -38,7 +38,7 @@ use rayon::prelude::*;
 use crate::KernelError;
 use panel::OutBlock;
 
-/// Segments of at most this many rows run through the streaming [`panel`](panel::panel)
+/// Segments of at most this many rows run through the streaming `panel`
 /// product, longer ones through the `gemm` crate. Measured with `moe bench` at the OLMoE shape
 /// on 2 cores: 32 beat 16 at T = 128 (about 260 against 320 ms: segments of 17–30 rows) and
 /// 64 lost at T = 512 (the `gemm` crate wins from about 40 rows).
