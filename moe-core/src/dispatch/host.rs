@@ -59,6 +59,7 @@ pub(crate) fn run_experts(
     };
     // 5. unpermute + combine
     let out = cpu::combine(&rows, &plan, &weights, experts.d_model())?;
+    cpu::recycle(rows);
     let out = Tensor::<2>::from_data(
         TensorData::new(out, [t, experts.d_model()]),
         (&device, DType::F32),
