@@ -320,38 +320,56 @@ struct Scratch {
     widened: Vec<f32>,
 }
 
-/// `out = rows · w[:, cols]` for one item: the streaming panel for short segments, the
-/// `gemm` crate (rows gathered into `scratch.gathered` unless `contiguous`) for long ones.
-///
-/// # Safety
-/// `out` must be this item's own block.
-unsafe fn product(
-    rows: &[&[f32]],
-    contiguous: Option<&[f32]>,
-    w: Matrix<'_>,
-    n: usize,
-    c0: usize,
-    out: OutBlock,
-    gathered: &mut Vec<f32>,
-    widened: &mut Vec<f32>,
-) {
-    if rows.len() <= PANEL_MAX_ROWS {
-        // SAFETY: the caller's contract.
-        unsafe { panel::panel(rows, w, n, c0, out) };
-        return;
-    }
-    let a = match contiguous {
-        Some(a) => a,
-        None => {
-            gathered.clear();
-            for r in rows {
-                gathered.extend_from_slice(r);
+/// One item's rows, in the two forms the products read: a slice per row (the panel reads
+/// them where they are) and, for segments the `gemm` crate takes, one contiguous `[m, K]`
+/// block (the rows themselves when they are contiguous, else a copy gathered once per item).
+struct ItemRows<'a> {
+    rows: Vec<&'a [f32]>,
+    block: Option<&'a [f32]>,
+}
+
+impl<'a> ItemRows<'a> {
+    /// `rows`, with `contiguous` as their block when they lie back to back, else gathered into
+    /// `gathered` if the segment is long enough for the `gemm` crate.
+    fn new(
+        rows: Vec<&'a [f32]>,
+        contiguous: Option<&'a [f32]>,
+        gathered: &'a mut Vec<f32>,
+    ) -> Self {
+        let block = match (rows.len() > PANEL_MAX_ROWS, contiguous) {
+            (false, _) => None,
+            (true, Some(block)) => Some(block),
+            (true, None) => {
+                gathered.clear();
+                for r in &rows {
+                    gathered.extend_from_slice(r);
+                }
+                Some(gathered.as_slice())
             }
-            gathered.as_slice()
+        };
+        Self { rows, block }
+    }
+
+    /// `out = rows · w[:, c0..c0 + out.cols]`: the streaming panel for short segments, the
+    /// `gemm` crate for long ones (bf16 weights widened into `widened`).
+    ///
+    /// # Safety
+    /// `out` must be this item's own block.
+    unsafe fn product(
+        &self,
+        w: Matrix<'_>,
+        n: usize,
+        c0: usize,
+        out: OutBlock,
+        widened: &mut Vec<f32>,
+    ) {
+        match self.block {
+            // SAFETY: the caller's contract.
+            None => unsafe { panel::panel(&self.rows, w, n, c0, out) },
+            // SAFETY: the caller's contract.
+            Some(a) => unsafe { panel::gemm(a, self.rows.len(), w, n, c0, out, widened) },
         }
-    };
-    // SAFETY: the caller's contract.
-    unsafe { panel::gemm(a, rows.len(), w, n, c0, out, widened) };
+    }
 }
 
 #[inline]
@@ -411,6 +429,7 @@ pub fn grouped_ffn(
             .map(|&t| &x[t as usize * h..(t as usize + 1) * h])
             .collect();
         let (m, c0, cols) = (rows.len(), item.cols.start, item.cols.len());
+        let rows = ItemRows::new(rows, None, &mut s.gathered);
         // SAFETY: rows `item.rows`, columns `item.cols` of `hidden` belong to this item only.
         let out = unsafe { hidden_ptr.sub(item.rows.start, c0, cols) };
         let up = experts.expert(experts.up, item.expert);
@@ -426,26 +445,8 @@ pub fn grouped_ffn(
                 };
                 // SAFETY: `out` is this item's block, `up_block` this worker's scratch.
                 unsafe {
-                    product(
-                        &rows,
-                        None,
-                        gate,
-                        f,
-                        c0,
-                        out,
-                        &mut s.gathered,
-                        &mut s.widened,
-                    );
-                    product(
-                        &rows,
-                        None,
-                        up,
-                        f,
-                        c0,
-                        up_block,
-                        &mut s.gathered,
-                        &mut s.widened,
-                    );
+                    rows.product(gate, f, c0, out, &mut s.widened);
+                    rows.product(up, f, c0, up_block, &mut s.widened);
                 }
                 for r in 0..m {
                     // SAFETY: row r of this item's block, the only live reference to it.
@@ -458,7 +459,7 @@ pub fn grouped_ffn(
             }
             None => {
                 // SAFETY: `out` is this item's block.
-                unsafe { product(&rows, None, up, f, c0, out, &mut s.gathered, &mut s.widened) };
+                unsafe { rows.product(up, f, c0, out, &mut s.widened) };
                 for r in 0..m {
                     // SAFETY: as above.
                     let g = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(r * f), cols) };
@@ -478,24 +479,13 @@ pub fn grouped_ffn(
     let hidden_rows = &hidden;
     run_phase(&items(plan, h), |item, s| {
         let seg = &hidden_rows[item.rows.start * f..item.rows.end * f];
-        let rows: Vec<&[f32]> = seg.chunks_exact(f).collect();
+        let rows = ItemRows::new(seg.chunks_exact(f).collect(), Some(seg), &mut s.gathered);
         let c0 = item.cols.start;
         // SAFETY: rows `item.rows`, columns `item.cols` of `out` belong to this item only.
         let block = unsafe { out_ptr.sub(item.rows.start, c0, item.cols.len()) };
         let down = experts.expert(experts.down, item.expert);
         // SAFETY: `block` is this item's.
-        unsafe {
-            product(
-                &rows,
-                Some(seg),
-                down,
-                h,
-                c0,
-                block,
-                &mut s.gathered,
-                &mut s.widened,
-            )
-        };
+        unsafe { rows.product(down, h, c0, block, &mut s.widened) };
     });
     recycle(hidden);
     Ok(out)
