@@ -307,7 +307,7 @@ fn bench(c: &mut Criterion) {
                                     let rows = HostTensor::new(x_rows.clone()).unwrap();
                                     let weights: Vec<f32> = w.to_data().iter::<f32>().collect();
                                     let out = cpu::combine(
-                                        &rows.to_f32_vec(),
+                                        &rows.to_f32_vec().unwrap(),
                                         &host_routing,
                                         &weights,
                                         H,
@@ -348,7 +348,7 @@ fn bench(c: &mut Criterion) {
                             t,
                             x0,
                             |x| {
-                                let x = HostTensor::new(x).unwrap().to_f32_vec();
+                                let x = HostTensor::new(x).unwrap().to_f32_vec().unwrap();
                                 let rows = cpu::grouped_ffn(&x, &host_routing, &matrices).unwrap();
                                 Tensor::<2>::from_data(TensorData::new(rows, [t * K, H]), &device)
                                     .narrow(0, 0, t)

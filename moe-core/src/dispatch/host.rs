@@ -55,7 +55,7 @@ pub(crate) fn run_experts(
     let x = HostTensor::new(x)?;
     let rows = match x.matrix() {
         Some(cpu::Matrix::F32(values)) => cpu::grouped_ffn(values, &plan, &matrices)?,
-        _ => cpu::grouped_ffn(&x.to_f32_vec(), &plan, &matrices)?,
+        _ => cpu::grouped_ffn(&x.to_f32_vec()?, &plan, &matrices)?,
     };
     // 5. unpermute + combine
     let out = cpu::combine(&rows, &plan, &weights, experts.d_model())?;

@@ -1,6 +1,7 @@
 //! Which implementation runs the plan, permute, experts and combine steps: the CubeCL kernels of
-//! `moe-kernels` (GPU devices), its host kernels (the flex CPU backend) or their tensor-op twins. Resolved from the device before any work, so no backend ever
-//! reaches a kernel it does not have.
+//! `moe-kernels` (GPU devices), its host kernels (the flex CPU backend) or their tensor-op
+//! twins. Resolved from the device before any work, so no backend ever reaches a kernel it
+//! does not have.
 
 use burn::tensor::Device;
 

@@ -77,8 +77,11 @@ impl HostTensor {
     }
 
     /// The values widened to f32 in a new vector (any float dtype, any layout).
-    pub fn to_f32_vec(&self) -> Vec<f32> {
-        match self.matrix() {
+    ///
+    /// # Errors
+    /// [`KernelError::DTypes`] when the values cannot be read as f32.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>, KernelError> {
+        Ok(match self.matrix() {
             Some(Matrix::F32(v)) => v.to_vec(),
             Some(Matrix::Bf16(v)) => v.iter().map(|v| v.to_f32()).collect(),
             None => self
@@ -87,7 +90,11 @@ impl HostTensor {
                 .into_data()
                 .convert::<f32>()
                 .try_into_vec::<f32>()
-                .unwrap_or_default(),
-        }
+                .map_err(|_| KernelError::DTypes {
+                    op: "HostTensor::to_f32_vec",
+                    first: self.inner.dtype(),
+                    second: DType::F32,
+                })?,
+        })
     }
 }

@@ -5,8 +5,9 @@
 //!   with the inverse (the sorted row of every slot).
 //! - [`grouped_ffn`] — **permute + experts**: every expert on its segment of rows, the gather
 //!   fused into the products (rows are read from `x` where they are). Work is cut into
-//!   (expert, column block) items spread over the rayon pool: the threads share out experts
-//!   and columns, not the inside of tiny GEMMs, and each weight byte is read by one thread.
+//!   (expert, row chunk, column block) items spread over the rayon pool: the threads share out
+//!   experts and columns, not the inside of tiny GEMMs (a weight block is read by one item,
+//!   or by each row chunk of a long segment cut for the threads).
 //!   Short segments (decoding) stream the stored `[K, N]` weights straight through a
 //!   panel (AVX2 + FMA where the CPU has them); long segments use the `gemm`
 //!   crate's packed kernels. SwiGLU's gate and up products share the item and the activation
@@ -48,7 +49,8 @@ pub const PANEL_MAX_ROWS: usize = 32;
 /// Row chunks of a long segment cut for the threads hold at least this many rows.
 const MIN_CHUNK_ROWS: usize = 128;
 
-/// Column blocks are at least this wide (and a multiple of 16).
+/// Column blocks are at least about this wide when a phase is cut by columns (a multiple of 16;
+/// the last block of a row takes what is left).
 const MIN_BLOCK_COLS: usize = 128;
 
 /// Work items the columns are split to reach when few experts are active (decoding): enough
@@ -86,7 +88,16 @@ impl<'a> ExpertMatrices<'a> {
         d_model: usize,
         d_ff: usize,
     ) -> Result<Self, KernelError> {
-        let expected = num_experts * d_model * d_ff;
+        let expected = num_experts
+            .checked_mul(d_model)
+            .and_then(|v| v.checked_mul(d_ff))
+            .filter(|&v| v > 0)
+            .ok_or_else(|| KernelError::Shape {
+                op: "grouped_ffn",
+                reason: format!(
+                    "{num_experts} experts × {d_model} × {d_ff} is not a usable size (zero or overflowing)"
+                ),
+            })?;
         let named = [("gate", gate), ("up", Some(up)), ("down", Some(down))];
         for (name, m) in named {
             if let Some(m) = m
@@ -145,7 +156,7 @@ impl HostPlan {
         top_k: usize,
         num_experts: usize,
     ) -> Result<Self, KernelError> {
-        if ids.len() != num_tokens * top_k {
+        if Some(ids.len()) != num_tokens.checked_mul(top_k) {
             return Err(KernelError::Shape {
                 op: "HostPlan",
                 reason: format!(
@@ -206,6 +217,60 @@ impl HostPlan {
         })
     }
 
+    /// Checks that the plan is one [`HostPlan::new`] could have made (its fields are public,
+    /// and the kernels write through raw pointers by its segments): offsets from 0, never
+    /// decreasing, ending at the sorted rows; tokens and slot rows in range.
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] saying what is inconsistent.
+    pub fn validate(&self) -> Result<(), KernelError> {
+        let bad = |reason: String| {
+            Err(KernelError::Shape {
+                op: "HostPlan",
+                reason,
+            })
+        };
+        let rows = self.sorted_tokens.len();
+        if self.offsets.len() != self.num_experts + 1
+            || self.offsets.first() != Some(&0)
+            || self.offsets.last() != Some(&rows)
+            || self.offsets.windows(2).any(|w| w[0] > w[1])
+        {
+            return bad(format!(
+                "offsets {:?} are not {} non-decreasing starts from 0 to {rows} rows",
+                self.offsets,
+                self.num_experts + 1
+            ));
+        }
+        let pairs = self.num_tokens.checked_mul(self.top_k);
+        if pairs != Some(self.slot_rows.len()) {
+            return bad(format!(
+                "{} slot rows for {} tokens × {} slots",
+                self.slot_rows.len(),
+                self.num_tokens,
+                self.top_k
+            ));
+        }
+        if let Some(t) = self
+            .sorted_tokens
+            .iter()
+            .find(|&&t| t as usize >= self.num_tokens)
+        {
+            return bad(format!(
+                "sorted row of token {t}, outside 0..{}",
+                self.num_tokens
+            ));
+        }
+        if let Some(r) = self
+            .slot_rows
+            .iter()
+            .find(|&&r| r != u32::MAX && r as usize >= rows)
+        {
+            return bad(format!("slot row {r}, outside 0..{rows}"));
+        }
+        Ok(())
+    }
+
     /// Rows of expert `e`.
     pub fn segment(&self, e: usize) -> Range<usize> {
         self.offsets[e]..self.offsets[e + 1]
@@ -231,8 +296,9 @@ struct Item {
 }
 
 /// The items of one phase with `n` output columns: one per non-empty expert, cut further when
-/// there are fewer than [`MIN_ITEMS`] experts — long segments into row chunks of at least
-/// [`MIN_CHUNK_ROWS`] (the `gemm` crate keeps its full width), short ones into column blocks.
+/// there are fewer than [`MIN_ITEMS`] experts — long segments first into row chunks of at
+/// least [`MIN_CHUNK_ROWS`] (the `gemm` crate keeps its full width), then, like short ones,
+/// into column blocks.
 /// Largest first.
 fn items(plan: &HostPlan, n: usize) -> Vec<Item> {
     let active: Vec<usize> = (0..plan.num_experts)
@@ -276,7 +342,8 @@ fn items(plan: &HostPlan, n: usize) -> Vec<Item> {
 /// Buffers of earlier calls ([`grouped_ffn`]'s hidden rows, and its outputs handed back by
 /// [`recycle`]), kept so that later calls write into memory that is already mapped: a fresh
 /// 192 MB buffer costs about 130 ms of page faults (measured; the T = 2048 OLMoE layer needs
-/// that much), a reused one nothing. At most [`POOL_BUFFERS`] are kept.
+/// that much), a reused one nothing. At most [`POOL_BUFFERS`] are kept, for the life of the
+/// process: after a T = 2048 OLMoE layer that is about 200 MB held between calls.
 static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
 /// Buffers [`POOL`] keeps at most.
@@ -402,7 +469,20 @@ pub fn grouped_ffn(
     experts: &ExpertMatrices<'_>,
 ) -> Result<Vec<f32>, KernelError> {
     let (h, f) = (experts.d_model, experts.d_ff);
-    if x.len() != plan.num_tokens * h || plan.num_experts != experts.num_experts {
+    plan.validate()?;
+    let p = plan.active_rows();
+    let sizes = (
+        plan.num_tokens.checked_mul(h),
+        p.checked_mul(f),
+        p.checked_mul(h),
+    );
+    let (Some(x_len), Some(_), Some(_)) = sizes else {
+        return Err(KernelError::Shape {
+            op: "grouped_ffn",
+            reason: format!("{p} rows × d_model {h} × d_ff {f} overflow"),
+        });
+    };
+    if x.len() != x_len || plan.num_experts != experts.num_experts {
         return Err(KernelError::Shape {
             op: "grouped_ffn",
             reason: format!(
@@ -414,7 +494,6 @@ pub fn grouped_ffn(
             ),
         });
     }
-    let p = plan.active_rows();
 
     // phase 1: hidden = act(rows · gate, rows · up), [p, d_ff]
     let mut hidden = take_buffer(p * f);
@@ -503,7 +582,18 @@ pub fn combine(
     d_model: usize,
 ) -> Result<Vec<f32>, KernelError> {
     let (t, k) = (plan.num_tokens, plan.top_k);
-    if rows.len() != plan.active_rows() * d_model || weights.len() != t * k {
+    plan.validate()?;
+    let sizes = (
+        plan.active_rows().checked_mul(d_model),
+        t.checked_mul(d_model),
+    );
+    let (Some(rows_len), Some(_)) = sizes else {
+        return Err(KernelError::Shape {
+            op: "combine",
+            reason: format!("{t} tokens × d_model {d_model} overflow"),
+        });
+    };
+    if rows.len() != rows_len || weights.len() != t * k {
         return Err(KernelError::Shape {
             op: "combine",
             reason: format!(
@@ -567,6 +657,41 @@ mod tests {
                 .contains("1 expert ids for 1 tokens × 2 slots"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn inconsistent_plans_and_sizes_are_typed_errors() {
+        let w = vec![0.0f32; 3 * 4 * 5];
+        let m = ExpertMatrices::new(None, Matrix::F32(&w), Matrix::F32(&w), 3, 4, 5).unwrap();
+        let x = vec![0.0f32; 2 * 4];
+        let good = HostPlan::new(&[0, 2, 2, 1], 2, 2, 3).unwrap();
+        assert!(grouped_ffn(&x, &good, &m).is_ok());
+        // overlapping segments, a short last offset, a token out of range, a slot row too far
+        let mut overlap = good.clone();
+        overlap.offsets = vec![0, 3, 1, 4];
+        let mut short = good.clone();
+        short.offsets = vec![0, 1, 2, 3];
+        let mut token = good.clone();
+        token.sorted_tokens[0] = 2;
+        let mut slot = good.clone();
+        slot.slot_rows[1] = 4;
+        for (name, plan) in [
+            ("overlap", overlap),
+            ("short", short),
+            ("token", token),
+            ("slot", slot),
+        ] {
+            let err = grouped_ffn(&x, &plan, &m).unwrap_err();
+            assert!(matches!(err, KernelError::Shape { .. }), "{name}: {err}");
+            let rows = vec![0.0f32; plan.active_rows() * 4];
+            assert!(combine(&rows, &plan, &[0.5; 4], 4).is_err(), "{name}");
+        }
+        // sizes that are zero or overflow
+        for (e, d, f) in [(3, 0, 5), (1, 16, 1 << 62)] {
+            let err =
+                ExpertMatrices::new(None, Matrix::F32(&w), Matrix::F32(&w), e, d, f).unwrap_err();
+            assert!(err.to_string().contains("not a usable size"), "{err}");
+        }
     }
 
     #[test]

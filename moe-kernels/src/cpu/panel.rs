@@ -95,7 +95,8 @@ const K_BLOCK: usize = 8;
 const COL_CHUNK: usize = 256;
 
 /// `out[r, c] = Σ_k rows[r][k] · w[k, c0 + c]` for `c < out.cols`, with `w` row-major
-/// `[K, n]` and `K = rows[r].len()`. Overwrites the block.
+/// `[K, n]` and `K = rows[r].len()`. Overwrites the block. Panics (a bug in the caller) when
+/// the rows differ in length or columns `c0..c0 + out.cols` of `K` rows do not fit in `w`.
 ///
 /// # Safety
 /// `out` must point to `rows.len()` rows of `out.cols` writable values no one else touches.
@@ -197,7 +198,8 @@ macro_rules! avx2_panel {
             let vec_cols = cols / 8 * 8;
             debug_assert!(COL_CHUNK % 8 == 0);
             let k_len = rows.first().map_or(0, |x| x.len());
-            debug_assert!(k_len == 0 || (k_len - 1) * n + c0 + cols <= w.len());
+            assert!(rows.iter().all(|x| x.len() == k_len));
+            assert!(k_len == 0 || (k_len - 1) * n + c0 + cols <= w.len());
             for r in 0..rows.len() {
                 // SAFETY: the caller's contract.
                 unsafe { out.row(r) }.fill(0.0);
@@ -307,9 +309,8 @@ pub(crate) unsafe fn gemm(
             (scratch.as_ptr(), cols)
         }
     };
-    if let Matrix::F32(w) = w {
-        debug_assert!(k == 0 || (k - 1) * n + c0 + cols <= w.len());
-    }
+    assert!(m > 0 && a.len() == m * k);
+    assert!(k == 0 || (k - 1) * n + c0 + cols <= w.len());
     // SAFETY: `a` holds m × k values, the weights k rows of `rhs_rs` from `rhs` with `cols`
     // readable columns each, and the output block is the caller's.
     unsafe {
