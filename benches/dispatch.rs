@@ -258,7 +258,7 @@ fn bench(c: &mut Criterion) {
                                 // the read of the ids is part of this path's plan
                                 let plan = host_plan(&ids);
                                 let order: Vec<i64> =
-                                    plan.sorted_tokens.iter().map(|&r| r as i64).collect();
+                                    plan.sorted_tokens().iter().map(|&r| r as i64).collect();
                                 Tensor::<2, Int>::from_data(TensorData::new(order, [t, K]), &device)
                                     .remainder_scalar(E as i64)
                             }

@@ -29,12 +29,9 @@ pub(crate) fn run_experts(
     let (Some(up_m), Some(down_m)) = (up.matrix(), down.matrix()) else {
         return Ok(None);
     };
-    let gate_m = match &gate {
-        Some(g) => match g.matrix() {
-            Some(m) => Some(m),
-            None => return Ok(None),
-        },
-        None => None,
+    let gate_m = match gate.as_ref().map(HostTensor::matrix) {
+        Some(None) => return Ok(None),
+        other => other.flatten(),
     };
     let matrices = ExpertMatrices::new(
         gate_m,

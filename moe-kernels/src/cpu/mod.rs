@@ -128,21 +128,23 @@ impl<'a> ExpertMatrices<'a> {
     }
 }
 
-/// The dispatch plan on the host: pairs `(token, slot)` sorted by expert, stable.
+/// The dispatch plan on the host: pairs `(token, slot)` sorted by expert, stable. Only
+/// [`HostPlan::new`] makes one, so its segments never overlap and cover every sorted row: the
+/// kernels write through raw pointers by them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPlan {
     /// Tokens `T`.
-    pub num_tokens: usize,
+    num_tokens: usize,
     /// Slots per token `k`.
-    pub top_k: usize,
+    top_k: usize,
     /// Experts `E`.
-    pub num_experts: usize,
+    num_experts: usize,
     /// Segment starts, `E + 1` entries: expert `e` owns sorted rows `offsets[e]..offsets[e+1]`.
-    pub offsets: Vec<usize>,
+    offsets: Vec<usize>,
     /// The token of every sorted row.
-    pub sorted_tokens: Vec<u32>,
+    sorted_tokens: Vec<u32>,
     /// The sorted row of every slot `t·k + j`, or `u32::MAX` for an unused slot.
-    pub slot_rows: Vec<u32>,
+    slot_rows: Vec<u32>,
 }
 
 impl HostPlan {
@@ -217,58 +219,34 @@ impl HostPlan {
         })
     }
 
-    /// Checks that the plan is one [`HostPlan::new`] could have made (its fields are public,
-    /// and the kernels write through raw pointers by its segments): offsets from 0, never
-    /// decreasing, ending at the sorted rows; tokens and slot rows in range.
-    ///
-    /// # Errors
-    /// [`KernelError::Shape`] saying what is inconsistent.
-    pub fn validate(&self) -> Result<(), KernelError> {
-        let bad = |reason: String| {
-            Err(KernelError::Shape {
-                op: "HostPlan",
-                reason,
-            })
-        };
-        let rows = self.sorted_tokens.len();
-        if self.offsets.len() != self.num_experts + 1
-            || self.offsets.first() != Some(&0)
-            || self.offsets.last() != Some(&rows)
-            || self.offsets.windows(2).any(|w| w[0] > w[1])
-        {
-            return bad(format!(
-                "offsets {:?} are not {} non-decreasing starts from 0 to {rows} rows",
-                self.offsets,
-                self.num_experts + 1
-            ));
-        }
-        let pairs = self.num_tokens.checked_mul(self.top_k);
-        if pairs != Some(self.slot_rows.len()) {
-            return bad(format!(
-                "{} slot rows for {} tokens × {} slots",
-                self.slot_rows.len(),
-                self.num_tokens,
-                self.top_k
-            ));
-        }
-        if let Some(t) = self
-            .sorted_tokens
-            .iter()
-            .find(|&&t| t as usize >= self.num_tokens)
-        {
-            return bad(format!(
-                "sorted row of token {t}, outside 0..{}",
-                self.num_tokens
-            ));
-        }
-        if let Some(r) = self
-            .slot_rows
-            .iter()
-            .find(|&&r| r != u32::MAX && r as usize >= rows)
-        {
-            return bad(format!("slot row {r}, outside 0..{rows}"));
-        }
-        Ok(())
+    /// Tokens `T`.
+    pub fn num_tokens(&self) -> usize {
+        self.num_tokens
+    }
+
+    /// Slots per token `k`.
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    /// Experts `E`.
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+
+    /// Segment starts, `E + 1` entries: expert `e` owns sorted rows `offsets[e]..offsets[e+1]`.
+    pub fn offsets(&self) -> &[usize] {
+        &self.offsets
+    }
+
+    /// The token of every sorted row.
+    pub fn sorted_tokens(&self) -> &[u32] {
+        &self.sorted_tokens
+    }
+
+    /// The sorted row of every slot `t·k + j`, or `u32::MAX` for an unused slot.
+    pub fn slot_rows(&self) -> &[u32] {
+        &self.slot_rows
     }
 
     /// Rows of expert `e`.
@@ -469,7 +447,6 @@ pub fn grouped_ffn(
     experts: &ExpertMatrices<'_>,
 ) -> Result<Vec<f32>, KernelError> {
     let (h, f) = (experts.d_model, experts.d_ff);
-    plan.validate()?;
     let p = plan.active_rows();
     let sizes = (
         plan.num_tokens.checked_mul(h),
@@ -582,7 +559,6 @@ pub fn combine(
     d_model: usize,
 ) -> Result<Vec<f32>, KernelError> {
     let (t, k) = (plan.num_tokens, plan.top_k);
-    plan.validate()?;
     let sizes = (
         plan.active_rows().checked_mul(d_model),
         t.checked_mul(d_model),
@@ -660,32 +636,9 @@ mod tests {
     }
 
     #[test]
-    fn inconsistent_plans_and_sizes_are_typed_errors() {
+    fn unusable_sizes_are_typed_errors() {
         let w = vec![0.0f32; 3 * 4 * 5];
-        let m = ExpertMatrices::new(None, Matrix::F32(&w), Matrix::F32(&w), 3, 4, 5).unwrap();
-        let x = vec![0.0f32; 2 * 4];
-        let good = HostPlan::new(&[0, 2, 2, 1], 2, 2, 3).unwrap();
-        assert!(grouped_ffn(&x, &good, &m).is_ok());
-        // overlapping segments, a short last offset, a token out of range, a slot row too far
-        let mut overlap = good.clone();
-        overlap.offsets = vec![0, 3, 1, 4];
-        let mut short = good.clone();
-        short.offsets = vec![0, 1, 2, 3];
-        let mut token = good.clone();
-        token.sorted_tokens[0] = 2;
-        let mut slot = good.clone();
-        slot.slot_rows[1] = 4;
-        for (name, plan) in [
-            ("overlap", overlap),
-            ("short", short),
-            ("token", token),
-            ("slot", slot),
-        ] {
-            let err = grouped_ffn(&x, &plan, &m).unwrap_err();
-            assert!(matches!(err, KernelError::Shape { .. }), "{name}: {err}");
-            let rows = vec![0.0f32; plan.active_rows() * 4];
-            assert!(combine(&rows, &plan, &[0.5; 4], 4).is_err(), "{name}");
-        }
+        assert!(ExpertMatrices::new(None, Matrix::F32(&w), Matrix::F32(&w), 3, 4, 5).is_ok());
         // sizes that are zero or overflow
         for (e, d, f) in [(3, 0, 5), (1, 16, 1 << 62)] {
             let err =
