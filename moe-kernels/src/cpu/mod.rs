@@ -9,18 +9,21 @@
 //!   experts and columns, not the inside of tiny GEMMs (a weight block is read by one item,
 //!   or by each row chunk of a long segment cut for the threads).
 //!   Short segments (decoding) stream the stored `[K, N]` weights straight through a
-//!   panel (AVX2 + FMA where the CPU has them); long segments use the `gemm`
-//!   crate's packed kernels. SwiGLU's gate and up products share the item and the activation
-//!   is applied in place; f32 accumulation throughout, f32 or bf16 weights.
+//!   panel (AVX2 + FMA where the CPU has them); long segments are packed once per item and
+//!   run through our register-tiled GEMM (`tiles`: AVX2 + FMA; the `gemm` crate elsewhere).
+//!   SwiGLU's gate and up products share the item and the activation is applied in place;
+//!   f32 accumulation throughout, f32 or bf16 weights.
 //! - [`combine`] — **unpermute + combine**: each token sums its k expert rows weighted, in
 //!   slot order: deterministic, whatever the number of threads.
 //!
-//! The weights are read where the backend stores them (no copy, no repacking per call): the
-//! stacked `[E, K, N]` expert tensors are already the layout both products stream.
+//! The weights are read where the backend stores them: the stacked `[E, K, N]` expert
+//! tensors are the only copy. The panel streams them as they are; the tiles pack one
+//! L2-sized block at a time as they go (each weight block is read from DRAM once per item).
 
 #[cfg(feature = "flex")]
 mod flex;
 mod panel;
+mod tiles;
 
 #[cfg(feature = "flex")]
 pub use flex::{HostTensor, host_available};
@@ -39,19 +42,25 @@ use rayon::prelude::*;
 
 use crate::KernelError;
 use panel::OutBlock;
+use tiles::PackedRows;
 
 /// Segments of at most this many rows run through the streaming `panel`
-/// product, longer ones through the `gemm` crate. Measured with `moe bench` at the OLMoE shape
-/// on 2 cores: 32 beat 16 at T = 128 (about 260 against 320 ms: segments of 17–30 rows) and
-/// 64 lost at T = 512 (the `gemm` crate wins from about 40 rows).
+/// product, longer ones through the packed tiles (the `gemm` crate where those do not run).
+/// Measured with `moe bench` at the OLMoE shape on 2 cores: 32 beat 16 at T = 128 (about 260
+/// against 320 ms: segments of 17–30 rows) and 64 lost at T = 512 (the `gemm` crate won from
+/// about 40 rows). With the tiles, 8, 16 and 32 were level at T = 128 within the noise
+/// (262–349 ms), so 32 stays.
 pub const PANEL_MAX_ROWS: usize = 32;
 
 /// Row chunks of a long segment cut for the threads hold at least this many rows.
 const MIN_CHUNK_ROWS: usize = 128;
 
-/// Column blocks are at least about this wide when a phase is cut by columns (a multiple of 16;
-/// the last block of a row takes what is left).
-const MIN_BLOCK_COLS: usize = 128;
+/// Column blocks are at least this many bytes of one weight row wide when a phase is cut by
+/// columns (1024 f32 or 2048 bf16 columns; the last block of a row takes what is left): a
+/// whole 4 KiB page per weight row, so the prefetchers stream it. Measured with `moe bench`
+/// at T = 1 (OLMoE, 2 threads), against blocks of 128 columns: f32 8.8–11.3 ms against
+/// 12.9–14.9, bf16 4.9–8.8 against 6.9–8.8.
+const MIN_BLOCK_BYTES: usize = 4096;
 
 /// Work items the columns are split to reach when few experts are active (decoding): enough
 /// to share out over the threads. A constant, not the thread count: the column blocks, and so
@@ -278,7 +287,7 @@ struct Item {
 /// least [`MIN_CHUNK_ROWS`] (the `gemm` crate keeps its full width), then, like short ones,
 /// into column blocks.
 /// Largest first.
-fn items(plan: &HostPlan, n: usize) -> Vec<Item> {
+fn items(plan: &HostPlan, n: usize, elem_bytes: usize) -> Vec<Item> {
     let active: Vec<usize> = (0..plan.num_experts)
         .filter(|&e| !plan.segment(e).is_empty())
         .collect();
@@ -286,7 +295,8 @@ fn items(plan: &HostPlan, n: usize) -> Vec<Item> {
         return Vec::new();
     }
     let wanted = MIN_ITEMS.div_ceil(active.len()).max(1);
-    let widest_split = n.div_ceil(MIN_BLOCK_COLS).max(1);
+    let min_cols = (MIN_BLOCK_BYTES / elem_bytes.max(1)).max(16);
+    let widest_split = n.div_ceil(min_cols).max(1);
     let mut out = Vec::new();
     for &e in &active {
         let seg = plan.segment(e);
@@ -363,56 +373,75 @@ struct Scratch {
     gathered: Vec<f32>,
     second: Vec<f32>,
     widened: Vec<f32>,
+    packed: PackedRows,
 }
 
-/// One item's rows, in the two forms the products read: a slice per row (the panel reads
-/// them where they are) and, for segments the `gemm` crate takes, one contiguous `[m, K]`
-/// block (the rows themselves when they are contiguous, else a copy gathered once per item).
+/// How an item's rows reach the products.
+enum Long<'a> {
+    /// A short segment: the panel reads the rows where they are.
+    No,
+    /// A long segment packed for [`tiles`] (in the worker's [`PackedRows`]).
+    Tiles,
+    /// A long segment as one contiguous `[m, K]` block for the `gemm` crate (where [`tiles`]
+    /// does not run): the rows themselves when they are contiguous, else a copy.
+    Gemm(&'a [f32]),
+}
+
+/// One item's rows, in the form its products read, prepared once per item (SwiGLU's gate and
+/// up products share it).
 struct ItemRows<'a> {
     rows: Vec<&'a [f32]>,
-    block: Option<&'a [f32]>,
+    long: Long<'a>,
 }
 
 impl<'a> ItemRows<'a> {
-    /// `rows`, with `contiguous` as their block when they lie back to back, else gathered into
-    /// `gathered` if the segment is long enough for the `gemm` crate.
+    /// `rows` (`contiguous`: the same rows as one block, when they lie back to back), packed
+    /// into `packed` or gathered into `gathered` when the segment is long.
     fn new(
         rows: Vec<&'a [f32]>,
         contiguous: Option<&'a [f32]>,
         gathered: &'a mut Vec<f32>,
+        packed: &mut PackedRows,
     ) -> Self {
-        let block = match (rows.len() > PANEL_MAX_ROWS, contiguous) {
-            (false, _) => None,
-            (true, Some(block)) => Some(block),
-            (true, None) => {
+        let long = match (rows.len() > PANEL_MAX_ROWS, tiles::available(), contiguous) {
+            (false, _, _) => Long::No,
+            (true, true, _) => {
+                packed.pack(&rows);
+                Long::Tiles
+            }
+            (true, false, Some(block)) => Long::Gemm(block),
+            (true, false, None) => {
                 gathered.clear();
                 for r in &rows {
                     gathered.extend_from_slice(r);
                 }
-                Some(gathered.as_slice())
+                Long::Gemm(gathered.as_slice())
             }
         };
-        Self { rows, block }
+        Self { rows, long }
     }
 
     /// `out = rows · w[:, c0..c0 + out.cols]`: the streaming panel for short segments, the
-    /// `gemm` crate for long ones (bf16 weights widened into `widened`).
+    /// packed tiles (or the `gemm` crate, bf16 weights widened into `widened`) for long ones.
     ///
     /// # Safety
-    /// `out` must be this item's own block.
+    /// `out` must be this item's own block, and `packed` what [`Self::new`] was given.
     unsafe fn product(
         &self,
         w: Matrix<'_>,
         n: usize,
         c0: usize,
         out: OutBlock,
+        packed: &mut PackedRows,
         widened: &mut Vec<f32>,
     ) {
-        match self.block {
+        match self.long {
             // SAFETY: the caller's contract.
-            None => unsafe { panel::panel(&self.rows, w, n, c0, out) },
+            Long::No => unsafe { panel::panel(&self.rows, w, n, c0, out) },
             // SAFETY: the caller's contract.
-            Some(a) => unsafe { panel::gemm(a, self.rows.len(), w, n, c0, out, widened) },
+            Long::Tiles => unsafe { packed.product(w, n, c0, out) },
+            // SAFETY: the caller's contract.
+            Long::Gemm(a) => unsafe { panel::gemm(a, self.rows.len(), w, n, c0, out, widened) },
         }
     }
 }
@@ -479,35 +508,41 @@ pub fn grouped_ffn(
         stride: f,
         cols: f,
     };
-    run_phase(&items(plan, f), |item, s| {
+    run_phase(&items(plan, f, experts.up.elem_bytes()), |item, s| {
         let rows: Vec<&[f32]> = plan.sorted_tokens[item.rows.clone()]
             .iter()
             .map(|&t| &x[t as usize * h..(t as usize + 1) * h])
             .collect();
         let (m, c0, cols) = (rows.len(), item.cols.start, item.cols.len());
-        let rows = ItemRows::new(rows, None, &mut s.gathered);
+        let Scratch {
+            gathered,
+            second,
+            widened,
+            packed,
+        } = s;
+        let rows = ItemRows::new(rows, None, gathered, packed);
         // SAFETY: rows `item.rows`, columns `item.cols` of `hidden` belong to this item only.
         let out = unsafe { hidden_ptr.sub(item.rows.start, c0, cols) };
         let up = experts.expert(experts.up, item.expert);
         match experts.gate {
             Some(gate) => {
                 let gate = experts.expert(gate, item.expert);
-                s.second.clear();
-                s.second.resize(m * cols, 0.0);
+                second.clear();
+                second.resize(m * cols, 0.0);
                 let up_block = OutBlock {
-                    ptr: s.second.as_mut_ptr(),
+                    ptr: second.as_mut_ptr(),
                     stride: cols,
                     cols,
                 };
                 // SAFETY: `out` is this item's block, `up_block` this worker's scratch.
                 unsafe {
-                    rows.product(gate, f, c0, out, &mut s.widened);
-                    rows.product(up, f, c0, up_block, &mut s.widened);
+                    rows.product(gate, f, c0, out, packed, widened);
+                    rows.product(up, f, c0, up_block, packed, widened);
                 }
                 for r in 0..m {
                     // SAFETY: row r of this item's block, the only live reference to it.
                     let g = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(r * f), cols) };
-                    let u = &s.second[r * cols..(r + 1) * cols];
+                    let u = &second[r * cols..(r + 1) * cols];
                     for (g, &u) in g.iter_mut().zip(u) {
                         *g = silu(*g) * u;
                     }
@@ -515,7 +550,7 @@ pub fn grouped_ffn(
             }
             None => {
                 // SAFETY: `out` is this item's block.
-                unsafe { rows.product(up, f, c0, out, &mut s.widened) };
+                unsafe { rows.product(up, f, c0, out, packed, widened) };
                 for r in 0..m {
                     // SAFETY: as above.
                     let g = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(r * f), cols) };
@@ -533,15 +568,20 @@ pub fn grouped_ffn(
         cols: h,
     };
     let hidden_rows = &hidden;
-    run_phase(&items(plan, h), |item, s| {
+    run_phase(&items(plan, h, experts.down.elem_bytes()), |item, s| {
         let seg = &hidden_rows[item.rows.start * f..item.rows.end * f];
-        let rows = ItemRows::new(seg.chunks_exact(f).collect(), Some(seg), &mut s.gathered);
+        let rows = ItemRows::new(
+            seg.chunks_exact(f).collect(),
+            Some(seg),
+            &mut s.gathered,
+            &mut s.packed,
+        );
         let c0 = item.cols.start;
         // SAFETY: rows `item.rows`, columns `item.cols` of `out` belong to this item only.
         let block = unsafe { out_ptr.sub(item.rows.start, c0, item.cols.len()) };
         let down = experts.expert(experts.down, item.expert);
         // SAFETY: `block` is this item's.
-        unsafe { rows.product(down, h, c0, block, &mut s.widened) };
+        unsafe { rows.product(down, h, c0, block, &mut s.packed, &mut s.widened) };
     });
     recycle(hidden);
     Ok(out)
@@ -653,9 +693,9 @@ mod tests {
         let mut ids: Vec<i64> = vec![1, 1, 1, 4];
         ids.extend(std::iter::repeat_n(2, 700));
         let plan = HostPlan::new(&ids, ids.len(), 1, 5).unwrap();
-        for n in [1, 17, 128, 1000, 2048] {
+        for (n, elem_bytes) in [(1, 4), (17, 4), (128, 2), (1000, 4), (2048, 2), (4000, 4)] {
             {
-                let items = items(&plan, n);
+                let items = items(&plan, n, elem_bytes);
                 assert!(items.iter().any(|i| i.expert == 2 && i.rows.len() < 700));
                 let mut seen = vec![0u8; plan.active_rows() * n];
                 for item in &items {
@@ -670,6 +710,6 @@ mod tests {
             }
         }
         let empty = HostPlan::new(&[2, 2], 2, 1, 2).unwrap();
-        assert!(items(&empty, 64).is_empty());
+        assert!(items(&empty, 64, 4).is_empty());
     }
 }

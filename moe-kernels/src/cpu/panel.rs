@@ -5,9 +5,10 @@
 //!   contiguous block of memory, read once per row group from DRAM and from L1/L2 for the
 //!   other rows of the segment, so a single row runs at the memory's streaming speed. The
 //!   input rows are read where they are (the gather is fused: no copy of `x`).
-//! - [`gemm`] for longer segments: the `gemm` crate's packed, blocked kernels on one thread
-//!   (the threads are spread over experts and column blocks by the caller), bf16 weights
-//!   widened to f32 in a scratch block first.
+//! - [`gemm`] for longer segments where our own tiles (`super::tiles`, x86-64 with AVX2 and
+//!   FMA) do not run: the `gemm` crate's packed, blocked kernels on one thread (the threads are
+//!   spread over experts and column blocks by the caller), bf16 weights widened to f32 in a
+//!   scratch block first.
 //!
 //! Both accumulate in f32; bf16 weights are widened exactly (a bf16 is the top half of an f32).
 
@@ -28,6 +29,14 @@ impl Matrix<'_> {
         match self {
             Matrix::F32(w) => w.len(),
             Matrix::Bf16(w) => w.len(),
+        }
+    }
+
+    /// Bytes per element.
+    pub(crate) fn elem_bytes(&self) -> usize {
+        match self {
+            Matrix::F32(_) => 4,
+            Matrix::Bf16(_) => 2,
         }
     }
 
@@ -382,7 +391,10 @@ mod tests {
         ] {
             // output rows padded to catch writes past the block
             let stride = cols + 3;
-            for method in 0..3 {
+            for method in 0..4 {
+                if method == 3 && !crate::cpu::tiles::available() {
+                    continue;
+                }
                 let mut out = vec![7.0f32; m * stride];
                 let block = OutBlock {
                     ptr: out.as_mut_ptr(),
@@ -398,7 +410,14 @@ mod tests {
                         (1, Matrix::Bf16(w)) => {
                             panel_portable(&rows, w, n, c0, block, bf16::to_f32)
                         }
-                        _ => gemm(&flat, m, matrix, n, c0, block, &mut scratch),
+                        (2, _) => gemm(&flat, m, matrix, n, c0, block, &mut scratch),
+                        _ => {
+                            let mut packed = crate::cpu::tiles::PackedRows::default();
+                            packed.pack(&rows);
+                            packed.product(matrix, n, c0, block);
+                            // a second product reuses the packing (SwiGLU's gate and up)
+                            packed.product(matrix, n, c0, block);
+                        }
                     }
                 }
                 for r in 0..m {
@@ -431,6 +450,12 @@ mod tests {
             (5, 33, 64, 13, 51),
             (16, 100, 96, 32, 64),
             (1, 2048, 256, 128, 128),
+            // the tiles' edges: rows not a multiple of 6, k past one 256-row block with a
+            // tail, columns past one 256-column block with a tail not a multiple of 16
+            (7, 300, 600, 16, 520),
+            (13, 513, 300, 0, 300),
+            (6, 256, 32, 0, 32),
+            (12, 17, 16, 0, 16),
         ] {
             run_all(m, k, n, c0, cols);
         }
