@@ -144,31 +144,48 @@ unsafe fn product_avx2<T: Copy>(
             rows.b.resize(col_strips * kc * NR, 0.0);
             for kk in 0..kc {
                 let src = &w[(pc + kk) * n + c0 + jb..][..nc];
-                for (st, piece) in src.chunks(NR).enumerate() {
-                    let dst = &mut rows.b[(st * kc + kk) * NR..][..piece.len()];
+                let (full, tail) = src.as_chunks::<NR>();
+                for (st, piece) in full.iter().enumerate() {
+                    // fixed-size pieces: vector moves inline, not a memcpy call per piece
+                    let dst: &mut [f32; NR] = (&mut rows.b[(st * kc + kk) * NR..][..NR])
+                        .try_into()
+                        .expect("NR values");
                     for (d, &s) in dst.iter_mut().zip(piece) {
                         *d = widen(s);
                     }
                 }
+                if !tail.is_empty() {
+                    let dst = &mut rows.b[(full.len() * kc + kk) * NR..][..tail.len()];
+                    for (d, &s) in dst.iter_mut().zip(tail) {
+                        *d = widen(s);
+                    }
+                }
             }
-            // the block after this one, prefetched a share per column strip
+            // the block after this one, prefetched an even share of its cache lines before
+            // every tile (bursts of a whole strip's share stall on the miss buffers)
             let (next_pc, next_jb) = match pc + kc < k {
                 true => (pc + kc, jb),
                 false => (0, jb + nc),
             };
-            let next = (next_jb < cols).then(|| (KC.min(k - next_pc), NC.min(cols - next_jb)));
+            let (next_kc, next_nc) = match next_jb < cols {
+                true => (KC.min(k - next_pc), NC.min(cols - next_jb)),
+                false => (0, 0),
+            };
+            let lines_per_row = next_nc.div_ceil(line);
+            let next_lines = next_kc * lines_per_row;
+            let per_tile = next_lines.div_ceil(col_strips * row_strips);
+            let mut cursor = 0;
             for st in 0..col_strips {
-                if let Some((next_kc, next_nc)) = next {
-                    for r in st * next_kc / col_strips..(st + 1) * next_kc / col_strips {
-                        let piece = &w[(next_pc + r) * n + c0 + next_jb..][..next_nc];
-                        for chunk in piece.chunks(line) {
-                            _mm_prefetch(chunk.as_ptr() as *const i8, _MM_HINT_T0);
-                        }
-                    }
-                }
                 let strip_cols = NR.min(nc - st * NR);
                 let b = &rows.b[st * kc * NR..(st + 1) * kc * NR];
                 for s in 0..row_strips {
+                    let stop = (cursor + per_tile).min(next_lines);
+                    while cursor < stop {
+                        let (r, l) = (cursor / lines_per_row, cursor % lines_per_row);
+                        let at = &w[(next_pc + r) * n + c0 + next_jb + l * line];
+                        _mm_prefetch(at as *const T as *const i8, _MM_HINT_T0);
+                        cursor += 1;
+                    }
                     let strip_rows = MR.min(m - s * MR);
                     let a = &rows.a[(s * k + pc) * MR..(s * k + pc + kc) * MR];
                     let first = pc == 0;
