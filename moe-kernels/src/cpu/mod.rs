@@ -46,11 +46,10 @@ use tiles::PackedRows;
 
 /// Segments of at most this many rows run through the streaming `panel`
 /// product, longer ones through the packed tiles (the `gemm` crate where those do not run).
-/// Measured with `moe bench` at the OLMoE shape on 2 cores: 32 beat 16 at T = 128 (about 260
-/// against 320 ms: segments of 17–30 rows) and 64 lost at T = 512 (the `gemm` crate won from
-/// about 40 rows). With the tiles, 8, 16 and 32 were level at T = 128 within the noise
-/// (262–349 ms), so 32 stays.
-pub const PANEL_MAX_ROWS: usize = 32;
+/// Measured with `moe bench` at the OLMoE shape on 2 cores, three alternations at T = 128
+/// (segments of about 16 rows): 32 gave 227–243 ms, 16 203–214, 8 197–208, 4 206–216. (Against
+/// the `gemm` crate, before the tiles, 32 had been best: the crate lost below about 40 rows.)
+pub const PANEL_MAX_ROWS: usize = 8;
 
 /// Row chunks of a long segment cut for the threads hold at least this many rows.
 const MIN_CHUNK_ROWS: usize = 128;
