@@ -395,14 +395,16 @@ struct ItemRows<'a> {
 
 impl<'a> ItemRows<'a> {
     /// `rows` (`contiguous`: the same rows as one block, when they lie back to back), packed
-    /// into `packed` or gathered into `gathered` when the segment is long.
+    /// into `packed` (`use_tiles`, which needs [`tiles::available`]) or gathered into
+    /// `gathered` when the segment is long.
     fn new(
         rows: Vec<&'a [f32]>,
         contiguous: Option<&'a [f32]>,
         gathered: &'a mut Vec<f32>,
         packed: &mut PackedRows,
+        use_tiles: bool,
     ) -> Self {
-        let long = match (rows.len() > PANEL_MAX_ROWS, tiles::available(), contiguous) {
+        let long = match (rows.len() > PANEL_MAX_ROWS, use_tiles, contiguous) {
             (false, _, _) => Long::No,
             (true, true, _) => {
                 packed.pack(&rows);
@@ -474,6 +476,17 @@ pub fn grouped_ffn(
     plan: &HostPlan,
     experts: &ExpertMatrices<'_>,
 ) -> Result<Vec<f32>, KernelError> {
+    grouped_ffn_on(x, plan, experts, tiles::available())
+}
+
+/// [`grouped_ffn`], with the long segments on the tiles (`use_tiles`, which needs
+/// [`tiles::available`]) or on the `gemm` crate (what runs off AVX2; the tests run both).
+fn grouped_ffn_on(
+    x: &[f32],
+    plan: &HostPlan,
+    experts: &ExpertMatrices<'_>,
+    use_tiles: bool,
+) -> Result<Vec<f32>, KernelError> {
     let (h, f) = (experts.d_model, experts.d_ff);
     let p = plan.active_rows();
     let sizes = (
@@ -519,7 +532,7 @@ pub fn grouped_ffn(
             widened,
             packed,
         } = s;
-        let rows = ItemRows::new(rows, None, gathered, packed);
+        let rows = ItemRows::new(rows, None, gathered, packed, use_tiles);
         // SAFETY: rows `item.rows`, columns `item.cols` of `hidden` belong to this item only.
         let out = unsafe { hidden_ptr.sub(item.rows.start, c0, cols) };
         let up = experts.expert(experts.up, item.expert);
@@ -574,6 +587,7 @@ pub fn grouped_ffn(
             Some(seg),
             &mut s.gathered,
             &mut s.packed,
+            use_tiles,
         );
         let c0 = item.cols.start;
         // SAFETY: rows `item.rows`, columns `item.cols` of `out` belong to this item only.
@@ -683,6 +697,106 @@ mod tests {
             let err =
                 ExpertMatrices::new(None, Matrix::F32(&w), Matrix::F32(&w), e, d, f).unwrap_err();
             assert!(err.to_string().contains("not a usable size"), "{err}");
+        }
+    }
+
+    /// Both long-segment products (tiles and the `gemm` crate) and the panel, through the whole
+    /// `grouped_ffn`, against a dumb f64 oracle: SwiGLU and GELU, f32 and bf16 weights,
+    /// segments of 1 row to 150 (panel, tiles and the crate's row chunks), an empty expert.
+    #[test]
+    fn both_long_segment_paths_match_a_f64_oracle() {
+        use half::bf16;
+        let (e, h, f, k) = (4usize, 40usize, 56usize, 2usize);
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let t = 150;
+        let x: Vec<f32> = (0..t * h).map(|_| next()).collect();
+        // expert 0: every token (150 rows); 1: one token; 2: none; 3: tokens 1..=20
+        let ids: Vec<i64> = (0..t)
+            .flat_map(|i| {
+                [
+                    0,
+                    if i == 0 {
+                        1
+                    } else if i <= 20 {
+                        3
+                    } else {
+                        4
+                    },
+                ]
+            })
+            .collect();
+        let plan = HostPlan::new(&ids, t, k, e).unwrap();
+        let gate: Vec<f32> = (0..e * h * f).map(|_| next() * 0.3).collect();
+        let up: Vec<f32> = (0..e * h * f).map(|_| next() * 0.3).collect();
+        let down: Vec<f32> = (0..e * f * h).map(|_| next() * 0.3).collect();
+        let round = |w: &[f32]| -> Vec<bf16> { w.iter().map(|&v| bf16::from_f32(v)).collect() };
+        let (gate_b, up_b, down_b) = (round(&gate), round(&up), round(&down));
+        let widen = |w: &[bf16]| -> Vec<f32> { w.iter().map(|v| v.to_f32()).collect() };
+        let (gate_r, up_r, down_r) = (widen(&gate_b), widen(&up_b), widen(&down_b));
+        for swiglu in [true, false] {
+            for bf in [false, true] {
+                let (g, u, d) = match bf {
+                    false => (&gate, &up, &down),
+                    true => (&gate_r, &up_r, &down_r),
+                };
+                // oracle rows in sorted order
+                let mut want = Vec::new();
+                for (row, &token) in plan.sorted_tokens().iter().enumerate() {
+                    let ex = (0..e).find(|&ex| plan.segment(ex).contains(&row)).unwrap();
+                    let xr = &x[token as usize * h..(token as usize + 1) * h];
+                    let proj = |w: &[f32], j: usize| -> f64 {
+                        (0..h)
+                            .map(|i| xr[i] as f64 * w[ex * h * f + i * f + j] as f64)
+                            .sum()
+                    };
+                    let hidden: Vec<f64> = (0..f)
+                        .map(|j| match swiglu {
+                            true => {
+                                let a = proj(g, j);
+                                a / (1.0 + (-a).exp()) * proj(u, j)
+                            }
+                            false => {
+                                let a = proj(u, j) as f32;
+                                gelu(a) as f64
+                            }
+                        })
+                        .collect();
+                    for c in 0..h {
+                        want.push(
+                            (0..f)
+                                .map(|j| hidden[j] * d[ex * f * h + j * h + c] as f64)
+                                .sum::<f64>(),
+                        );
+                    }
+                }
+                let matrices = |gm, um, dm| {
+                    ExpertMatrices::new(swiglu.then_some(gm), um, dm, e, h, f).unwrap()
+                };
+                let m = match bf {
+                    false => matrices(Matrix::F32(&gate), Matrix::F32(&up), Matrix::F32(&down)),
+                    true => matrices(
+                        Matrix::Bf16(&gate_b),
+                        Matrix::Bf16(&up_b),
+                        Matrix::Bf16(&down_b),
+                    ),
+                };
+                for use_tiles in [false, tiles::available()] {
+                    let got = grouped_ffn_on(&x, &plan, &m, use_tiles).unwrap();
+                    assert_eq!(got.len(), want.len());
+                    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g as f64 - w).abs() <= 1e-4 * w.abs().max(1.0),
+                            "swiglu {swiglu} bf16 {bf} tiles {use_tiles}: [{i}] {g} vs {w}"
+                        );
+                    }
+                }
+            }
         }
     }
 
