@@ -456,6 +456,8 @@ mod tests {
             (13, 513, 300, 0, 300),
             (6, 256, 32, 0, 32),
             (12, 17, 16, 0, 16),
+            // more rows than one 72-row pass of the tiles
+            (80, 300, 48, 0, 40),
         ] {
             run_all(m, k, n, c0, cols);
         }

@@ -31,6 +31,9 @@ pub(crate) const NR: usize = 16;
 const KC: usize = 256;
 /// Columns per packed block (a multiple of [`NR`]).
 const NC: usize = 256;
+/// Row strips multiplied with every column strip of a block before the next ones: their
+/// slice of the packed rows (72 rows × `KC`, 72 KiB) stays in L2 beside the weight block.
+const MC_STRIPS: usize = 12;
 
 /// Whether [`PackedRows::product`] can run here (x86-64 with AVX2 and FMA).
 pub(crate) fn available() -> bool {
@@ -175,36 +178,38 @@ unsafe fn product_avx2<T: Copy>(
             let next_lines = next_kc * lines_per_row;
             let per_tile = next_lines.div_ceil(col_strips * row_strips);
             let mut cursor = 0;
-            for st in 0..col_strips {
-                let strip_cols = NR.min(nc - st * NR);
-                let b = &rows.b[st * kc * NR..(st + 1) * kc * NR];
-                for s in 0..row_strips {
-                    let stop = (cursor + per_tile).min(next_lines);
-                    while cursor < stop {
-                        let (r, l) = (cursor / lines_per_row, cursor % lines_per_row);
-                        let at = &w[(next_pc + r) * n + c0 + next_jb + l * line];
-                        _mm_prefetch(at as *const T as *const i8, _MM_HINT_T0);
-                        cursor += 1;
-                    }
-                    let strip_rows = MR.min(m - s * MR);
-                    let a = &rows.a[(s * k + pc) * MR..(s * k + pc + kc) * MR];
-                    let first = pc == 0;
-                    // SAFETY: rows s·MR.., columns jb + st·NR.. of the block are the caller's;
-                    // a full tile is written in place, a partial one through `tile_buf`.
-                    unsafe {
-                        let dst = out.ptr.add(s * MR * out.stride + jb + st * NR);
-                        if strip_rows == MR && strip_cols == NR {
-                            tile(kc, a, b, dst, out.stride, first);
-                        } else {
-                            tile(kc, a, b, tile_buf.as_mut_ptr(), NR, true);
-                            for i in 0..strip_rows {
-                                let o = std::slice::from_raw_parts_mut(
-                                    dst.add(i * out.stride),
-                                    strip_cols,
-                                );
-                                let t = &tile_buf[i * NR..i * NR + strip_cols];
-                                for (o, &t) in o.iter_mut().zip(t) {
-                                    *o = if first { t } else { *o + t };
+            for s0 in (0..row_strips).step_by(MC_STRIPS) {
+                for st in 0..col_strips {
+                    let strip_cols = NR.min(nc - st * NR);
+                    let b = &rows.b[st * kc * NR..(st + 1) * kc * NR];
+                    for s in s0..(s0 + MC_STRIPS).min(row_strips) {
+                        let stop = (cursor + per_tile).min(next_lines);
+                        while cursor < stop {
+                            let (r, l) = (cursor / lines_per_row, cursor % lines_per_row);
+                            let at = &w[(next_pc + r) * n + c0 + next_jb + l * line];
+                            _mm_prefetch(at as *const T as *const i8, _MM_HINT_T0);
+                            cursor += 1;
+                        }
+                        let strip_rows = MR.min(m - s * MR);
+                        let a = &rows.a[(s * k + pc) * MR..(s * k + pc + kc) * MR];
+                        let first = pc == 0;
+                        // SAFETY: rows s·MR.., columns jb + st·NR.. of the block are the caller's;
+                        // a full tile is written in place, a partial one through `tile_buf`.
+                        unsafe {
+                            let dst = out.ptr.add(s * MR * out.stride + jb + st * NR);
+                            if strip_rows == MR && strip_cols == NR {
+                                tile(kc, a, b, dst, out.stride, first);
+                            } else {
+                                tile(kc, a, b, tile_buf.as_mut_ptr(), NR, true);
+                                for i in 0..strip_rows {
+                                    let o = std::slice::from_raw_parts_mut(
+                                        dst.add(i * out.stride),
+                                        strip_cols,
+                                    );
+                                    let t = &tile_buf[i * NR..i * NR + strip_cols];
+                                    for (o, &t) in o.iter_mut().zip(t) {
+                                        *o = if first { t } else { *o + t };
+                                    }
                                 }
                             }
                         }
