@@ -54,9 +54,11 @@ pub const PANEL_MAX_ROWS: usize = 8;
 /// Row chunks of a long segment cut for the threads hold at least this many rows.
 const MIN_CHUNK_ROWS: usize = 128;
 
-/// Column blocks are at least this many bytes of one weight row wide when a phase is cut by
-/// columns (1024 f32 or 2048 bf16 columns; the last block of a row takes what is left): a
-/// whole 4 KiB page per weight row, so the prefetchers stream it. Measured with `moe bench`
+/// Column blocks aim at this many bytes of one weight row when a phase is cut by columns
+/// (1024 f32 or 2048 bf16 columns): `n` is cut into at most `⌈n / that⌉` even blocks (a
+/// multiple of 16 wide, the last one taking what is left), so a block is a whole 4 KiB page
+/// per weight row when `n` is a multiple of it (the OLMoE shapes), a little less otherwise, and
+/// the prefetchers stream it. Measured with `moe bench`
 /// at T = 1 (OLMoE, 2 threads), against blocks of 128 columns: f32 8.8–11.3 ms against
 /// 12.9–14.9, bf16 4.9–8.8 against 6.9–8.8.
 const MIN_BLOCK_BYTES: usize = 4096;
@@ -283,8 +285,8 @@ struct Item {
 
 /// The items of one phase with `n` output columns: one per non-empty expert, cut further when
 /// there are fewer than [`MIN_ITEMS`] experts — long segments first into row chunks of at
-/// least [`MIN_CHUNK_ROWS`] (the `gemm` crate keeps its full width), then, like short ones,
-/// into column blocks.
+/// least [`MIN_CHUNK_ROWS`], then, like short ones, into column blocks if more items are
+/// still wanted.
 /// Largest first.
 fn items(plan: &HostPlan, n: usize, elem_bytes: usize) -> Vec<Item> {
     let active: Vec<usize> = (0..plan.num_experts)
