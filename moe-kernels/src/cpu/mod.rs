@@ -541,7 +541,7 @@ fn grouped_ffn_on(
         match experts.gate {
             Some(gate) => {
                 let gate = experts.expert(gate, item.expert);
-                second.clear();
+                // the up product overwrites all of it
                 second.resize(m * cols, 0.0);
                 let up_block = OutBlock {
                     ptr: second.as_mut_ptr(),
@@ -710,12 +710,7 @@ mod tests {
         use half::bf16;
         let (e, h, f, k) = (4usize, 40usize, 56usize, 2usize);
         let mut seed = 7u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut next = || panel::tests::lcg(&mut seed);
         let t = 150;
         let x: Vec<f32> = (0..t * h).map(|_| next()).collect();
         // expert 0: every token (150 rows); 1: one token; 2: none; 3: tokens 1..=20

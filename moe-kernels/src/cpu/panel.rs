@@ -348,10 +348,13 @@ pub(crate) unsafe fn gemm(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use crate::cpu::tiles::PackedRows;
 
-    fn lcg(seed: &mut u64) -> f32 {
+    /// A small deterministic generator of values in [-1, 1) for the tests of this module and
+    /// its parent.
+    pub(in crate::cpu) fn lcg(seed: &mut u64) -> f32 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -374,7 +377,7 @@ mod tests {
         out
     }
 
-    fn run_all(m: usize, k: usize, n: usize, c0: usize, cols: usize) {
+    fn run_all(m: usize, k: usize, n: usize, c0: usize, cols: usize, packed: &mut PackedRows) {
         let mut seed = (m * 1000 + k * 10 + n) as u64;
         let x: Vec<Vec<f32>> = (0..m)
             .map(|_| (0..k).map(|_| lcg(&mut seed)).collect())
@@ -412,7 +415,6 @@ mod tests {
                         }
                         (2, _) => gemm(&flat, m, matrix, n, c0, block, &mut scratch),
                         _ => {
-                            let mut packed = crate::cpu::tiles::PackedRows::default();
                             packed.pack(&rows);
                             packed.product(matrix, n, c0, block);
                             // a second product reuses the packing (SwiGLU's gate and up)
@@ -440,7 +442,9 @@ mod tests {
     #[test]
     fn products_match_a_f64_oracle_on_edge_shapes() {
         // k below, at and past the 8-row block with a tail; columns below, at and past one
-        // vector with a tail; blocks starting inside the matrix
+        // vector with a tail; blocks starting inside the matrix. One packing buffer for all
+        // shapes, growing and shrinking, as a worker's: nothing stale may leak into a product.
+        let mut packed = PackedRows::default();
         for &(m, k, n, c0, cols) in &[
             (1, 1, 1, 0, 1),
             (1, 7, 5, 0, 5),
@@ -459,7 +463,7 @@ mod tests {
             // more rows than one 72-row pass of the tiles
             (80, 300, 48, 0, 40),
         ] {
-            run_all(m, k, n, c0, cols);
+            run_all(m, k, n, c0, cols, &mut packed);
         }
     }
 }

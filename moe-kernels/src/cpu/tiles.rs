@@ -53,7 +53,7 @@ pub(crate) fn available() -> bool {
     }
 }
 
-/// A segment's rows packed into strips of [`MR`] rows (the last strip padded with zeros),
+/// A segment's rows packed into strips of [`MR`] rows (the last strip padded),
 /// with a worker's scratch for the weight blocks.
 #[derive(Default)]
 pub(crate) struct PackedRows {
@@ -70,7 +70,8 @@ impl PackedRows {
         let k = rows.first().map_or(0, |r| r.len());
         assert!(rows.iter().all(|r| r.len() == k));
         let strips = m.div_ceil(MR);
-        self.a.clear();
+        // no zeroing pass: the rows are written below, and the last strip's padding rows
+        // (whatever they hold) only feed tile rows that are never stored
         self.a.resize(strips * k * MR, 0.0);
         for (r, row) in rows.iter().enumerate() {
             let strip = &mut self.a[(r / MR) * k * MR..(r / MR + 1) * k * MR];
@@ -148,8 +149,10 @@ unsafe fn product_avx2<T: Copy>(
         let mut pc = 0;
         while pc < k {
             let kc = KC.min(k - pc);
-            // pack the block: [strip][kk][NR], columns past the block zero
-            rows.b.clear();
+            // pack the block: [strip][kk][NR]
+            // no zeroing pass: every column of the block is written below, and the last
+            // strip's padding columns (whatever they hold) only feed tile columns that are
+            // never stored
             rows.b.resize(col_strips * kc * NR, 0.0);
             for kk in 0..kc {
                 let src = &w[(pc + kk) * n + c0 + jb..][..nc];
