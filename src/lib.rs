@@ -19,6 +19,7 @@
 //! ```
 
 pub mod backend;
+pub mod train;
 
 pub use moe_core::*;
 pub use {moe_core, moe_kernels, moe_models};

@@ -104,6 +104,65 @@ pub enum MoeError {
         /// The device.
         device: String,
     },
+    /// A capacity factor that is not a finite positive number.
+    #[error("capacity factor must be finite and > 0, got {value}")]
+    InvalidCapacityFactor {
+        /// The rejected factor.
+        value: f64,
+    },
+    /// A router temperature that is not a finite positive number.
+    #[error("router temperature must be finite and > 0, got {value}")]
+    InvalidTemperature {
+        /// The rejected temperature.
+        value: f64,
+    },
+    /// The hash router was called without token ids.
+    #[error("the hash router needs the token ids: ForwardOptions::with_token_ids([{tokens}] ids)")]
+    MissingTokenIds {
+        /// Tokens in the input.
+        tokens: usize,
+    },
+    /// The token ids are not one per token.
+    #[error("token_ids has {got} entries, but the input has {expected} tokens")]
+    TokenIdsLength {
+        /// Tokens in the input.
+        expected: usize,
+        /// Ids given.
+        got: usize,
+    },
+    /// A token id is negative.
+    #[error("token id {id} at position {position} is negative")]
+    NegativeTokenId {
+        /// Where it is.
+        position: usize,
+        /// The id.
+        id: i64,
+    },
+    /// A loss or statistic needs a part of the routing that a hand-made routing lacks.
+    #[error(
+        "{what} needs routing.{field}, which this routing does not have (a hand-made routing?)"
+    )]
+    MissingRoutingPart {
+        /// The loss or statistic.
+        what: &'static str,
+        /// The missing field.
+        field: &'static str,
+    },
+    /// Auxiliary-loss-free balancing on a router without a selection bias.
+    #[error(
+        "auxiliary-loss-free balancing moves the selection bias, but this router has none (RouterConfig::with_selection_bias(true))"
+    )]
+    NoSelectionBias,
+    /// A rate, fraction or count in a training setting is out of range.
+    #[error("{name} must be {expected}, got {value}")]
+    InvalidSetting {
+        /// The setting.
+        name: &'static str,
+        /// The allowed range, in words.
+        expected: &'static str,
+        /// The rejected value.
+        value: f64,
+    },
     /// A kernel refused its inputs.
     #[error(transparent)]
     Kernel(#[from] moe_kernels::KernelError),

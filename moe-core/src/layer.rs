@@ -8,7 +8,10 @@ use burn::tensor::{Device, Tensor};
 use crate::dispatch::{self, DispatchStrategy};
 use crate::error::MoeError;
 use crate::experts::{ExpertActivation, Experts, ExpertsConfig};
-use crate::router::{GroupLimit, Router, RouterConfig, Routing, Scoring, SlotPlan, TopK};
+use crate::options::ForwardOptions;
+use crate::router::{
+    GroupLimit, Router, RouterConfig, RouterKind, Routing, Scoring, SlotPlan, TopK,
+};
 use crate::shared::{SharedExpert, SharedExpertConfig};
 
 /// Configuration of a [`MoeLayer`]: the router, the routed experts and an optional shared expert.
@@ -37,6 +40,9 @@ pub struct MoeLayerConfig {
     /// Multiplies the routing weights.
     #[config(default = 1.0)]
     pub routed_scaling_factor: f64,
+    /// Token choice (top-k), expert choice, hash or random routing.
+    #[config(default = "RouterKind::TokenChoice")]
+    pub router_kind: RouterKind,
     /// Expert FFN form.
     #[config(default = "ExpertActivation::SwiGlu")]
     pub activation: ExpertActivation,
@@ -98,6 +104,7 @@ impl MoeLayerConfig {
             .with_selection_bias(self.selection_bias)
             .with_group_limit(self.group_limit)
             .with_routed_scaling_factor(self.routed_scaling_factor)
+            .with_kind(self.router_kind)
     }
 
     /// The routed-experts part of this configuration.
@@ -257,6 +264,25 @@ impl MoeLayer {
         x: Tensor<D>,
         top_k: &TopK,
     ) -> Result<MoeOutput<D>, MoeError> {
+        self.try_forward_with(x, &ForwardOptions::new().with_top_k(top_k.clone()))
+    }
+
+    /// Forward pass with every per-call choice of `options`: the k dial, the router
+    /// temperature, a capacity limit (dropped pairs contribute nothing), the token ids of the
+    /// hash router and the random router's seed.
+    ///
+    /// # Shapes
+    /// - `x`: `[T, d_model]` or `[B, S, d_model]` → `hidden` of the same shape
+    /// - `options.token_ids`: `[T]` (`T = B·S`, row-major)
+    ///
+    /// # Errors
+    /// Those of [`MoeLayer::try_forward`], a temperature or capacity factor that is not finite
+    /// and positive, and (hash router) missing, negative or miscounted token ids.
+    pub fn try_forward_with<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        options: &ForwardOptions,
+    ) -> Result<MoeOutput<D>, MoeError> {
         // check the input, flatten to [T, d_model]
         let dims = x.dims();
         let seq_len = match D {
@@ -272,12 +298,12 @@ impl MoeLayer {
             });
         }
         let tokens = dims[..D - 1].iter().product();
-        let slots = SlotPlan::resolve(top_k, &self.router.settings, tokens, seq_len)?;
+        let slots = SlotPlan::resolve(&options.top_k, &self.router.settings, tokens, seq_len)?;
         let path = self.dispatch.resolve(&x.device())?;
         let x = x.reshape([tokens, d_model]);
 
         // 1. route
-        let routing = self.router.route_slots(x.clone(), &slots, path)?;
+        let routing = self.router.route_slots(x.clone(), &slots, options, path)?;
         // 2–5. plan, permute, experts, unpermute + combine
         let routed = dispatch::run_experts(&self.experts, x.clone(), &routing, path)?;
         // 6. shared

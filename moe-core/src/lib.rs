@@ -51,14 +51,18 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod balance;
 pub mod dispatch;
 pub mod error;
 pub mod experts;
 pub mod layer;
+pub mod options;
 pub mod reference;
 pub mod router;
+pub mod schedule;
 pub mod shared;
 
+pub use balance::{AuxFreeBalancer, expert_load, load_balancing_loss, load_cv, router_z_loss};
 pub use dispatch::{DispatchPath, DispatchStrategy};
 pub use error::MoeError;
 pub use experts::{ExpertActivation, Experts, ExpertsConfig};
@@ -66,5 +70,9 @@ pub use layer::{MoeLayer, MoeLayerConfig, MoeOutput};
 /// The CubeCL kernels behind [`DispatchPath::Kernels`] and the host kernels behind
 /// [`DispatchPath::HostKernels`].
 pub use moe_kernels;
-pub use router::{GroupLimit, Router, RouterConfig, RouterSettings, Routing, Scoring, TopK};
+pub use options::{Capacity, ForwardOptions};
+pub use router::{
+    GroupLimit, Router, RouterConfig, RouterKind, RouterSettings, Routing, Scoring, TopK,
+};
+pub use schedule::{DenseToSparse, MixedTopK};
 pub use shared::{SharedExpert, SharedExpertConfig};

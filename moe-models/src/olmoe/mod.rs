@@ -296,3 +296,76 @@ impl OlmoeModel {
         Ok((model, report))
     }
 }
+
+impl OlmoeModel {
+    /// A freshly initialised model of `config`'s shape whose MoE blocks follow `moe` (any
+    /// router kind, shared expert or selection bias), for training from scratch: projections
+    /// and embeddings drawn from `N(0, 0.02²)` (OLMoE's `initializer_range`), norms at 1.
+    ///
+    /// # Errors
+    /// An invalid `config`, or a `moe` whose `d_model` is not `hidden_size`.
+    pub fn init(
+        config: &OlmoeConfig,
+        moe: &moe_core::MoeLayerConfig,
+        device: &Device,
+    ) -> Result<Self, LoadError> {
+        use burn::nn::{Initializer, LinearConfig, RmsNormConfig};
+        config.validate()?;
+        let h = config.hidden_size;
+        if moe.d_model != h {
+            return Err(LoadError::Moe(moe_core::MoeError::HiddenSizeMismatch {
+                expected: h,
+                got: moe.d_model,
+            }));
+        }
+        let (heads, kv_heads, head_dim) = (
+            config.num_attention_heads,
+            config.kv_heads(),
+            config.head_dim(),
+        );
+        let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+        let init = Initializer::Normal {
+            mean: 0.0,
+            std: 0.02,
+        };
+        let linear = |inp: usize, out: usize| {
+            LinearConfig::new(inp, out)
+                .with_bias(false)
+                .with_initializer(init.clone())
+                .init(device)
+        };
+        let norm = |size: usize| {
+            RmsNormConfig::new(size)
+                .with_epsilon(config.rms_norm_eps)
+                .init(device)
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for _ in 0..config.num_hidden_layers {
+            layers.push(OlmoeDecoderLayer {
+                input_layernorm: norm(h),
+                self_attn: OlmoeAttention {
+                    q_proj: linear(h, q_width),
+                    k_proj: linear(h, kv_width),
+                    v_proj: linear(h, kv_width),
+                    o_proj: linear(q_width, h),
+                    q_norm: norm(q_width),
+                    k_norm: norm(kv_width),
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    clip_qkv: config.clip_qkv,
+                },
+                post_attention_layernorm: norm(h),
+                mlp: moe.init(device)?,
+            });
+        }
+        let v = config.vocab_size;
+        Ok(OlmoeModel {
+            embed_tokens: init.init_with([v, h], Some(h), Some(v), device),
+            layers,
+            norm: norm(h),
+            lm_head: init.init_with([h, v], Some(h), Some(v), device),
+            rope_theta: config.rope_theta,
+        })
+    }
+}

@@ -6,7 +6,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, RmsNorm};
 use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use moe_core::{MoeLayer, Routing, TopK};
+use moe_core::{ForwardOptions, MoeLayer, Routing, TopK};
 use rand::SeedableRng;
 use rand::distr::Distribution;
 use rand::distr::weighted::WeightedIndex;
@@ -279,6 +279,25 @@ impl OlmoeModel {
         top_k: &TopK,
         trace: bool,
     ) -> Result<ModelOutput, RunError> {
+        let options = ForwardOptions::new().with_top_k(top_k.clone());
+        self.forward_with(ids, mask, cache, &options, trace)
+    }
+
+    /// [`OlmoeModel::forward`] with every per-call choice of the MoE layers (k, router
+    /// temperature, capacity, the random router's seed). The hash router is given the call's
+    /// token ids.
+    ///
+    /// # Errors
+    /// Those of [`OlmoeModel::forward`] and of [`MoeLayer::try_forward_with`].
+    pub fn forward_with(
+        &self,
+        ids: &[Vec<i64>],
+        mask: &[Vec<bool>],
+        cache: &mut KvCache,
+        options: &ForwardOptions,
+        trace: bool,
+    ) -> Result<ModelOutput, RunError> {
+        let top_k = &options.top_k;
         self.check_input(ids, mask, cache)?;
         if let Some(layer) = self.layers.first() {
             // k is checked once here so that a bad dial fails before the cache is touched.
@@ -326,6 +345,7 @@ impl OlmoeModel {
 
         let flat: Vec<i64> = ids.iter().flatten().copied().collect();
         let ids = Tensor::<1, Int>::from_data(TensorData::new(flat, [b * l]), &device);
+        let options = options.clone().with_token_ids(ids.clone());
         let hidden_size = self.embed_tokens.dims()[1];
         let mut x = self
             .embed_tokens
@@ -339,7 +359,7 @@ impl OlmoeModel {
                 .self_attn
                 .forward(attn_in, &cos, &sin, &mask, layer_cache);
             let moe_in = layer.post_attention_layernorm.forward(h.clone());
-            let moe = layer.mlp.try_forward(moe_in.clone(), top_k)?;
+            let moe = layer.mlp.try_forward_with(moe_in.clone(), &options)?;
             x = h + moe.hidden.clone();
             if trace {
                 traces.push(MoeTrace {

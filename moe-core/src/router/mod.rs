@@ -11,6 +11,11 @@ use burn::tensor::{Bool, DType, Device, IndexingUpdateOp, Int, Tensor, TensorDat
 
 use crate::dispatch::{DispatchPath, DispatchStrategy};
 use crate::error::MoeError;
+use crate::options::{Capacity, ForwardOptions};
+
+mod choice;
+
+pub use choice::{expert_choice_capacity, hash_experts, random_experts};
 
 /// Added to the renormalisation denominator, as DeepSeek-V3 does (`+ 1e-20`); it changes no
 /// f32 sum of probabilities and keeps an all-zero row finite.
@@ -41,6 +46,32 @@ pub struct GroupLimit {
     pub topk_group: usize,
 }
 
+/// How a router picks experts.
+#[derive(Config, Debug, Copy, PartialEq)]
+pub enum RouterKind {
+    /// Every token picks its top k experts by score (OLMoE, Mixtral, Qwen, DeepSeek-V3).
+    TokenChoice,
+    /// Every expert picks its top `ceil(capacity_factor · T / E)` tokens by score (Zhou et al.
+    /// 2022, "Mixture-of-Experts with Expert Choice Routing"): a token may get any number of
+    /// experts, none included; the weights are its softmax scores. The k dial is ignored.
+    ExpertChoice {
+        /// Tokens per expert as a multiple of the balanced share `T / E`.
+        capacity_factor: f64,
+    },
+    /// A fixed function of the token id picks k distinct experts (Roller et al. 2021, "Hash
+    /// Layers"), each weighted `1/k`; needs [`crate::ForwardOptions::token_ids`].
+    Hash {
+        /// Seed of the hash; the same seed gives the same assignment.
+        seed: u64,
+    },
+    /// Every token draws k distinct experts uniformly at random (THOR, Zuo et al. 2022), each
+    /// weighted `1/k`; the draw is fixed by this seed and [`crate::ForwardOptions::seed`].
+    Random {
+        /// Base seed, mixed with the call's seed.
+        seed: u64,
+    },
+}
+
 /// Configuration of a [`Router`].
 #[derive(Config, Debug)]
 pub struct RouterConfig {
@@ -66,6 +97,9 @@ pub struct RouterConfig {
     /// Multiplies the final weights (`routed_scaling_factor`).
     #[config(default = 1.0)]
     pub routed_scaling_factor: f64,
+    /// Token choice (top-k), expert choice, hash or random routing.
+    #[config(default = "RouterKind::TokenChoice")]
+    pub kind: RouterKind,
     /// Initializer of the router weight.
     #[config(default = "Initializer::Normal { mean: 0.0, std: 0.02 }")]
     pub initializer: Initializer,
@@ -86,6 +120,8 @@ pub struct RouterSettings {
     pub group_limit: Option<GroupLimit>,
     /// Multiplies the final weights.
     pub routed_scaling_factor: f64,
+    /// Token choice, expert choice, hash or random routing.
+    pub kind: RouterKind,
 }
 
 impl RouterSettings {
@@ -143,6 +179,9 @@ impl RouterSettings {
         if !scale.is_finite() || scale <= 0.0 {
             return Err(MoeError::InvalidScalingFactor { value: scale });
         }
+        if let RouterKind::ExpertChoice { capacity_factor } = self.kind {
+            Capacity::Factor(capacity_factor).validate()?;
+        }
         self.check_top_k(self.top_k)
     }
 }
@@ -157,6 +196,7 @@ impl RouterConfig {
             normalize_top_k: self.normalize_top_k,
             group_limit: self.group_limit,
             routed_scaling_factor: self.routed_scaling_factor,
+            kind: self.kind,
         }
     }
 
@@ -285,6 +325,9 @@ pub struct Routing {
     pub weights: Tensor<2>,
     /// Number of routed experts `E`.
     pub num_experts: usize,
+    /// Pairs dropped per expert `[E]` by a capacity limit (absent when dropless). Their slots
+    /// hold the id `E` and the weight 0.
+    pub dropped: Option<Tensor<1, Int>>,
 }
 
 impl Routing {
@@ -315,6 +358,32 @@ impl Routing {
             expert_ids,
             weights: weights.cast(DType::F32),
             num_experts,
+            dropped: None,
+        })
+    }
+
+    /// The same routing with every pair past an expert's capacity dropped, in GShard's
+    /// priority order (all first slots in token order, then all second slots, …). Dropped
+    /// slots hold the id `E` and the weight 0; [`Routing::dropped`] counts them per expert
+    /// (added to any earlier count). The capacity of [`Capacity::Factor`] counts `T · k` pairs.
+    ///
+    /// # Errors
+    /// A capacity factor that is not finite and positive.
+    pub fn with_capacity(self, capacity: Capacity) -> Result<Routing, MoeError> {
+        capacity.validate()?;
+        let (t, k, e) = (self.num_tokens(), self.top_k(), self.num_experts);
+        let per_expert = capacity.per_expert(t, k, e);
+        let (expert_ids, weights, dropped) =
+            choice::drop_over_capacity(self.expert_ids, self.weights, e, per_expert);
+        let dropped = match self.dropped {
+            Some(earlier) => earlier + dropped,
+            None => dropped,
+        };
+        Ok(Routing {
+            expert_ids,
+            weights,
+            dropped: Some(dropped),
+            ..self
         })
     }
 
@@ -375,6 +444,21 @@ impl Router {
         top_k: &TopK,
         strategy: DispatchStrategy,
     ) -> Result<Routing, MoeError> {
+        let options = ForwardOptions::new().with_top_k(top_k.clone());
+        self.route_options(x, &options, strategy)
+    }
+
+    /// Routes `x` with every per-call choice of `options` (k, temperature, capacity, token
+    /// ids, seed), the epilogue run by `strategy` as in [`Router::route_with`].
+    ///
+    /// # Shapes
+    /// - `x`: `[T, d_model]`
+    pub fn route_options(
+        &self,
+        x: Tensor<2>,
+        options: &ForwardOptions,
+        strategy: DispatchStrategy,
+    ) -> Result<Routing, MoeError> {
         let [t, d] = x.dims();
         let d_model = self.weight.dims()[0];
         if d != d_model {
@@ -383,9 +467,9 @@ impl Router {
                 got: d,
             });
         }
-        let slots = SlotPlan::resolve(top_k, &self.settings, t, 1)?;
+        let slots = SlotPlan::resolve(&options.top_k, &self.settings, t, 1)?;
         let path = strategy.resolve(&x.device())?;
-        self.route_slots(x, &slots, path)
+        self.route_slots(x, &slots, options, path)
     }
 
     /// Checks `top_k` for `num_tokens` tokens in sequences of `seq_len` tokens without routing
@@ -445,32 +529,82 @@ impl Router {
         Ok((ids, weights))
     }
 
-    /// Routing once the input and the slot counts are known to be valid.
+    /// Routing once the input and the slot counts are known to be valid: logits, the kind's
+    /// selection at the call's temperature, then the call's capacity limit.
     pub(crate) fn route_slots(
         &self,
         x: Tensor<2>,
         slots: &SlotPlan,
+        options: &ForwardOptions,
         path: DispatchPath,
     ) -> Result<Routing, MoeError> {
+        let temperature = options.checked_temperature()?;
+        if let Some(capacity) = options.capacity {
+            capacity.validate()?;
+        }
         let tokens = x.dims()[0];
+        let device = x.device();
+        let num_experts = self.settings.num_experts;
         let logits = x
             .cast(DType::F32)
             .matmul(self.weight.val().cast(DType::F32));
-        // One unit per token walks the experts k times: it beats the composed ops for a few
-        // tokens (decoding), not for long prompts (measured on lavapipe, see the bench).
-        let path = match tokens <= FUSED_EPILOGUE_MAX_TOKENS {
-            true => path,
-            false => DispatchPath::TensorOps,
+        let scaled = match temperature == 1.0 {
+            true => logits.clone(),
+            false => logits.clone().div_scalar(temperature),
         };
-        let (expert_ids, weights, scores) = self.epilogue(logits.clone(), slots, path)?;
-        let scores = scores.unwrap_or_else(|| self.scores(logits.clone()));
-        Ok(Routing {
+        let uniform = |experts: Vec<Vec<usize>>| {
+            choice::uniform_routing(&experts, slots.max_k, num_experts, &device)
+        };
+        let per_token_k = || {
+            slots
+                .per_token
+                .clone()
+                .unwrap_or_else(|| vec![slots.max_k; tokens])
+        };
+        let (expert_ids, weights, scores) = match self.settings.kind {
+            RouterKind::TokenChoice => {
+                // One unit per token walks the experts k times: it beats the composed ops for
+                // a few tokens (decoding), not for long prompts (measured on lavapipe).
+                let path = match tokens <= FUSED_EPILOGUE_MAX_TOKENS {
+                    true => path,
+                    false => DispatchPath::TensorOps,
+                };
+                let (ids, weights, scores) = self.epilogue(scaled.clone(), slots, path)?;
+                (ids, weights, scores.unwrap_or_else(|| self.scores(scaled)))
+            }
+            RouterKind::ExpertChoice { capacity_factor } => {
+                let scores = softmax(scaled, 1);
+                let (ids, weights) = choice::expert_choice(scores.clone(), capacity_factor);
+                (ids, weights, scores)
+            }
+            RouterKind::Hash { seed } => {
+                let token_ids = choice::host_token_ids(options.token_ids.as_ref(), tokens)?;
+                let experts = token_ids
+                    .iter()
+                    .zip(per_token_k())
+                    .map(|(&id, k)| hash_experts(seed, id, num_experts, k))
+                    .collect();
+                let (ids, weights) = uniform(experts);
+                (ids, weights, self.scores(scaled))
+            }
+            RouterKind::Random { seed } => {
+                let experts = random_experts(seed, options.seed, num_experts, &per_token_k());
+                let (ids, weights) = uniform(experts);
+                (ids, weights, self.scores(scaled))
+            }
+        };
+        let routing = Routing {
             logits: Some(logits),
             scores: Some(scores),
             expert_ids,
             weights,
-            num_experts: self.settings.num_experts,
-        })
+            num_experts,
+            dropped: None,
+        };
+        match options.capacity {
+            Some(capacity) => routing.with_capacity(capacity),
+            None => Ok(routing),
+        }
     }
 
     /// Softmax or sigmoid scores of f32 logits.

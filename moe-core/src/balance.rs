@@ -1,0 +1,139 @@
+//! Training-time balance: the losses read from a [`Routing`] (Switch/GShard load balancing as
+//! OLMoE computes it, the ST-MoE router z-loss), DeepSeek-V3's auxiliary-loss-free bias update,
+//! and the load statistics a training loop prints.
+
+use burn::tensor::{Int, Tensor};
+
+use crate::error::MoeError;
+use crate::router::{Router, Routing};
+
+/// Selected pairs per expert as f32 `[E]`, unused and dropped slots left out.
+fn load(routing: &Routing) -> Tensor<1> {
+    routing.expert_counts().float()
+}
+
+/// The Switch / GShard load-balancing loss in the form OLMoE (and every Hugging Face MoE)
+/// multiplies by `router_aux_loss_coef`:
+///
+/// `E · Σ_e f_e · P_e`, with `f_e` = pairs routed to expert `e` divided by the tokens `T`
+/// (so `Σ_e f_e = k`) and `P_e` the mean score of expert `e` over the tokens.
+///
+/// It is `k` when routing is perfectly balanced and grows as the load concentrates. Gradients
+/// flow through the scores `P` (the counts are piecewise constant).
+///
+/// # Errors
+/// [`MoeError::MissingRoutingPart`] for a routing without scores (one made by hand).
+pub fn load_balancing_loss(routing: &Routing) -> Result<Tensor<1>, MoeError> {
+    let scores = routing.scores.clone().ok_or(MoeError::MissingRoutingPart {
+        what: "load_balancing_loss",
+        field: "scores",
+    })?;
+    let tokens = routing.num_tokens().max(1) as f64;
+    let fraction = load(routing).div_scalar(tokens); // f_e, [E]
+    let mean_score = scores.mean_dim(0).reshape([routing.num_experts]); // P_e, [E]
+    Ok((fraction * mean_score)
+        .sum()
+        .mul_scalar(routing.num_experts as f64))
+}
+
+/// The router z-loss of ST-MoE (Zoph et al. 2022): the mean over tokens of
+/// `(log Σ_e exp(logit_e))²`, which keeps the router logits small.
+///
+/// # Errors
+/// [`MoeError::MissingRoutingPart`] for a routing without logits (one made by hand).
+pub fn router_z_loss(routing: &Routing) -> Result<Tensor<1>, MoeError> {
+    let logits = routing.logits.clone().ok_or(MoeError::MissingRoutingPart {
+        what: "router_z_loss",
+        field: "logits",
+    })?;
+    let peak = logits.clone().max_dim(1).detach(); // [T, 1]
+    let log_sum_exp = (logits - peak.clone()).exp().sum_dim(1).log() + peak;
+    Ok(log_sum_exp.square().mean())
+}
+
+/// DeepSeek-V3's auxiliary-loss-free balancing: after each training step, every expert's
+/// selection bias moves by `update_rate` down when its load is above the mean and up when it
+/// is below (unchanged when equal). The bias only picks experts; it changes no weight and
+/// needs no loss term or gradient.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AuxFreeBalancer {
+    /// The bias update speed `γ` (DeepSeek-V3 uses 0.001).
+    pub update_rate: f64,
+}
+
+impl AuxFreeBalancer {
+    /// A balancer moving the biases by `update_rate` per step.
+    ///
+    /// # Errors
+    /// [`MoeError::InvalidSetting`] unless the rate is finite and positive.
+    pub fn new(update_rate: f64) -> Result<Self, MoeError> {
+        if !update_rate.is_finite() || update_rate <= 0.0 {
+            return Err(MoeError::InvalidSetting {
+                name: "update_rate",
+                expected: "finite and > 0",
+                value: update_rate,
+            });
+        }
+        Ok(AuxFreeBalancer { update_rate })
+    }
+
+    /// Moves `router`'s selection bias by the load of `routing` (the routing that router
+    /// produced this step). The parameter keeps its id, so optimizer state stays attached.
+    ///
+    /// # Errors
+    /// [`MoeError::NoSelectionBias`] when the router has no selection bias, and
+    /// [`MoeError::ShapeMismatch`] when the routing has another number of experts.
+    pub fn update(&self, router: &mut Router, routing: &Routing) -> Result<(), MoeError> {
+        let num_experts = router.settings.num_experts;
+        if routing.num_experts != num_experts {
+            return Err(MoeError::ShapeMismatch {
+                name: "routing experts".into(),
+                expected: vec![num_experts],
+                got: vec![routing.num_experts],
+            });
+        }
+        let bias = router
+            .selection_bias
+            .take()
+            .ok_or(MoeError::NoSelectionBias)?;
+        let counts = load(routing);
+        let mean = counts.clone().mean();
+        let step = (mean.expand([num_experts]) - counts)
+            .sign()
+            .mul_scalar(self.update_rate);
+        router.selection_bias = Some(bias.map(|b| {
+            let dtype = b.dtype();
+            let step = step.to_device(&b.device()).cast(dtype);
+            (b.detach() + step).detach()
+        }));
+        Ok(())
+    }
+}
+
+/// Pairs routed to each expert, on the host (one read).
+pub fn expert_load(routing: &Routing) -> Vec<usize> {
+    host_counts(routing.expert_counts())
+}
+
+fn host_counts(counts: Tensor<1, Int>) -> Vec<usize> {
+    counts
+        .into_data()
+        .iter::<i64>()
+        .map(|c| c.max(0) as usize)
+        .collect()
+}
+
+/// Coefficient of variation of a load vector: population standard deviation over mean (0 for
+/// a perfectly even load or no load at all).
+pub fn load_cv(load: &[usize]) -> f64 {
+    if load.is_empty() {
+        return 0.0;
+    }
+    let n = load.len() as f64;
+    let mean = load.iter().sum::<usize>() as f64 / n;
+    if mean == 0.0 {
+        return 0.0;
+    }
+    let var = load.iter().map(|&c| (c as f64 - mean).powi(2)).sum::<f64>() / n;
+    var.sqrt() / mean
+}

@@ -1,0 +1,127 @@
+//! The tiny MoE language model of `moe::train` (the engine of `examples/train_tiny_moe.rs`):
+//! it learns, its checkpoints resume bit for bit, and its inputs are checked.
+
+mod common;
+
+use burn::tensor::Device;
+use moe::train::{CharCorpus, TrainConfig, TrainError, Trainer};
+
+const CORPUS: &str = include_str!("../examples/data/tiny_shakespeare.txt");
+
+/// A model small enough for the test profile: 2 layers, d 32, 4 experts, top-2.
+fn small() -> TrainConfig {
+    TrainConfig {
+        layers: 2,
+        d_model: 32,
+        heads: 2,
+        d_ff: 32,
+        experts: 4,
+        top_k: 2,
+        seq_len: 32,
+        batch: 8,
+        lr: 1e-2,
+        warmup: 5,
+        seed: 3,
+        ..TrainConfig::tiny()
+    }
+}
+
+fn flex() -> Device {
+    moe::backend::Backend::default().device()
+}
+
+#[test]
+fn the_corpus_round_trips_and_bad_text_is_refused() {
+    let corpus = CharCorpus::new(CORPUS);
+    assert_eq!(corpus.ids.len(), CORPUS.chars().count());
+    assert_eq!(
+        corpus.decode(&corpus.ids[..200]),
+        CORPUS.chars().take(200).collect::<String>()
+    );
+    assert!(
+        corpus.vocab.windows(2).all(|w| w[0] < w[1]),
+        "sorted, distinct"
+    );
+    assert_eq!(corpus.encode("ROMEO:").unwrap().len(), 6);
+    match corpus.encode("Ro§") {
+        Err(TrainError::UnknownChar {
+            ch: '§',
+            position: 2,
+        }) => {}
+        other => panic!("expected an unknown-character error, got {other:?}"),
+    }
+    let (train, valid) = corpus.split(0.1);
+    assert_eq!(train.len() + valid.len(), corpus.ids.len());
+    assert!(valid.len() * 9 <= train.len() + 9);
+}
+
+#[test]
+fn the_tiny_model_learns_and_resumes_bit_for_bit() {
+    let corpus = CharCorpus::new(CORPUS);
+    let (train, valid) = corpus.split(0.1);
+    let device = flex();
+    let vocab = corpus.vocab.len();
+
+    // Loss falls: from ln(vocab) ≈ 4.1 towards the character statistics.
+    let mut trainer = Trainer::new(small(), vocab, &device).unwrap();
+    let before = trainer.eval_loss(valid, 2, 8).unwrap();
+    let mut reports = Vec::new();
+    for _ in 0..30 {
+        reports.push(trainer.train_step(train).unwrap());
+    }
+    let after = trainer.eval_loss(valid, 2, 8).unwrap();
+    assert!(
+        (before - (vocab as f64).ln()).abs() < 0.3,
+        "an untrained model is near uniform: {before} vs ln {vocab}"
+    );
+    assert!(
+        after < before - 0.7,
+        "validation loss {before} → {after} in 30 steps"
+    );
+    let last = reports.last().unwrap();
+    assert_eq!(last.load.len(), 2, "one load row per layer");
+    assert!(
+        last.load
+            .iter()
+            .all(|l| l.iter().sum::<usize>() == 8 * 32 * 2),
+        "every token's two pairs are counted: {:?}",
+        last.load
+    );
+
+    // Six steps straight equal three, a checkpoint, a resume and three more.
+    let dir = common::checkpoints::scratch("tiny_lm_resume");
+    let mut straight = Trainer::new(small(), vocab, &device).unwrap();
+    let mut first = Trainer::new(small(), vocab, &device).unwrap();
+    for _ in 0..3 {
+        straight.train_step(train).unwrap();
+        first.train_step(train).unwrap();
+    }
+    first.save(&dir).unwrap();
+    let mut resumed = Trainer::resume(small(), &dir, &device).unwrap();
+    assert_eq!(resumed.step, 3);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        a.push(straight.train_step(train).unwrap().lm_loss);
+        b.push(resumed.train_step(train).unwrap().lm_loss);
+    }
+    assert_eq!(a, b, "losses after resuming");
+    assert_eq!(
+        straight.eval_loss(valid, 2, 4).unwrap(),
+        resumed.eval_loss(valid, 2, 4).unwrap()
+    );
+
+    // A missing checkpoint and a corpus shorter than a window are typed errors.
+    let missing = common::checkpoints::scratch("tiny_lm_missing");
+    assert!(matches!(
+        Trainer::resume(small(), &missing, &device),
+        Err(TrainError::Checkpoint { .. })
+    ));
+    match trainer.train_step(&train[..20]) {
+        Err(TrainError::CorpusTooShort {
+            chars: 20,
+            seq_len: 32,
+            needed: 34,
+        }) => {}
+        other => panic!("expected CorpusTooShort, got {:?}", other.map(|r| r.step)),
+    }
+}
