@@ -10,8 +10,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use moe::reference::{NaiveMoe, NaiveOptions};
 use moe::{
     AuxFreeBalancer, Capacity, DispatchStrategy, ForwardOptions, GroupLimit, MoeError, MoeLayer,
-    MoeLayerConfig, RouterKind, Routing, TopK, expert_load, load_balancing_loss, load_cv,
-    router_z_loss,
+    MoeLayerConfig, RouterKind, Routing, TopK, expert_load, load_balancing_loss,
+    load_balancing_loss_layers, load_cv, router_z_loss,
 };
 
 /// Output tolerance against the f64 oracle (values are O(1)).
@@ -536,6 +536,61 @@ fn balance_losses_match_their_formulas_and_gradients() {
             assert!(
                 (numeric - analytic).abs() <= 2e-3 * (1.0 + numeric.abs()),
                 "{name}: d loss / d router[{index}] = {analytic}, finite differences {numeric}"
+            );
+        }
+    }
+}
+
+#[test]
+fn balance_losses_match_transformers() {
+    use burn::tensor::activation::softmax;
+    use moe::moe_models::TensorSource;
+    // name, layers, tokens, experts, k (scripts/fixtures/make_aux_losses.py)
+    let cases = [
+        ("one_layer_e8_k2", 1, 37, 8, 2),
+        ("two_layers_e16_k4", 2, 50, 16, 4),
+        ("one_layer_e4_k1", 1, 9, 4, 1),
+    ];
+    for (file, layers, t, e, k) in cases {
+        let path = format!(
+            "{}/tests/data/aux-losses/{file}.safetensors",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let source = TensorSource::open(std::path::Path::new(&path)).unwrap();
+        for (name, device) in common::devices() {
+            let mut routings = Vec::new();
+            for layer in 0..layers {
+                let logits = common::upload(
+                    source
+                        .read_f32(&format!("logits_{layer}"), &[t, e])
+                        .unwrap(),
+                    [t, e],
+                    &device,
+                );
+                let top = source
+                    .read_i64(&format!("topk_idx_{layer}"), &[t, k])
+                    .unwrap();
+                let ids = ids(top, [t, k], &device);
+                let scores = softmax(logits.clone(), 1);
+                let weights = scores.clone().gather(1, ids.clone());
+                let routing = Routing {
+                    logits: Some(logits),
+                    scores: Some(scores),
+                    ..Routing::new(ids, weights, e).unwrap()
+                };
+                let z = common::host(router_z_loss(&routing).unwrap())[0];
+                let want = source.read_f32(&format!("z_loss_{layer}"), &[]).unwrap()[0];
+                assert!(
+                    (z - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{name} {file} layer {layer}: z-loss {z} vs transformers {want}"
+                );
+                routings.push(routing);
+            }
+            let balance = common::host(load_balancing_loss_layers(&routings).unwrap())[0];
+            let want = source.read_f32("balance", &[]).unwrap()[0];
+            assert!(
+                (balance - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "{name} {file}: balance loss {balance} vs transformers {want}"
             );
         }
     }

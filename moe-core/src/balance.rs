@@ -19,21 +19,56 @@ fn load(routing: &Routing) -> Tensor<1> {
 /// (so `Σ_e f_e = k`) and `P_e` the mean score of expert `e` over the tokens.
 ///
 /// It is `k` when routing is perfectly balanced and grows as the load concentrates. Gradients
-/// flow through the scores `P` (the counts are piecewise constant).
+/// flow through the scores `P` (the counts are piecewise constant). For the loss of a whole
+/// model, see [`load_balancing_loss_layers`].
 ///
 /// # Errors
 /// [`MoeError::MissingRoutingPart`] for a routing without scores (one made by hand).
 pub fn load_balancing_loss(routing: &Routing) -> Result<Tensor<1>, MoeError> {
-    let scores = routing.scores.clone().ok_or(MoeError::MissingRoutingPart {
-        what: "load_balancing_loss",
-        field: "scores",
+    load_balancing_loss_layers(std::slice::from_ref(routing))
+}
+
+/// The load-balancing loss of several layers as transformers computes it for a whole model
+/// (`load_balancing_loss_func` over every layer's router logits): the tokens of all layers are
+/// pooled, so `f_e` counts the pairs of every layer over `L · T` tokens and `P_e` is the mean
+/// score over them, then `E · Σ_e f_e · P_e`.
+///
+/// # Errors
+/// No routing, routings over different numbers of experts, or one without scores.
+pub fn load_balancing_loss_layers(routings: &[Routing]) -> Result<Tensor<1>, MoeError> {
+    let first = routings.first().ok_or(MoeError::InvalidSetting {
+        name: "routings",
+        expected: "at least one",
+        value: 0.0,
     })?;
-    let tokens = routing.num_tokens().max(1) as f64;
-    let fraction = load(routing).div_scalar(tokens); // f_e, [E]
-    let mean_score = scores.mean_dim(0).reshape([routing.num_experts]); // P_e, [E]
-    Ok((fraction * mean_score)
-        .sum()
-        .mul_scalar(routing.num_experts as f64))
+    let num_experts = first.num_experts;
+    let mut total: Option<(Tensor<1>, Tensor<1>)> = None;
+    let mut tokens = 0usize;
+    for routing in routings {
+        if routing.num_experts != num_experts {
+            return Err(MoeError::ShapeMismatch {
+                name: "routing experts".into(),
+                expected: vec![num_experts],
+                got: vec![routing.num_experts],
+            });
+        }
+        let scores = routing.scores.clone().ok_or(MoeError::MissingRoutingPart {
+            what: "load_balancing_loss",
+            field: "scores",
+        })?;
+        tokens += routing.num_tokens();
+        let counts = load(routing);
+        let score_sum = scores.sum_dim(0).reshape([num_experts]);
+        total = Some(match total {
+            None => (counts, score_sum),
+            Some((c, s)) => (c + counts, s + score_sum),
+        });
+    }
+    let (counts, score_sum) = total.expect("at least one routing");
+    let tokens = tokens.max(1) as f64;
+    let fraction = counts.div_scalar(tokens); // f_e
+    let mean_score = score_sum.div_scalar(tokens); // P_e
+    Ok((fraction * mean_score).sum().mul_scalar(num_experts as f64))
 }
 
 /// The router z-loss of ST-MoE (Zoph et al. 2022): the mean over tokens of

@@ -8,12 +8,16 @@
 //!
 //! | step | where |
 //! |---|---|
-//! | route: logits (f32), scores, top-k, weights | [`router::Router::route`] |
+//! | route: logits (f32), scores, top-k (or expert choice, hash, random), weights, capacity | [`router::Router::route_options`] |
 //! | plan: sort `(token, slot)` pairs by expert | [`dispatch::DispatchPlan::build`] |
 //! | permute: gather rows into expert order | [`dispatch::permute`] |
 //! | experts: one FFN per contiguous segment | [`experts::Experts::forward_grouped`] (kernels), [`experts::Experts::forward_segments`] (tensor ops) |
 //! | unpermute + combine: gather back, weighted sum over k | [`dispatch::combine`] |
 //! | shared: dense expert for every token | [`shared::SharedExpert::forward`] |
+//!
+//! Per-call choices live in [`ForwardOptions`] ([`MoeLayer::try_forward_with`]); training
+//! losses and the auxiliary-loss-free balancer in [`balance`]; k and temperature schedules in
+//! [`schedule`].
 //!
 //! ## Embedding a layer in your own module
 //!
@@ -62,7 +66,10 @@ pub mod router;
 pub mod schedule;
 pub mod shared;
 
-pub use balance::{AuxFreeBalancer, expert_load, load_balancing_loss, load_cv, router_z_loss};
+pub use balance::{
+    AuxFreeBalancer, expert_load, load_balancing_loss, load_balancing_loss_layers, load_cv,
+    router_z_loss,
+};
 pub use dispatch::{DispatchPath, DispatchStrategy};
 pub use error::MoeError;
 pub use experts::{ExpertActivation, Experts, ExpertsConfig};
