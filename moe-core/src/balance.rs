@@ -33,6 +33,10 @@ pub fn load_balancing_loss(routing: &Routing) -> Result<Tensor<1>, MoeError> {
 /// pooled, so `f_e` counts the pairs of every layer over `L · T` tokens and `P_e` is the mean
 /// score over them, then `E · Σ_e f_e · P_e`.
 ///
+/// Pooling lets one layer's overload offset another's on the same expert index; to balance
+/// every layer, average [`load_balancing_loss`] over the layers (Switch / GShard, and what
+/// `moe::train` does).
+///
 /// # Errors
 /// No routing, routings over different numbers of experts, or one without scores.
 pub fn load_balancing_loss_layers(routings: &[Routing]) -> Result<Tensor<1>, MoeError> {

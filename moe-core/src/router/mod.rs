@@ -1,4 +1,7 @@
-//! Step 1 of a forward pass, **route**: score every expert for every token and pick the top k.
+//! Step 1 of a forward pass, **route**: score every expert for every token and pick experts —
+//! each token its top k (token choice, here), or each expert its top tokens, a hash of the
+//! token id or a random draw ([`RouterKind`], in `choice.rs`) — then apply the call's capacity
+//! limit.
 //!
 //! The router is independent of the experts: it returns a [`Routing`] that the dispatch step,
 //! load-balancing losses and statistics all read.
@@ -46,7 +49,8 @@ pub struct GroupLimit {
     pub topk_group: usize,
 }
 
-/// How a router picks experts.
+/// How a router picks experts. The selection bias, the group limit, renormalisation and the
+/// scaling factor belong to token choice; the other kinds ignore them.
 #[derive(Config, Debug, Copy, PartialEq)]
 pub enum RouterKind {
     /// Every token picks its top k experts by score (OLMoE, Mixtral, Qwen, DeepSeek-V3).
