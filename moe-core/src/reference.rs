@@ -229,6 +229,8 @@ impl NaiveMoe {
     }
 
     /// Every token's route under the router's kind and `options`, before any capacity limit.
+    // Index loops over experts and slots read like the definitions they check.
+    #[allow(clippy::needless_range_loop)]
     fn routes(&self, x: &[f64], options: &NaiveOptions) -> Vec<NaiveRoute> {
         let (d, e) = (self.d_model, self.num_experts);
         let tokens = options.top_k.len();
@@ -300,6 +302,7 @@ impl NaiveMoe {
     /// Runs the layer in f64 on `x` (`[T, d_model]`, row-major) with `options`: the router's
     /// kind, temperature, then the capacity limit (pairs ranked all first slots in token order,
     /// then all second slots, …). Returns the output and each token's route.
+    #[allow(clippy::needless_range_loop)]
     pub fn forward_options(
         &self,
         x: &[f64],

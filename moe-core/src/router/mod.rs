@@ -166,7 +166,7 @@ impl RouterSettings {
             });
         }
         if let Some(g) = self.group_limit {
-            if g.n_group == 0 || self.num_experts % g.n_group != 0 {
+            if g.n_group == 0 || !self.num_experts.is_multiple_of(g.n_group) {
                 return Err(MoeError::GroupsDoNotDivide {
                     n_group: g.n_group,
                     num_experts: self.num_experts,
