@@ -366,6 +366,17 @@ fn broken_checkpoints_are_typed_errors_naming_the_problem() {
     // The config's own checks, without a folder.
     let text = std::fs::read_to_string(checkpoints::tiny_dir().join("config.json")).unwrap();
     assert!(OlmoeConfig::from_json(&text).is_ok());
+    // Another architecture is refused by name, whether model_type or architectures says so.
+    let mixtral = text.replace("\"olmoe\"", "\"mixtral\"");
+    let err = OlmoeConfig::from_json(&mixtral).unwrap_err();
+    assert!(
+        matches!(&err, LoadError::UnsupportedArchitecture { model_type, .. } if model_type == "mixtral"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("mixtral"), "{err}");
+    let qwen = text.replace("OlmoeForCausalLM", "Qwen3MoeForCausalLM");
+    let err = OlmoeConfig::from_json(&qwen).unwrap_err();
+    assert!(err.to_string().contains("Qwen3MoeForCausalLM"), "{err}");
 }
 
 #[test]

@@ -54,6 +54,18 @@ pub enum LoadError {
         /// What is wrong with it.
         reason: String,
     },
+    /// `config.json` names an architecture this engine does not run.
+    #[error(
+        "config.json: model_type {model_type:?} (architectures {architectures:?}) is not supported; supported: {supported}"
+    )]
+    UnsupportedArchitecture {
+        /// Its `model_type` (empty when absent).
+        model_type: String,
+        /// Its `architectures`.
+        architectures: Vec<String>,
+        /// What is supported.
+        supported: &'static str,
+    },
     /// The file is not valid safetensors (truncated, bad header, sizes that do not add up).
     #[error("{source_name} is not a valid safetensors file: {reason}")]
     Corrupt {

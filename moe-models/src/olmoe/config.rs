@@ -82,6 +82,32 @@ const REQUIRED_SIZES: [&str; 7] = [
     "num_experts_per_tok",
 ];
 
+/// Refuses a config whose `model_type` or `architectures` name another model than OLMoE (a
+/// config without either is read as OLMoE).
+fn check_architecture(object: &serde_json::Map<String, Value>) -> Result<(), LoadError> {
+    let model_type = object.get("model_type").and_then(Value::as_str);
+    let architectures: Vec<String> = object
+        .get("architectures")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let type_ok = model_type.is_none_or(|t| t == "olmoe");
+    let arch_ok = architectures.is_empty() || architectures.iter().any(|a| a == "OlmoeForCausalLM");
+    match type_ok && arch_ok {
+        true => Ok(()),
+        false => Err(LoadError::UnsupportedArchitecture {
+            model_type: model_type.unwrap_or_default().to_string(),
+            architectures,
+            supported: "olmoe (OlmoeForCausalLM)",
+        }),
+    }
+}
+
 fn invalid(field: &str, reason: impl Into<String>) -> LoadError {
     LoadError::Config {
         field: field.to_string(),
@@ -124,6 +150,7 @@ impl OlmoeConfig {
         let object = value
             .as_object()
             .ok_or_else(|| invalid("config.json", "must be a JSON object"))?;
+        check_architecture(object)?;
         for field in REQUIRED_SIZES {
             match object.get(field) {
                 None => return Err(invalid(field, "is missing")),
