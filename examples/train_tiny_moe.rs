@@ -1,12 +1,13 @@
-//! Train a small MoE language model from scratch on the CPU: 4 layers, 8 experts, top-2, on a
-//! 200 KB excerpt of Shakespeare (public domain) shipped in `examples/data/`. Prints the loss,
-//! each layer's expert load and its balance as it goes; saves and resumes checkpoints.
+//! Train a small MoE language model from scratch (on the CPU by default, `--backend` for
+//! another): 4 layers, 8 experts, top-2, on a 200 KB excerpt of Shakespeare (public domain)
+//! shipped in `examples/data/`. Prints the loss, each layer's expert load and its balance as it
+//! goes; saves and resumes checkpoints.
 //!
 //! ```text
 //! cargo run --release --example train_tiny_moe                        # ~300 steps, a few minutes
 //! cargo run --release --example train_tiny_moe -- --balance-coef 0    # no balancing loss
 //! cargo run --release --example train_tiny_moe -- --aux-free 0.001 --balance-coef 0
-//! cargo run --release --example train_tiny_moe -- --router expert-choice --capacity-factor 1.25
+//! cargo run --release --example train_tiny_moe -- --router expert-choice --expert-choice-factor 1.25
 //! cargo run --release --example train_tiny_moe -- --steps 100 --checkpoint ckpt
 //! cargo run --release --example train_tiny_moe -- --steps 200 --checkpoint ckpt --resume
 //! cargo run --release --example train_tiny_moe -- --json              # last line: summary JSON
@@ -57,7 +58,8 @@ struct Args {
     /// Router of every MoE block.
     #[arg(long, value_enum, default_value_t = Router::TokenChoice)]
     router: Router,
-    /// Expert-choice tokens per expert, as a multiple of T / E (expert-choice router).
+    /// Expert-choice tokens per expert, as a multiple of T / E (expert-choice router; its
+    /// choice sees later tokens of the batch, so its losses are optimistic for a causal model).
     #[arg(long, default_value_t = 1.0)]
     expert_choice_factor: f64,
     /// Drop pairs beyond this capacity factor (default: dropless).
@@ -116,6 +118,9 @@ struct Args {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    if args.log_every == 0 || args.save_every == 0 {
+        return Err("--log-every and --save-every must be at least 1".into());
+    }
     let device = args.backend.device();
     let corpus = CharCorpus::new(CORPUS);
     let (train, valid) = corpus.split(0.1);

@@ -298,6 +298,9 @@ fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
     picked.mean().neg()
 }
 
+/// Held while a trainer seeds the device generator and draws its weights.
+static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Draws every lazily initialised parameter now, in the module's order, so that the weights
 /// depend on the seed alone and not on when each parameter is first used.
 struct Materialize;
@@ -314,17 +317,22 @@ fn host_scalar(t: Tensor<1>) -> f64 {
 
 impl Trainer {
     /// A freshly initialised model for a `vocab`-character corpus on `device` (made an autodiff
-    /// device here). The weights depend only on `config.seed` (while no other thread draws from
-    /// the device's generator).
+    /// device here). The weights depend only on `config.seed` (trainers initialise one at a
+    /// time; other code drawing from the device's generator meanwhile would change them).
     ///
     /// # Errors
     /// A setting out of range.
     pub fn new(config: TrainConfig, vocab: usize, device: &Device) -> Result<Self, TrainError> {
         config.validate()?;
         let device = device.clone().autodiff();
-        device.seed(config.seed);
-        let model = OlmoeModel::init(&config.model(vocab), &config.moe(), &device)?;
-        model.visit(&mut Materialize);
+        let model = {
+            // The device's generator is global: one initialisation at a time in this process.
+            let _one_at_a_time = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            device.seed(config.seed);
+            let model = OlmoeModel::init(&config.model(vocab), &config.moe(), &device)?;
+            model.visit(&mut Materialize);
+            model
+        };
         Ok(Trainer {
             model,
             optim: AdamWConfig::new().with_weight_decay(0.01).init(),
@@ -339,11 +347,11 @@ impl Trainer {
     /// the step (so a resumed run sees the same batches).
     fn windows(&self, data: &[i64], step: usize) -> Result<Vec<Vec<i64>>, TrainError> {
         let len = self.config.seq_len + 1;
-        if data.len() < len + 1 {
+        if data.len() < len {
             return Err(TrainError::CorpusTooShort {
                 chars: data.len(),
                 seq_len: self.config.seq_len,
-                needed: len + 1,
+                needed: len,
             });
         }
         let mut rng = StdRng::seed_from_u64(
@@ -351,7 +359,7 @@ impl Trainer {
         );
         Ok((0..self.config.batch)
             .map(|_| {
-                let start = rng.random_range(0..data.len() - len);
+                let start = rng.random_range(0..=data.len() - len);
                 data[start..start + len].to_vec()
             })
             .collect())
@@ -414,8 +422,13 @@ impl Trainer {
 
         if let Some(rate) = self.config.aux_free_rate {
             let balancer = AuxFreeBalancer::new(rate)?;
-            for (layer, routing) in self.model.layers.iter_mut().zip(&routings) {
-                balancer.update(&mut layer.mlp.router, routing)?;
+            let sparse = self
+                .model
+                .layers
+                .iter_mut()
+                .filter_map(|layer| layer.mlp.moe_mut());
+            for (moe, routing) in sparse.zip(&routings) {
+                balancer.update(&mut moe.router, routing)?;
             }
         }
         let load: Vec<Vec<usize>> = routings.iter().map(expert_load).collect();
@@ -443,23 +456,25 @@ impl Trainer {
         })
     }
 
-    /// Mean next-character loss over `windows` evenly spaced windows of `data` at `top_k`,
-    /// without gradients (the same windows every call).
+    /// Mean next-character loss over `windows` evenly spaced windows of `data` at `top_k` and
+    /// the schedule's current temperature, without gradients (the same windows every call).
     ///
     /// # Errors
     /// A corpus shorter than one window, or a k the routers reject.
     pub fn eval_loss(&self, data: &[i64], top_k: usize, windows: usize) -> Result<f64, TrainError> {
         let len = self.config.seq_len + 1;
-        if data.len() < len + 1 {
+        if data.len() < len {
             return Err(TrainError::CorpusTooShort {
                 chars: data.len(),
                 seq_len: self.config.seq_len,
-                needed: len + 1,
+                needed: len,
             });
         }
         let model = self.model.valid();
         let device = model.embed_tokens.device();
         let stride = ((data.len() - len) / windows.max(1)).max(1);
+        // At the temperature the schedule has reached (1 unless it anneals one).
+        let (_, temperature) = self.config.schedule.at(self.step, top_k);
         let all: Vec<Vec<i64>> = (0..windows.max(1))
             .map(|i| {
                 let start = (i * stride).min(data.len() - len);
@@ -468,6 +483,7 @@ impl Trainer {
             .collect();
         let mut options = ForwardOptions::new()
             .with_top_k(TopK::Fixed(top_k))
+            .with_temperature(temperature)
             .with_seed(self.config.seed);
         if let Some(capacity) = self.config.capacity {
             options = options.with_capacity(capacity);

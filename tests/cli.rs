@@ -75,6 +75,55 @@ fn inspect_reports_sizes_and_parameters() {
 }
 
 #[test]
+fn qwen3_moe_runs_through_the_same_commands() {
+    let qwen = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/qwen3-moe-tiny");
+    let (ok, stdout, stderr) = moe(&["inspect", "--model", qwen, "--json"]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["architecture"], "qwen3_moe");
+    assert_eq!(v["dense_layers"], serde_json::json!([1]));
+    assert_eq!(v["intermediate_size"], 32, "the expert width");
+    // Every stored value is counted (per-head q/k norms, the dense layer, GQA projections).
+    let bytes = std::fs::read(format!("{qwen}/model.safetensors")).unwrap();
+    let stored: usize = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .tensors()
+        .iter()
+        .map(|(_, view)| view.shape().iter().product::<usize>())
+        .sum();
+    assert_eq!(v["total_parameters"].as_u64(), Some(stored as u64));
+    // The reference greedy continuation of the first prompt (make_qwen3_moe_tiny.py), and
+    // the same at k = 1 runs too.
+    let (ok, stdout, stderr) = moe(&[
+        "generate",
+        "--model",
+        qwen,
+        "--ids",
+        "285,283,452,283,500,350,15",
+        "--max-new-tokens",
+        "10",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.starts_with(r#"{"new_tokens":[496,496,421,99,256,83,256,99,219,17]"#),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = moe(&[
+        "generate",
+        "--model",
+        qwen,
+        "--ids",
+        "285,283",
+        "--max-new-tokens",
+        "2",
+        "--top-k",
+        "1",
+    ]);
+    assert!(ok, "{stderr}");
+}
+
+#[test]
 fn bad_inputs_exit_non_zero_with_one_line() {
     let cases: Vec<Vec<&str>> = vec![
         vec!["generate", "--model", TINY, "--ids", "1,99999"],

@@ -374,9 +374,9 @@ fn broken_checkpoints_are_typed_errors_naming_the_problem() {
         "{err:?}"
     );
     assert!(err.to_string().contains("mixtral"), "{err}");
-    let qwen = text.replace("OlmoeForCausalLM", "Qwen3MoeForCausalLM");
-    let err = OlmoeConfig::from_json(&qwen).unwrap_err();
-    assert!(err.to_string().contains("Qwen3MoeForCausalLM"), "{err}");
+    let deepseek = text.replace("OlmoeForCausalLM", "DeepseekV3ForCausalLM");
+    let err = OlmoeConfig::from_json(&deepseek).unwrap_err();
+    assert!(err.to_string().contains("DeepseekV3ForCausalLM"), "{err}");
 }
 
 #[test]

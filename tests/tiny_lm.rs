@@ -120,13 +120,13 @@ fn the_tiny_model_learns_and_resumes_bit_for_bit() {
         Err(TrainError::CorpusTooShort {
             chars: 20,
             seq_len: 32,
-            needed: 34,
+            needed: 33,
         }) => {}
         other => panic!("expected CorpusTooShort, got {:?}", other.map(|r| r.step)),
     }
 }
 
-/// Mean load CV over the last 20 of `steps` steps of `config`.
+/// Mean load CV over the last 50 of `steps` steps of `config`.
 fn late_load_cv(config: TrainConfig, steps: usize) -> f64 {
     let corpus = CharCorpus::new(CORPUS);
     let (train, _) = corpus.split(0.1);
@@ -134,12 +134,14 @@ fn late_load_cv(config: TrainConfig, steps: usize) -> f64 {
     let cvs: Vec<f64> = (0..steps)
         .map(|_| trainer.train_step(train).unwrap().load_cv)
         .collect();
-    cvs[steps - 20..].iter().sum::<f64>() / 20.0
+    cvs[steps - 50..].iter().sum::<f64>() / 50.0
 }
 
 #[test]
 fn balancing_lowers_the_load_spread() {
-    let steps = 120;
+    // Seeds 3, 4 and 5 gave (off, loss, aux-free) = (0.289, 0.154, 0.093), (0.426, 0.141,
+    // 0.093) and (0.337, 0.132, 0.093): the bound below holds with room on each.
+    let steps = 200;
     let off = late_load_cv(
         TrainConfig {
             balance_coef: 0.0,
@@ -164,7 +166,7 @@ fn balancing_lowers_the_load_spread() {
         steps,
     );
     eprintln!(
-        "load CV over the last 20 of {steps} steps: off {off:.3}, loss {loss:.3}, aux-free {aux_free:.3}"
+        "load CV over the last 50 of {steps} steps: off {off:.3}, loss {loss:.3}, aux-free {aux_free:.3}"
     );
     assert!(
         loss < 0.7 * off,

@@ -261,6 +261,52 @@ fn dropped_tokens_keep_only_the_shared_expert() {
 }
 
 #[test]
+fn empty_inputs_and_bad_capacities_are_handled_without_panics() {
+    let (d, e) = (8, 4);
+    for (name, device) in common::devices() {
+        for (kind, config) in router_cases(d, e) {
+            let layer = common::seeded_layer(&config, 1, &device);
+            let options = ForwardOptions::new()
+                .with_capacity(Capacity::Factor(1.0))
+                .with_token_ids(token_ids(&[], &device));
+            let empty = Tensor::<2>::zeros([0, d], &device);
+            let out = layer.try_forward_with(empty.clone(), &options).unwrap();
+            assert_eq!(out.hidden.dims(), [0, d], "{name} {kind}");
+            assert_eq!(out.routing.num_tokens(), 0, "{name} {kind}");
+            let batched = Tensor::<3>::zeros([2, 0, d], &device);
+            let out = layer.try_forward_with(batched, &options).unwrap();
+            assert_eq!(out.hidden.dims(), [2, 0, d], "{name} {kind}");
+            let err = layer
+                .try_forward_with(
+                    empty,
+                    &ForwardOptions::new().with_capacity(Capacity::Tokens(0)),
+                )
+                .unwrap_err();
+            assert!(
+                matches!(err, MoeError::InvalidSetting { .. }),
+                "{name} {kind}: {err}"
+            );
+        }
+        // A hand-made routing with an id above E is refused up front.
+        let err = Routing::new(
+            ids(vec![0, 9, 1, 0], [2, 2], &device),
+            common::upload(vec![0.5; 4], [2, 2], &device),
+            2,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            MoeError::ExpertIdOutOfRange {
+                position: 1,
+                id: 9,
+                num_experts: 2
+            },
+            "{name}"
+        );
+    }
+}
+
+#[test]
 fn hash_routing_is_a_fixed_function_of_the_token_id() {
     let (d, e) = (6, 8);
     for (name, device) in common::devices() {
@@ -464,6 +510,15 @@ fn balance_losses_match_their_formulas_and_gradients() {
             (lb - 2.0).abs() < 1e-6,
             "{name}: balanced loss is k, got {lb}"
         );
+        // Dropping pairs does not hide load: the loss counts what the router selected.
+        let capped = even.clone().with_capacity(Capacity::Tokens(1)).unwrap();
+        assert_eq!(
+            common::host_int(capped.expert_counts()),
+            vec![1, 1],
+            "{name}"
+        );
+        let lb_capped = common::host(load_balancing_loss(&capped).unwrap())[0];
+        assert!((lb_capped - lb).abs() < 1e-6, "{name}: {lb_capped} vs {lb}");
         let z = common::host(router_z_loss(&even).unwrap())[0];
         let want = (2.0f32.ln()).powi(2);
         assert!((z - want).abs() < 1e-6, "{name}: z-loss {z} vs {want}");

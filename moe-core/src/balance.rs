@@ -7,16 +7,25 @@ use burn::tensor::{Int, Tensor};
 use crate::error::MoeError;
 use crate::router::{Router, Routing};
 
-/// Selected pairs per expert as f32 `[E]`, unused and dropped slots left out.
+/// Pairs the router selected per expert as f32 `[E]`, before any capacity limit (kept pairs
+/// plus [`Routing::dropped`]); unused slots left out. Switch and GShard measure the load this
+/// way: counting after the cut would cap an overloaded expert at its capacity and hide the
+/// overload the loss exists to correct.
 fn load(routing: &Routing) -> Tensor<1> {
-    routing.expert_counts().float()
+    let kept = routing.expert_counts();
+    match &routing.dropped {
+        Some(dropped) => (kept + dropped.clone()).float(),
+        None => kept.float(),
+    }
 }
 
 /// The Switch / GShard load-balancing loss in the form OLMoE (and every Hugging Face MoE)
 /// multiplies by `router_aux_loss_coef`:
 ///
-/// `E · Σ_e f_e · P_e`, with `f_e` = pairs routed to expert `e` divided by the tokens `T`
-/// (so `Σ_e f_e = k`) and `P_e` the mean score of expert `e` over the tokens.
+/// `E · Σ_e f_e · P_e`, with `f_e` = pairs the router selected for expert `e` (dropped ones
+/// included) divided by the tokens `T` (so `Σ_e f_e = k` at one k per token) and `P_e` the
+/// mean score of expert `e` over the tokens. The scores are those the router used: after the
+/// call's temperature; with a selection bias, the counts follow the biased choice.
 ///
 /// It is `k` when routing is perfectly balanced and grows as the load concentrates. Gradients
 /// flow through the scores `P` (the counts are piecewise constant). For the loss of a whole
@@ -91,8 +100,8 @@ pub fn router_z_loss(routing: &Routing) -> Result<Tensor<1>, MoeError> {
 }
 
 /// DeepSeek-V3's auxiliary-loss-free balancing: after each training step, every expert's
-/// selection bias moves by `update_rate` down when its load is above the mean and up when it
-/// is below (unchanged when equal). The bias only picks experts; it changes no weight and
+/// selection bias moves by `update_rate` down when its load (pairs selected, dropped ones
+/// included) is above the mean and up when it is below (unchanged when equal). The bias only picks experts; it changes no weight and
 /// needs no loss term or gradient.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AuxFreeBalancer {

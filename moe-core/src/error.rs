@@ -104,6 +104,18 @@ pub enum MoeError {
         /// The device.
         device: String,
     },
+    /// A hand-made routing names an expert that does not exist.
+    #[error(
+        "expert id {id} at flat position {position} is outside 0..={num_experts} (E marks an unused slot)"
+    )]
+    ExpertIdOutOfRange {
+        /// Row-major position in `expert_ids`.
+        position: usize,
+        /// The id.
+        id: i64,
+        /// The number of experts `E`.
+        num_experts: usize,
+    },
     /// A capacity factor that is not a finite positive number.
     #[error("capacity factor must be finite and > 0, got {value}")]
     InvalidCapacityFactor {

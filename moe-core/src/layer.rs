@@ -300,6 +300,13 @@ impl MoeLayer {
         let tokens = dims[..D - 1].iter().product();
         let slots = SlotPlan::resolve(&options.top_k, &self.router.settings, tokens, seq_len)?;
         let path = self.dispatch.resolve(&x.device())?;
+        if tokens == 0 {
+            // Nothing to route or compute: an empty output and an empty routing.
+            // (not a reshape: Burn reads a 0 in a reshape as "keep this axis")
+            let flat = Tensor::<2>::zeros([0, d_model], (&x.device(), x.dtype()));
+            let routing = self.router.route_slots(flat, &slots, options, path)?;
+            return Ok(MoeOutput { hidden: x, routing });
+        }
         let x = x.reshape([tokens, d_model]);
 
         // 1. route

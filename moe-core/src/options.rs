@@ -36,6 +36,11 @@ impl Capacity {
             Capacity::Factor(f) if !f.is_finite() || f <= 0.0 => {
                 Err(MoeError::InvalidCapacityFactor { value: f })
             }
+            Capacity::Tokens(0) => Err(MoeError::InvalidSetting {
+                name: "Capacity::Tokens",
+                expected: "at least 1 pair per expert",
+                value: 0.0,
+            }),
             _ => Ok(()),
         }
     }

@@ -133,7 +133,7 @@ pub(crate) fn matrix_transposed(
 }
 
 /// Loads a dense SwiGLU FFN (`{prefix}gate_proj.weight`, …) as a one-expert [`Experts`].
-fn load_dense(
+pub(crate) fn load_dense(
     source: &dyn ReadTensors,
     prefix: &str,
     d_model: usize,

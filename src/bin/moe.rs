@@ -412,12 +412,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect { model, json } => {
             let c = read_config(&model)?;
             let (total, active) = c.parameter_counts();
+            let architecture = c.model_type.clone().unwrap_or_else(|| "olmoe".into());
+            let dense_layers: Vec<usize> = (0..c.num_hidden_layers)
+                .filter(|&i| !c.is_sparse(i))
+                .collect();
             if json {
                 let value = serde_json::json!({
-                    "architecture": "olmoe",
+                    "architecture": architecture,
                     "layers": c.num_hidden_layers,
+                    "dense_layers": dense_layers,
                     "hidden_size": c.hidden_size,
-                    "intermediate_size": c.intermediate_size,
+                    "intermediate_size": c.expert_size(),
                     "heads": c.num_attention_heads,
                     "kv_heads": c.kv_heads(),
                     "experts": c.num_experts,
@@ -429,10 +434,13 @@ fn run(cli: Cli) -> Result<()> {
                 });
                 println!("{value}");
             } else {
-                println!("architecture      olmoe");
+                println!("architecture      {architecture}");
                 println!("layers            {}", c.num_hidden_layers);
+                if !dense_layers.is_empty() {
+                    println!("dense MLP layers  {dense_layers:?}");
+                }
                 println!("hidden size       {}", c.hidden_size);
-                println!("expert size       {}", c.intermediate_size);
+                println!("expert size       {}", c.expert_size());
                 println!(
                     "heads (kv)        {} ({})",
                     c.num_attention_heads,

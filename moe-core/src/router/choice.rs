@@ -29,6 +29,10 @@ pub(super) fn expert_choice(
 ) -> (Tensor<2, Int>, Tensor<2>) {
     let [t, e] = scores.dims();
     let device = scores.device();
+    if t == 0 {
+        let ids = Tensor::<2, Int>::zeros([0, 1], &device);
+        return (ids, Tensor::<2>::zeros([0, 1], &device));
+    }
     let capacity = expert_choice_capacity(t, e, capacity_factor);
     let fixed = scores.clone().detach();
     // Top tokens of every expert along the token axis, on the contiguous scores: Burn 0.22.1's
@@ -139,7 +143,14 @@ pub(crate) fn drop_over_capacity(
     let [t, k] = ids.dims();
     // Slot-major order: pair (slot j, token i) at j·T + i.
     let ordered = ids.clone().transpose().reshape([t * k]);
-    let one_hot = ordered.clone().one_hot::<2>(num_experts + 1); // [kT, E + 1]
+    // One-hot by comparison (`one_hot` reads its input back to check it): [kT, E + 1]; an id
+    // above E matches no column and counts nowhere.
+    let columns = Tensor::<1, Int>::arange(0..num_experts as i64 + 1, &ids.device());
+    let one_hot = ordered
+        .clone()
+        .unsqueeze_dim::<2>(1)
+        .equal(columns.unsqueeze_dim(0))
+        .int();
     let position = one_hot
         .clone()
         .cumsum(0)

@@ -58,6 +58,8 @@ pub enum RouterKind {
     /// Every expert picks its top `ceil(capacity_factor · T / E)` tokens by score (Zhou et al.
     /// 2022, "Mixture-of-Experts with Expert Choice Routing"): a token may get any number of
     /// experts, none included; the weights are its softmax scores. The k dial is ignored.
+    /// The choice depends on every token of the call, later ones included, so in a causal
+    /// language model it sees the future (as the paper notes).
     ExpertChoice {
         /// Tokens per expert as a multiple of the balanced share `T / E`.
         capacity_factor: f64,
@@ -336,7 +338,8 @@ pub struct Routing {
 
 impl Routing {
     /// A routing made by hand (or by another router): checks that `expert_ids` and `weights`
-    /// are both `[T, k]`. Ids must lie in `0..=num_experts` (`num_experts` marks an unused slot).
+    /// are both `[T, k]` and that every id lies in `0..=num_experts` (`num_experts` marks an
+    /// unused slot; this reads the ids once).
     pub fn new(
         expert_ids: Tensor<2, Int>,
         weights: Tensor<2>,
@@ -354,6 +357,19 @@ impl Routing {
         if num_experts == 0 {
             return Err(MoeError::ZeroSize {
                 name: "num_experts",
+            });
+        }
+        // One read of the ids: every later step indexes with them.
+        let bad = expert_ids
+            .to_data()
+            .iter::<i64>()
+            .enumerate()
+            .find(|(_, id)| *id < 0 || *id > num_experts as i64);
+        if let Some((position, id)) = bad {
+            return Err(MoeError::ExpertIdOutOfRange {
+                position,
+                id,
+                num_experts,
             });
         }
         Ok(Routing {
@@ -549,6 +565,19 @@ impl Router {
         let tokens = x.dims()[0];
         let device = x.device();
         let num_experts = self.settings.num_experts;
+        if tokens == 0 {
+            // No work, and no zero-row matmul (Burn 0.22.1's ndarray divides by zero on one).
+            return Ok(Routing {
+                logits: Some(Tensor::zeros([0, num_experts], &device)),
+                scores: Some(Tensor::zeros([0, num_experts], &device)),
+                expert_ids: Tensor::zeros([0, slots.max_k], &device),
+                weights: Tensor::zeros([0, slots.max_k], &device),
+                num_experts,
+                dropped: options
+                    .capacity
+                    .map(|_| Tensor::zeros([num_experts], &device)),
+            });
+        }
         let logits = x
             .cast(DType::F32)
             .matmul(self.weight.val().cast(DType::F32));

@@ -1,4 +1,4 @@
-//! `config.json` of an OLMoE checkpoint, with the Hugging Face field names.
+//! `config.json` of an OLMoE or Qwen3-MoE checkpoint, with the Hugging Face field names.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -7,9 +7,15 @@ use moe_core::MoeLayerConfig;
 
 use crate::error::LoadError;
 
-/// The fields of an OLMoE `config.json` this engine reads (Hugging Face names and defaults).
+/// The fields of an OLMoE or Qwen3-MoE `config.json` this engine reads (Hugging Face names and
+/// defaults). The two share one decoder: Qwen3-MoE differs in its per-head q/k norms, an
+/// explicit `head_dim`, renormalised top-k, the expert width `moe_intermediate_size` and dense
+/// MLP layers (`mlp_only_layers`, `decoder_sparse_step`) of width `intermediate_size`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OlmoeConfig {
+    /// `olmoe` or `qwen3_moe` (absent: OLMoE).
+    #[serde(default)]
+    pub model_type: Option<String>,
     /// Vocabulary size.
     pub vocab_size: usize,
     /// Hidden size `H`.
@@ -60,6 +66,21 @@ pub struct OlmoeConfig {
     /// Longest position the model was trained for.
     #[serde(default)]
     pub max_position_embeddings: Option<usize>,
+    /// Size of one attention head (Qwen3-MoE; absent: `hidden_size / num_attention_heads`).
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// Width of each routed expert (Qwen3-MoE; absent: `intermediate_size`).
+    #[serde(default)]
+    pub moe_intermediate_size: Option<usize>,
+    /// Every this many layers is sparse (Qwen3-MoE; absent: 1).
+    #[serde(default)]
+    pub decoder_sparse_step: Option<usize>,
+    /// Layers with a dense MLP of width `intermediate_size` (Qwen3-MoE).
+    #[serde(default)]
+    pub mlp_only_layers: Vec<usize>,
+    /// Sliding-window attention (Qwen3-MoE); only `false` is supported.
+    #[serde(default)]
+    pub use_sliding_window: bool,
 }
 
 fn default_act() -> String {
@@ -96,14 +117,17 @@ fn check_architecture(object: &serde_json::Map<String, Value>) -> Result<(), Loa
                 .collect()
         })
         .unwrap_or_default();
-    let type_ok = model_type.is_none_or(|t| t == "olmoe");
-    let arch_ok = architectures.is_empty() || architectures.iter().any(|a| a == "OlmoeForCausalLM");
+    let type_ok = model_type.is_none_or(|t| t == "olmoe" || t == "qwen3_moe");
+    let arch_ok = architectures.is_empty()
+        || architectures
+            .iter()
+            .any(|a| a == "OlmoeForCausalLM" || a == "Qwen3MoeForCausalLM");
     match type_ok && arch_ok {
         true => Ok(()),
         false => Err(LoadError::UnsupportedArchitecture {
             model_type: model_type.unwrap_or_default().to_string(),
             architectures,
-            supported: "olmoe (OlmoeForCausalLM)",
+            supported: "olmoe (OlmoeForCausalLM), qwen3_moe (Qwen3MoeForCausalLM)",
         }),
     }
 }
@@ -119,6 +143,7 @@ impl OlmoeConfig {
     /// OLMoE-1B-7B (0924/0125): 16 layers, H 2048, 16 heads, 64 experts of I 1024, top-8.
     pub fn olmoe_1b_7b() -> Self {
         OlmoeConfig {
+            model_type: Some("olmoe".into()),
             vocab_size: 50304,
             hidden_size: 2048,
             intermediate_size: 1024,
@@ -138,6 +163,11 @@ impl OlmoeConfig {
             pad_token_id: Some(1),
             eos_token_id: Some(Value::from(50279)),
             max_position_embeddings: Some(4096),
+            head_dim: None,
+            moe_intermediate_size: None,
+            decoder_sparse_step: None,
+            mlp_only_layers: Vec::new(),
+            use_sliding_window: false,
         }
     }
 
@@ -178,7 +208,31 @@ impl OlmoeConfig {
 
     /// Size of one attention head.
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Whether this is a Qwen3-MoE config.
+    pub fn is_qwen3_moe(&self) -> bool {
+        self.model_type.as_deref() == Some("qwen3_moe")
+    }
+
+    /// The q/k RMSNorm of attention runs over each head (Qwen3-MoE) rather than over the whole
+    /// projection (OLMoE).
+    pub fn per_head_qk_norm(&self) -> bool {
+        self.is_qwen3_moe()
+    }
+
+    /// Width of each routed expert.
+    pub fn expert_size(&self) -> usize {
+        self.moe_intermediate_size.unwrap_or(self.intermediate_size)
+    }
+
+    /// Whether decoder layer `layer` has the MoE block (else a dense MLP of width
+    /// `intermediate_size`), as transformers' Qwen3-MoE decides it.
+    pub fn is_sparse(&self, layer: usize) -> bool {
+        let step = self.decoder_sparse_step.unwrap_or(1).max(1);
+        !self.mlp_only_layers.contains(&layer) && (layer + 1) % step == 0
     }
 
     /// End-of-sequence ids.
@@ -224,7 +278,22 @@ impl OlmoeConfig {
                 "attention biases are not supported",
             ));
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if self.use_sliding_window {
+            return Err(invalid(
+                "use_sliding_window",
+                "sliding-window attention is not supported (only false)",
+            ));
+        }
+        if self.decoder_sparse_step == Some(0) {
+            return Err(invalid("decoder_sparse_step", "must be at least 1, got 0"));
+        }
+        if self.head_dim == Some(0) || self.moe_intermediate_size == Some(0) {
+            return Err(invalid(
+                "head_dim / moe_intermediate_size",
+                "must be at least 1, got 0",
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
             return Err(invalid(
                 "num_attention_heads",
                 format!(
@@ -272,11 +341,11 @@ impl OlmoeConfig {
         Ok(())
     }
 
-    /// The MoE layer of every decoder block.
+    /// The MoE layer of every sparse decoder block.
     pub fn moe_layer(&self) -> MoeLayerConfig {
         MoeLayerConfig::olmoe(
             self.hidden_size,
-            self.intermediate_size,
+            self.expert_size(),
             self.num_experts,
             self.num_experts_per_tok,
         )
@@ -285,22 +354,31 @@ impl OlmoeConfig {
 
     /// Parameters in total and those one token uses (`k` of `E` experts).
     pub fn parameter_counts(&self) -> (u64, u64) {
-        let (h, i, v) = (
-            self.hidden_size as u64,
-            self.intermediate_size as u64,
-            self.vocab_size as u64,
-        );
+        let (h, v) = (self.hidden_size as u64, self.vocab_size as u64);
+        let q = (self.num_attention_heads * self.head_dim()) as u64;
         let kv = (self.kv_heads() * self.head_dim()) as u64;
-        let attention = h * h * 2 + h * kv * 2 + h + kv; // q, o, k, v, q_norm, k_norm
+        let qk_norms = match self.per_head_qk_norm() {
+            true => 2 * self.head_dim() as u64,
+            false => q + kv,
+        };
+        let attention = 2 * h * q + 2 * h * kv + qk_norms; // q, o, k, v, q/k norms
         let norms = 2 * h;
-        let router = h * self.num_experts as u64;
-        let expert = 3 * h * i;
-        let dense_per_layer = attention + norms + router;
-        let layers = self.num_hidden_layers as u64;
+        let expert = 3 * h * self.expert_size() as u64;
+        let dense_mlp = 3 * h * self.intermediate_size as u64;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
-        let embed = v * h + head + h;
-        let total = embed + layers * (dense_per_layer + self.num_experts as u64 * expert);
-        let active = embed + layers * (dense_per_layer + self.num_experts_per_tok as u64 * expert);
+        let (mut total, mut active) = (v * h + head + h, v * h + head + h);
+        for layer in 0..self.num_hidden_layers {
+            total += attention + norms;
+            active += attention + norms;
+            if self.is_sparse(layer) {
+                let router = h * self.num_experts as u64;
+                total += router + self.num_experts as u64 * expert;
+                active += router + self.num_experts_per_tok as u64 * expert;
+            } else {
+                total += dense_mlp;
+                active += dense_mlp;
+            }
+        }
         (total, active)
     }
 }

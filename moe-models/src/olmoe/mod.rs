@@ -1,12 +1,14 @@
-//! OLMoE (allenai/OLMoE-1B-7B and its variants): config, model and checkpoint loading.
+//! OLMoE (allenai/OLMoE-1B-7B and its variants) and Qwen3-MoE (`model_type: qwen3_moe`):
+//! config, model and checkpoint loading. The two share one decoder; the config says which
+//! q/k norm, head size, expert width and dense layers apply.
 
 mod config;
 mod model;
 
 pub use config::OlmoeConfig;
 pub use model::{
-    GenerateOptions, KvCache, LayerCache, ModelOutput, MoeTrace, OlmoeAttention, OlmoeDecoderLayer,
-    OlmoeModel, Sampling,
+    DecoderMlp, GenerateOptions, KvCache, LayerCache, ModelOutput, MoeTrace, OlmoeAttention,
+    OlmoeDecoderLayer, OlmoeModel, Sampling,
 };
 
 use std::io::IsTerminal;
@@ -16,8 +18,9 @@ use burn::module::Param;
 use burn::nn::{Linear, RmsNorm};
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use moe_core::SharedExpert;
 
-use crate::block::{ExpertNaming, load_block_as, matrix_transposed};
+use crate::block::{ExpertNaming, load_block_as, load_dense, matrix_transposed};
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
 
@@ -80,7 +83,7 @@ pub fn check_fits(
     let (v, h, i, e) = (
         config.vocab_size as u64,
         config.hidden_size as u64,
-        config.intermediate_size as u64,
+        config.expert_size() as u64,
         config.num_experts as u64,
     );
     for (name, elements) in [
@@ -233,6 +236,10 @@ impl OlmoeModel {
             config.head_dim(),
         );
         let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+        let (q_norm_width, k_norm_width) = match config.per_head_qk_norm() {
+            true => (head_dim, head_dim),
+            false => (q_width, kv_width),
+        };
         let eps = config.rms_norm_eps;
         let embed = ckpt.read_f32("model.embed_tokens.weight", &[v, h])?;
         let embed_tokens =
@@ -256,8 +263,9 @@ impl OlmoeModel {
                     k_proj: linear(ckpt, &format!("{a}k_proj.weight"), kv_width, h, to)?,
                     v_proj: linear(ckpt, &format!("{a}v_proj.weight"), kv_width, h, to)?,
                     o_proj: linear(ckpt, &format!("{a}o_proj.weight"), h, q_width, to)?,
-                    q_norm: norm(ckpt, &format!("{a}q_norm.weight"), q_width, eps, to)?,
-                    k_norm: norm(ckpt, &format!("{a}k_norm.weight"), kv_width, eps, to)?,
+                    q_norm: norm(ckpt, &format!("{a}q_norm.weight"), q_norm_width, eps, to)?,
+                    k_norm: norm(ckpt, &format!("{a}k_norm.weight"), k_norm_width, eps, to)?,
+                    per_head_norm: config.per_head_qk_norm(),
                     heads,
                     kv_heads,
                     head_dim,
@@ -270,14 +278,27 @@ impl OlmoeModel {
                     eps,
                     to,
                 )?,
-                mlp: load_block_as(
-                    ckpt,
-                    &format!("{p}mlp."),
-                    ExpertNaming::Proj,
-                    &moe_config,
-                    device,
-                    to.dtype,
-                )?,
+                mlp: match config.is_sparse(i) {
+                    true => DecoderMlp::Sparse(load_block_as(
+                        ckpt,
+                        &format!("{p}mlp."),
+                        ExpertNaming::Proj,
+                        &moe_config,
+                        device,
+                        to.dtype,
+                    )?),
+                    false => DecoderMlp::Dense(SharedExpert::from_parts(
+                        load_dense(
+                            ckpt,
+                            &format!("{p}mlp."),
+                            h,
+                            config.intermediate_size,
+                            device,
+                            to.dtype,
+                        )?,
+                        None,
+                    )?),
+                },
             });
             bar.inc(1);
         }
@@ -297,9 +318,23 @@ impl OlmoeModel {
     }
 }
 
+/// `moe` for decoder layer `layer`: hash and random routers get a seed of their own per layer,
+/// so that a token is not sent to the same expert indices in every layer.
+fn layer_router(moe: &moe_core::MoeLayerConfig, layer: usize) -> moe_core::MoeLayerConfig {
+    use moe_core::RouterKind;
+    let mix = |seed: u64| seed ^ (layer as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+    let kind = match moe.router_kind {
+        RouterKind::Hash { seed } => RouterKind::Hash { seed: mix(seed) },
+        RouterKind::Random { seed } => RouterKind::Random { seed: mix(seed) },
+        other => other,
+    };
+    moe.clone().with_router_kind(kind)
+}
+
 impl OlmoeModel {
     /// A freshly initialised model of `config`'s shape whose MoE blocks follow `moe` (any
-    /// router kind, shared expert or selection bias), for training from scratch: projections
+    /// router kind, shared expert or selection bias; hash and random routers are seeded per
+    /// layer), for training from scratch: projections
     /// and embeddings drawn from `N(0, 0.02²)` (OLMoE's `initializer_range`), norms at 1.
     ///
     /// # Errors
@@ -324,6 +359,10 @@ impl OlmoeModel {
             config.head_dim(),
         );
         let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+        let (q_norm_width, k_norm_width) = match config.per_head_qk_norm() {
+            true => (head_dim, head_dim),
+            false => (q_width, kv_width),
+        };
         let init = Initializer::Normal {
             mean: 0.0,
             std: 0.02,
@@ -340,7 +379,7 @@ impl OlmoeModel {
                 .init(device)
         };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for _ in 0..config.num_hidden_layers {
+        for i in 0..config.num_hidden_layers {
             layers.push(OlmoeDecoderLayer {
                 input_layernorm: norm(h),
                 self_attn: OlmoeAttention {
@@ -348,15 +387,22 @@ impl OlmoeModel {
                     k_proj: linear(h, kv_width),
                     v_proj: linear(h, kv_width),
                     o_proj: linear(q_width, h),
-                    q_norm: norm(q_width),
-                    k_norm: norm(kv_width),
+                    q_norm: norm(q_norm_width),
+                    k_norm: norm(k_norm_width),
+                    per_head_norm: config.per_head_qk_norm(),
                     heads,
                     kv_heads,
                     head_dim,
                     clip_qkv: config.clip_qkv,
                 },
                 post_attention_layernorm: norm(h),
-                mlp: moe.init(device)?,
+                mlp: match config.is_sparse(i) {
+                    true => DecoderMlp::Sparse(layer_router(moe, i).init(device)?),
+                    false => DecoderMlp::Dense(
+                        moe_core::SharedExpertConfig::new(h, config.intermediate_size)
+                            .init(device)?,
+                    ),
+                },
             });
         }
         let v = config.vocab_size;

@@ -6,7 +6,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, RmsNorm};
 use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use moe_core::{ForwardOptions, MoeLayer, Routing, TopK};
+use moe_core::{ForwardOptions, MoeLayer, Routing, SharedExpert, TopK};
 use rand::SeedableRng;
 use rand::distr::Distribution;
 use rand::distr::weighted::WeightedIndex;
@@ -25,10 +25,14 @@ pub struct OlmoeAttention {
     pub v_proj: Linear,
     /// `[heads · head_dim, H]`.
     pub o_proj: Linear,
-    /// RMSNorm over the whole query projection (not per head).
+    /// RMSNorm of the queries: over the whole projection (OLMoE) or over each head
+    /// (Qwen3-MoE, `per_head_norm`).
     pub q_norm: RmsNorm,
-    /// RMSNorm over the whole key projection.
+    /// RMSNorm of the keys, like `q_norm`.
     pub k_norm: RmsNorm,
+    /// Whether `q_norm` and `k_norm` run over each head of `head_dim` values.
+    #[module(skip)]
+    pub per_head_norm: bool,
     /// Query heads.
     #[module(skip)]
     pub heads: usize,
@@ -70,8 +74,22 @@ impl OlmoeAttention {
         cache: &mut LayerCache,
     ) -> Tensor<3> {
         let [b, l, _] = x.dims();
-        let mut q = self.q_norm.forward(self.q_proj.forward(x.clone()));
-        let mut k = self.k_norm.forward(self.k_proj.forward(x.clone()));
+        let (mut q, mut k) = match self.per_head_norm {
+            false => (
+                self.q_norm.forward(self.q_proj.forward(x.clone())),
+                self.k_norm.forward(self.k_proj.forward(x.clone())),
+            ),
+            true => {
+                let per_head = |t: Tensor<3>, heads: usize, norm: &RmsNorm| {
+                    norm.forward(t.reshape([b, l, heads, self.head_dim]))
+                        .reshape([b, l, heads * self.head_dim])
+                };
+                (
+                    per_head(self.q_proj.forward(x.clone()), self.heads, &self.q_norm),
+                    per_head(self.k_proj.forward(x.clone()), self.kv_heads, &self.k_norm),
+                )
+            }
+        };
         let mut v = self.v_proj.forward(x);
         if let Some(clip) = self.clip_qkv {
             q = q.clamp(-clip, clip);
@@ -120,22 +138,51 @@ impl OlmoeAttention {
     }
 }
 
-/// One decoder layer: `h = x + attn(norm(x))`, `out = h + moe(norm(h))`.
+/// The MLP of one decoder layer.
+#[derive(Module, Debug)]
+pub enum DecoderMlp {
+    /// The MoE block.
+    Sparse(MoeLayer),
+    /// A dense SwiGLU MLP (Qwen3-MoE's `mlp_only_layers`), as an ungated one-expert FFN.
+    Dense(SharedExpert),
+}
+
+impl DecoderMlp {
+    /// The MoE block, if this layer has one.
+    pub fn moe(&self) -> Option<&MoeLayer> {
+        match self {
+            DecoderMlp::Sparse(moe) => Some(moe),
+            DecoderMlp::Dense(_) => None,
+        }
+    }
+
+    /// The MoE block, mutably, if this layer has one.
+    pub fn moe_mut(&mut self) -> Option<&mut MoeLayer> {
+        match self {
+            DecoderMlp::Sparse(moe) => Some(moe),
+            DecoderMlp::Dense(_) => None,
+        }
+    }
+}
+
+/// One decoder layer: `h = x + attn(norm(x))`, `out = h + mlp(norm(h))`.
 #[derive(Module, Debug)]
 pub struct OlmoeDecoderLayer {
     /// Norm before attention.
     pub input_layernorm: RmsNorm,
     /// Self-attention.
     pub self_attn: OlmoeAttention,
-    /// Norm before the MoE MLP.
+    /// Norm before the MLP.
     pub post_attention_layernorm: RmsNorm,
-    /// The sparse MoE MLP.
-    pub mlp: MoeLayer,
+    /// The MoE block or a dense MLP.
+    pub mlp: DecoderMlp,
 }
 
 /// What one layer's MoE block saw and produced (for parity tests and statistics).
 #[derive(Debug, Clone)]
 pub struct MoeTrace {
+    /// The decoder layer.
+    pub layer: usize,
     /// Input of the MoE block, `[B, L, H]`.
     pub input: Tensor<3>,
     /// Routing of its `B·L` tokens.
@@ -194,7 +241,7 @@ impl KvCache {
 pub struct ModelOutput {
     /// `[B, L, vocab]`, f32.
     pub logits: Tensor<3>,
-    /// One entry per layer when tracing.
+    /// One entry per sparse layer when tracing.
     pub moe: Vec<MoeTrace>,
 }
 
@@ -299,11 +346,9 @@ impl OlmoeModel {
     ) -> Result<ModelOutput, RunError> {
         let top_k = &options.top_k;
         self.check_input(ids, mask, cache)?;
-        if let Some(layer) = self.layers.first() {
+        if let Some(moe) = self.layers.iter().find_map(|layer| layer.mlp.moe()) {
             // k is checked once here so that a bad dial fails before the cache is touched.
-            layer
-                .mlp
-                .router
+            moe.router
                 .check_top_k(top_k, ids.len() * ids[0].len(), ids[0].len())?;
         }
         let device = self.embed_tokens.device();
@@ -353,20 +398,32 @@ impl OlmoeModel {
             .select(0, ids)
             .reshape([b, l, hidden_size]);
         let mut traces = Vec::new();
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (index, (layer, layer_cache)) in
+            self.layers.iter().zip(cache.layers.iter_mut()).enumerate()
+        {
             let attn_in = layer.input_layernorm.forward(x.clone());
             let h = x + layer
                 .self_attn
                 .forward(attn_in, &cos, &sin, &mask, layer_cache);
-            let moe_in = layer.post_attention_layernorm.forward(h.clone());
-            let moe = layer.mlp.try_forward_with(moe_in.clone(), &options)?;
-            x = h + moe.hidden.clone();
-            if trace {
-                traces.push(MoeTrace {
-                    input: moe_in,
-                    routing: moe.routing,
-                    output: moe.hidden,
-                });
+            let mlp_in = layer.post_attention_layernorm.forward(h.clone());
+            match &layer.mlp {
+                DecoderMlp::Sparse(moe_layer) => {
+                    let moe = moe_layer.try_forward_with(mlp_in.clone(), &options)?;
+                    x = h + moe.hidden.clone();
+                    if trace {
+                        traces.push(MoeTrace {
+                            layer: index,
+                            input: mlp_in,
+                            routing: moe.routing,
+                            output: moe.hidden,
+                        });
+                    }
+                }
+                DecoderMlp::Dense(mlp) => {
+                    let [b, l, hidden] = mlp_in.dims();
+                    let out = mlp.forward(mlp_in.reshape([b * l, hidden]));
+                    x = h + out.reshape([b, l, hidden]);
+                }
             }
         }
         let logits = self

@@ -1,0 +1,147 @@
+//! The tiny Qwen3-MoE checkpoint (tests/data/qwen3-moe-tiny, made by
+//! scripts/fixtures/make_qwen3_moe_tiny.py with transformers 4.57) against its references:
+//! logits, every sparse layer's MoE input, routing and output (a dense MLP layer between them),
+//! and greedy continuations with and without the KV cache.
+
+mod common;
+
+use std::path::PathBuf;
+
+use burn::tensor::Device;
+use moe::TopK;
+use moe::moe_models::{KvCache, OlmoeModel, TensorSource};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/qwen3-moe-tiny")
+}
+
+fn reference() -> TensorSource {
+    TensorSource::open(&dir().join("reference.safetensors")).unwrap()
+}
+
+fn prompt(r: &TensorSource, p: usize) -> Vec<i64> {
+    let len = r.shape(&format!("prompt{p}.input_ids")).unwrap()[1];
+    r.read_i64(&format!("prompt{p}.input_ids"), &[1, len])
+        .unwrap()
+}
+
+fn close(name: &str, got: Vec<f32>, want: Vec<f32>) {
+    let err = common::max_abs_diff(&got, &want);
+    assert!(err <= TOLERANCE, "{name}: off by {err:e}");
+}
+
+#[test]
+fn prompts_match_reference_logits_and_every_moe_layer() {
+    for (name, device) in common::devices() {
+        check_prompts(name, &device);
+    }
+}
+
+fn check_prompts(name: &str, device: &Device) {
+    let (model, config, report) = OlmoeModel::load(&dir(), device).unwrap();
+    assert!(report.unused.is_empty(), "unused: {:?}", report.unused);
+    assert!(config.is_qwen3_moe() && config.per_head_qk_norm());
+    let sparse: Vec<usize> = (0..config.num_hidden_layers)
+        .filter(|&i| config.is_sparse(i))
+        .collect();
+    assert_eq!(sparse, vec![0, 2], "layer 1 is dense (mlp_only_layers)");
+    // embeddings, lm_head, final norm; per layer 2 norms, 4 projections, q/k norms, then the
+    // router and 3 matrices per expert (sparse) or 3 matrices (dense).
+    let loaded = 3 + 8 * config.num_hidden_layers + 2 * (1 + 3 * config.num_experts) + 3;
+    assert_eq!(report.loaded, loaded);
+    let r = reference();
+    let (h, v, e, k) = (
+        config.hidden_size,
+        config.vocab_size,
+        config.num_experts,
+        config.num_experts_per_tok,
+    );
+    for p in 0..2 {
+        let ids = prompt(&r, p);
+        let l = ids.len();
+        let mut cache = KvCache::new(model.layers.len(), 1);
+        let out = model
+            .forward(
+                &[ids],
+                &[vec![true; l]],
+                &mut cache,
+                &TopK::Configured,
+                true,
+            )
+            .unwrap();
+        let want = r
+            .read_f32(&format!("prompt{p}.logits"), &[1, l, v])
+            .unwrap();
+        close(
+            &format!("{name} p{p} logits"),
+            common::host(out.logits),
+            want,
+        );
+        let layers: Vec<usize> = out.moe.iter().map(|t| t.layer).collect();
+        assert_eq!(layers, sparse, "{name}: one trace per sparse layer");
+        for trace in out.moe {
+            let i = trace.layer;
+            let at = |what: &str| format!("prompt{p}.layer{i}.moe.{what}");
+            let label = |what: &str| format!("{name} p{p} layer {i} {what}");
+            close(
+                &label("input"),
+                common::host(trace.input),
+                r.read_f32(&at("input"), &[1, l, h]).unwrap(),
+            );
+            assert_eq!(
+                common::host_int(trace.routing.expert_ids),
+                r.read_i64(&at("topk_idx"), &[l, k]).unwrap(),
+                "{}",
+                label("experts")
+            );
+            close(
+                &label("weights"),
+                common::host(trace.routing.weights),
+                r.read_f32(&at("topk_weight"), &[l, k]).unwrap(),
+            );
+            close(
+                &label("router logits"),
+                common::host(trace.routing.logits.unwrap()),
+                r.read_f32(&at("router_logits"), &[l, e]).unwrap(),
+            );
+            close(
+                &label("output"),
+                common::host(trace.output),
+                r.read_f32(&at("output"), &[1, l, h]).unwrap(),
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_continuations_match_with_and_without_cache() {
+    for (name, device) in common::devices() {
+        let (model, config, _) = OlmoeModel::load(&dir(), &device).unwrap();
+        let r = reference();
+        for p in 0..2 {
+            let ids = prompt(&r, p);
+            let want = r
+                .read_i64(&format!("prompt{p}.greedy.new_tokens"), &[10])
+                .unwrap();
+            let want_logits = r
+                .read_f32(
+                    &format!("prompt{p}.greedy.step_logits"),
+                    &[10, config.vocab_size],
+                )
+                .unwrap();
+            for use_cache in [true, false] {
+                let (tokens, logits) = model
+                    .generate_greedy(&ids, 10, &TopK::Configured, use_cache)
+                    .unwrap();
+                assert_eq!(tokens, want, "{name} prompt {p} cache {use_cache}");
+                close(
+                    &format!("{name} p{p} cache {use_cache} step logits"),
+                    common::host(logits),
+                    want_logits.clone(),
+                );
+            }
+        }
+    }
+}
