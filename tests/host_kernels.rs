@@ -143,12 +143,27 @@ fn bad_routings_are_typed_errors() {
     let layer = common::seeded_layer(&MoeLayerConfig::olmoe(8, 8, 4, 2), 1, &device);
     let x = common::upload(vec![0.1; 16], [2, 8], &device);
     for bad in [7i64, -1] {
-        let routing = Routing::new(
-            Tensor::<2, Int>::from_data(TensorData::new(vec![0, 1, 2, bad], [2, 2]), &device),
-            common::upload(vec![0.25; 4], [2, 2], &device),
-            4,
-        )
-        .unwrap();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![0, 1, 2, bad], [2, 2]), &device);
+        let weights = common::upload(vec![0.25; 4], [2, 2], &device);
+        // Routing::new refuses the id up front ...
+        let err = Routing::new(ids.clone(), weights.clone(), 4).unwrap_err();
+        assert_eq!(
+            err,
+            MoeError::ExpertIdOutOfRange {
+                position: 3,
+                id: bad,
+                num_experts: 4
+            }
+        );
+        // ... and a routing assembled field by field still meets the kernels' own check.
+        let routing = Routing {
+            expert_ids: ids,
+            weights,
+            logits: None,
+            scores: None,
+            num_experts: 4,
+            dropped: None,
+        };
         let err = layer.experts.forward(x.clone(), &routing).unwrap_err();
         assert!(
             matches!(err, MoeError::Kernel(_)) && err.to_string().contains(&format!("id {bad}")),
