@@ -124,6 +124,44 @@ fn qwen3_moe_runs_through_the_same_commands() {
 }
 
 #[test]
+fn mixtral_runs_through_the_same_commands() {
+    let mixtral = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mixtral-tiny");
+    let (ok, stdout, stderr) = moe(&["inspect", "--model", mixtral, "--json"]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["architecture"], "mixtral");
+    assert_eq!(
+        (v["experts"].as_u64(), v["kv_heads"].as_u64()),
+        (Some(8), Some(2))
+    );
+    let bytes = std::fs::read(format!("{mixtral}/model.safetensors")).unwrap();
+    let stored: usize = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .tensors()
+        .iter()
+        .map(|(_, view)| view.shape().iter().product::<usize>())
+        .sum();
+    assert_eq!(v["total_parameters"].as_u64(), Some(stored as u64));
+    // The reference greedy continuation of the first prompt (make_mixtral_tiny.py), through
+    // the sliding window.
+    let (ok, stdout, stderr) = moe(&[
+        "generate",
+        "--model",
+        mixtral,
+        "--ids",
+        "285,283,452,283,500,350,15",
+        "--max-new-tokens",
+        "10",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.starts_with(r#"{"new_tokens":[435,384,115,210,237,336,20,344,439,192]"#),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn bad_inputs_exit_non_zero_with_one_line() {
     let cases: Vec<Vec<&str>> = vec![
         vec!["generate", "--model", TINY, "--ids", "1,99999"],

@@ -1,4 +1,5 @@
-//! `config.json` of an OLMoE or Qwen3-MoE checkpoint, with the Hugging Face field names.
+//! `config.json` of an OLMoE, Qwen3-MoE or Mixtral checkpoint, with the Hugging Face field
+//! names.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -7,13 +8,16 @@ use moe_core::MoeLayerConfig;
 
 use crate::error::LoadError;
 
-/// The fields of an OLMoE or Qwen3-MoE `config.json` this engine reads (Hugging Face names and
-/// defaults). The two share one decoder: Qwen3-MoE differs in its per-head q/k norms, an
-/// explicit `head_dim`, renormalised top-k, the expert width `moe_intermediate_size` and dense
-/// MLP layers (`mlp_only_layers`, `decoder_sparse_step`) of width `intermediate_size`.
+/// The fields of an OLMoE, Qwen3-MoE or Mixtral `config.json` this engine reads (Hugging Face
+/// names and defaults). The three share one decoder: Qwen3-MoE differs from OLMoE in its
+/// per-head q/k norms, an explicit `head_dim`, renormalised top-k, the expert width
+/// `moe_intermediate_size` and dense MLP layers (`mlp_only_layers`, `decoder_sparse_step`) of
+/// width `intermediate_size`; Mixtral has no q/k norms, always renormalises its top-k, names
+/// its experts `num_local_experts` (`block_sparse_moe`, `w1`/`w3`/`w2`) and may attend within a
+/// `sliding_window`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OlmoeConfig {
-    /// `olmoe` or `qwen3_moe` (absent: OLMoE).
+    /// `olmoe`, `qwen3_moe` or `mixtral` (absent: OLMoE).
     #[serde(default)]
     pub model_type: Option<String>,
     /// Vocabulary size.
@@ -47,7 +51,8 @@ pub struct OlmoeConfig {
     /// Clamp q, k and v to ±`clip_qkv`.
     #[serde(default)]
     pub clip_qkv: Option<f64>,
-    /// Routed experts `E`.
+    /// Routed experts `E` (Mixtral: `num_local_experts`).
+    #[serde(alias = "num_local_experts")]
     pub num_experts: usize,
     /// Experts per token `k`.
     pub num_experts_per_tok: usize,
@@ -81,6 +86,10 @@ pub struct OlmoeConfig {
     /// Sliding-window attention (Qwen3-MoE); only `false` is supported.
     #[serde(default)]
     pub use_sliding_window: bool,
+    /// Attention window (Mixtral, when set): a position sees the `sliding_window` latest
+    /// positions, itself included. Qwen3-MoE's is ignored unless `use_sliding_window`.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
 }
 
 fn default_act() -> String {
@@ -117,17 +126,22 @@ fn check_architecture(object: &serde_json::Map<String, Value>) -> Result<(), Loa
                 .collect()
         })
         .unwrap_or_default();
-    let type_ok = model_type.is_none_or(|t| t == "olmoe" || t == "qwen3_moe");
+    let type_ok = model_type.is_none_or(|t| ["olmoe", "qwen3_moe", "mixtral"].contains(&t));
     let arch_ok = architectures.is_empty()
-        || architectures
-            .iter()
-            .any(|a| a == "OlmoeForCausalLM" || a == "Qwen3MoeForCausalLM");
+        || architectures.iter().any(|a| {
+            [
+                "OlmoeForCausalLM",
+                "Qwen3MoeForCausalLM",
+                "MixtralForCausalLM",
+            ]
+            .contains(&a.as_str())
+        });
     match type_ok && arch_ok {
         true => Ok(()),
         false => Err(LoadError::UnsupportedArchitecture {
             model_type: model_type.unwrap_or_default().to_string(),
             architectures,
-            supported: "olmoe (OlmoeForCausalLM), qwen3_moe (Qwen3MoeForCausalLM)",
+            supported: "olmoe (OlmoeForCausalLM), qwen3_moe (Qwen3MoeForCausalLM), mixtral (MixtralForCausalLM)",
         }),
     }
 }
@@ -168,6 +182,7 @@ impl OlmoeConfig {
             decoder_sparse_step: None,
             mlp_only_layers: Vec::new(),
             use_sliding_window: false,
+            sliding_window: None,
         }
     }
 
@@ -182,7 +197,13 @@ impl OlmoeConfig {
             .ok_or_else(|| invalid("config.json", "must be a JSON object"))?;
         check_architecture(object)?;
         for field in REQUIRED_SIZES {
-            match object.get(field) {
+            let value = match field {
+                "num_experts" => object
+                    .get(field)
+                    .or_else(|| object.get("num_local_experts")),
+                _ => object.get(field),
+            };
+            match value {
                 None => return Err(invalid(field, "is missing")),
                 Some(v) => match v.as_i64() {
                     Some(n) if n >= 1 => {}
@@ -217,10 +238,36 @@ impl OlmoeConfig {
         self.model_type.as_deref() == Some("qwen3_moe")
     }
 
+    /// Whether this is a Mixtral config.
+    pub fn is_mixtral(&self) -> bool {
+        self.model_type.as_deref() == Some("mixtral")
+    }
+
+    /// Whether attention normalises q and k (OLMoE, Qwen3-MoE; not Mixtral).
+    pub fn has_qk_norm(&self) -> bool {
+        !self.is_mixtral()
+    }
+
     /// The q/k RMSNorm of attention runs over each head (Qwen3-MoE) rather than over the whole
     /// projection (OLMoE).
     pub fn per_head_qk_norm(&self) -> bool {
         self.is_qwen3_moe()
+    }
+
+    /// The attention window, if attention is windowed.
+    pub fn attention_window(&self) -> Option<usize> {
+        match self.is_qwen3_moe() {
+            true => self.sliding_window.filter(|_| self.use_sliding_window),
+            false => self.sliding_window,
+        }
+    }
+
+    /// Prefix of a sparse block's tensors within a layer and their expert naming.
+    pub fn moe_prefix(&self) -> (&'static str, crate::ExpertNaming) {
+        match self.is_mixtral() {
+            true => ("block_sparse_moe.", crate::ExpertNaming::Mixtral),
+            false => ("mlp.", crate::ExpertNaming::Proj),
+        }
     }
 
     /// Width of each routed expert.
@@ -283,6 +330,9 @@ impl OlmoeConfig {
                 "use_sliding_window",
                 "sliding-window attention is not supported (only false)",
             ));
+        }
+        if self.sliding_window == Some(0) {
+            return Err(invalid("sliding_window", "must be at least 1, got 0"));
         }
         if self.decoder_sparse_step == Some(0) {
             return Err(invalid("decoder_sparse_step", "must be at least 1, got 0"));
@@ -349,7 +399,7 @@ impl OlmoeConfig {
             self.num_experts,
             self.num_experts_per_tok,
         )
-        .with_normalize_top_k(self.norm_topk_prob)
+        .with_normalize_top_k(self.norm_topk_prob || self.is_mixtral())
     }
 
     /// Parameters in total and those one token uses (`k` of `E` experts).
@@ -357,9 +407,10 @@ impl OlmoeConfig {
         let (h, v) = (self.hidden_size as u64, self.vocab_size as u64);
         let q = (self.num_attention_heads * self.head_dim()) as u64;
         let kv = (self.kv_heads() * self.head_dim()) as u64;
-        let qk_norms = match self.per_head_qk_norm() {
-            true => 2 * self.head_dim() as u64,
-            false => q + kv,
+        let qk_norms = match (self.has_qk_norm(), self.per_head_qk_norm()) {
+            (false, _) => 0,
+            (true, true) => 2 * self.head_dim() as u64,
+            (true, false) => q + kv,
         };
         let attention = 2 * h * q + 2 * h * kv + qk_norms; // q, o, k, v, q/k norms
         let norms = 2 * h;

@@ -1,6 +1,7 @@
-//! OLMoE (allenai/OLMoE-1B-7B and its variants) and Qwen3-MoE (`model_type: qwen3_moe`):
-//! config, model and checkpoint loading. The two share one decoder; the config says which
-//! q/k norm, head size, expert width and dense layers apply.
+//! OLMoE (allenai/OLMoE-1B-7B and its variants), Qwen3-MoE (`model_type: qwen3_moe`) and
+//! Mixtral (`mixtral`): config, model and checkpoint loading. They share one decoder; the
+//! config says which q/k norm, head size, expert width and naming, dense layers and attention
+//! window apply.
 
 mod config;
 mod model;
@@ -20,7 +21,7 @@ use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use moe_core::SharedExpert;
 
-use crate::block::{ExpertNaming, load_block_as, load_dense, matrix_transposed};
+use crate::block::{load_block_as, load_dense, matrix_transposed};
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
 
@@ -252,6 +253,7 @@ impl OlmoeModel {
         };
         bar.inc(1);
         let moe_config = config.moe_layer();
+        let (moe_prefix, naming) = config.moe_prefix();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}.");
@@ -263,8 +265,26 @@ impl OlmoeModel {
                     k_proj: linear(ckpt, &format!("{a}k_proj.weight"), kv_width, h, to)?,
                     v_proj: linear(ckpt, &format!("{a}v_proj.weight"), kv_width, h, to)?,
                     o_proj: linear(ckpt, &format!("{a}o_proj.weight"), h, q_width, to)?,
-                    q_norm: norm(ckpt, &format!("{a}q_norm.weight"), q_norm_width, eps, to)?,
-                    k_norm: norm(ckpt, &format!("{a}k_norm.weight"), k_norm_width, eps, to)?,
+                    q_norm: match config.has_qk_norm() {
+                        true => Some(norm(
+                            ckpt,
+                            &format!("{a}q_norm.weight"),
+                            q_norm_width,
+                            eps,
+                            to,
+                        )?),
+                        false => None,
+                    },
+                    k_norm: match config.has_qk_norm() {
+                        true => Some(norm(
+                            ckpt,
+                            &format!("{a}k_norm.weight"),
+                            k_norm_width,
+                            eps,
+                            to,
+                        )?),
+                        false => None,
+                    },
                     per_head_norm: config.per_head_qk_norm(),
                     heads,
                     kv_heads,
@@ -281,8 +301,8 @@ impl OlmoeModel {
                 mlp: match config.is_sparse(i) {
                     true => DecoderMlp::Sparse(load_block_as(
                         ckpt,
-                        &format!("{p}mlp."),
-                        ExpertNaming::Proj,
+                        &format!("{p}{moe_prefix}"),
+                        naming,
                         &moe_config,
                         device,
                         to.dtype,
@@ -308,6 +328,7 @@ impl OlmoeModel {
             norm: norm(ckpt, "model.norm.weight", h, eps, to)?,
             lm_head: Param::from_tensor(lm_head),
             rope_theta: config.rope_theta,
+            sliding_window: config.attention_window(),
         };
         bar.finish_and_clear();
         let report = LoadReport {
@@ -387,8 +408,8 @@ impl OlmoeModel {
                     k_proj: linear(h, kv_width),
                     v_proj: linear(h, kv_width),
                     o_proj: linear(q_width, h),
-                    q_norm: norm(q_norm_width),
-                    k_norm: norm(k_norm_width),
+                    q_norm: config.has_qk_norm().then(|| norm(q_norm_width)),
+                    k_norm: config.has_qk_norm().then(|| norm(k_norm_width)),
                     per_head_norm: config.per_head_qk_norm(),
                     heads,
                     kv_heads,
@@ -412,6 +433,7 @@ impl OlmoeModel {
             norm: norm(h),
             lm_head: init.init_with([h, v], Some(h), Some(v), device),
             rope_theta: config.rope_theta,
+            sliding_window: config.attention_window(),
         })
     }
 }

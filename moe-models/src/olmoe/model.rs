@@ -25,11 +25,11 @@ pub struct OlmoeAttention {
     pub v_proj: Linear,
     /// `[heads · head_dim, H]`.
     pub o_proj: Linear,
-    /// RMSNorm of the queries: over the whole projection (OLMoE) or over each head
-    /// (Qwen3-MoE, `per_head_norm`).
-    pub q_norm: RmsNorm,
+    /// RMSNorm of the queries: over the whole projection (OLMoE), over each head (Qwen3-MoE,
+    /// `per_head_norm`) or none (Mixtral).
+    pub q_norm: Option<RmsNorm>,
     /// RMSNorm of the keys, like `q_norm`.
-    pub k_norm: RmsNorm,
+    pub k_norm: Option<RmsNorm>,
     /// Whether `q_norm` and `k_norm` run over each head of `head_dim` values.
     #[module(skip)]
     pub per_head_norm: bool,
@@ -74,22 +74,15 @@ impl OlmoeAttention {
         cache: &mut LayerCache,
     ) -> Tensor<3> {
         let [b, l, _] = x.dims();
-        let (mut q, mut k) = match self.per_head_norm {
-            false => (
-                self.q_norm.forward(self.q_proj.forward(x.clone())),
-                self.k_norm.forward(self.k_proj.forward(x.clone())),
-            ),
-            true => {
-                let per_head = |t: Tensor<3>, heads: usize, norm: &RmsNorm| {
-                    norm.forward(t.reshape([b, l, heads, self.head_dim]))
-                        .reshape([b, l, heads * self.head_dim])
-                };
-                (
-                    per_head(self.q_proj.forward(x.clone()), self.heads, &self.q_norm),
-                    per_head(self.k_proj.forward(x.clone()), self.kv_heads, &self.k_norm),
-                )
-            }
+        let normed = |t: Tensor<3>, heads: usize, norm: &Option<RmsNorm>| match norm {
+            None => t,
+            Some(norm) if self.per_head_norm => norm
+                .forward(t.reshape([b, l, heads, self.head_dim]))
+                .reshape([b, l, heads * self.head_dim]),
+            Some(norm) => norm.forward(t),
         };
+        let mut q = normed(self.q_proj.forward(x.clone()), self.heads, &self.q_norm);
+        let mut k = normed(self.k_proj.forward(x.clone()), self.kv_heads, &self.k_norm);
         let mut v = self.v_proj.forward(x);
         if let Some(clip) = self.clip_qkv {
             q = q.clamp(-clip, clip);
@@ -205,6 +198,10 @@ pub struct OlmoeModel {
     /// RoPE base.
     #[module(skip)]
     pub rope_theta: f64,
+    /// Attention window (Mixtral): a position sees this many latest positions, itself
+    /// included; `None` sees them all.
+    #[module(skip)]
+    pub sliding_window: Option<usize>,
 }
 
 /// Keys and values of every layer plus the attention mask and positions seen so far, for one
@@ -373,12 +370,14 @@ impl OlmoeModel {
         let (cos, sin) = self.rope(&positions, b, l, &device);
         let (cos, sin) = (cos.cast(dtype), sin.cast(dtype));
 
-        // Additive mask: causal and padding.
+        // Additive mask: causal, padding and the attention window.
         let mut additive = Vec::with_capacity(b * l * total);
         for row in &cache.mask {
             for i in 0..l {
                 for (p, &real) in row.iter().enumerate() {
-                    let allowed = real && p <= past + i;
+                    let allowed = real
+                        && p <= past + i
+                        && self.sliding_window.is_none_or(|w| past + i - p < w);
                     additive.push(if allowed { 0.0 } else { f32::MIN });
                 }
             }

@@ -1,7 +1,11 @@
-//! The tiny Qwen3-MoE checkpoint (tests/data/qwen3-moe-tiny, made by
-//! scripts/fixtures/make_qwen3_moe_tiny.py with transformers 4.57) against its references:
-//! logits, every sparse layer's MoE input, routing and output (a dense MLP layer between them),
-//! and greedy continuations with and without the KV cache.
+//! The other architectures' tiny checkpoints, each made with transformers 4.57 by its script in
+//! scripts/fixtures, against their references: logits, every sparse layer's MoE input, routing
+//! and output, and greedy continuations with and without the KV cache.
+//!
+//! - `qwen3-moe-tiny`: per-head q/k norms, grouped-query attention, a dense MLP layer
+//!   (`mlp_only_layers`) between two sparse ones, renormalised top-2.
+//! - `mixtral-tiny`: no q/k norms, grouped-query attention, a sliding window of 6 positions
+//!   (shorter than the prompts and continuations), `block_sparse_moe` with w1/w3/w2.
 
 mod common;
 
@@ -13,12 +17,17 @@ use moe::moe_models::{KvCache, OlmoeModel, TensorSource};
 
 const TOLERANCE: f32 = 1e-4;
 
-fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/qwen3-moe-tiny")
+/// The checkpoints: folder under tests/data and the layers that have the MoE block.
+const MODELS: [(&str, &[usize]); 2] = [("qwen3-moe-tiny", &[0, 2]), ("mixtral-tiny", &[0, 1])];
+
+fn dir(model: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(model)
 }
 
-fn reference() -> TensorSource {
-    TensorSource::open(&dir().join("reference.safetensors")).unwrap()
+fn reference(model: &str) -> TensorSource {
+    TensorSource::open(&dir(model).join("reference.safetensors")).unwrap()
 }
 
 fn prompt(r: &TensorSource, p: usize) -> Vec<i64> {
@@ -34,24 +43,33 @@ fn close(name: &str, got: Vec<f32>, want: Vec<f32>) {
 
 #[test]
 fn prompts_match_reference_logits_and_every_moe_layer() {
-    for (name, device) in common::devices() {
-        check_prompts(name, &device);
+    for (model, sparse) in MODELS {
+        for (name, device) in common::devices() {
+            check_prompts(model, sparse, &format!("{model} on {name}"), &device);
+        }
     }
 }
 
-fn check_prompts(name: &str, device: &Device) {
-    let (model, config, report) = OlmoeModel::load(&dir(), device).unwrap();
+fn check_prompts(model_name: &str, sparse_layers: &[usize], name: &str, device: &Device) {
+    let (model, config, report) = OlmoeModel::load(&dir(model_name), device).unwrap();
     assert!(report.unused.is_empty(), "unused: {:?}", report.unused);
-    assert!(config.is_qwen3_moe() && config.per_head_qk_norm());
     let sparse: Vec<usize> = (0..config.num_hidden_layers)
         .filter(|&i| config.is_sparse(i))
         .collect();
-    assert_eq!(sparse, vec![0, 2], "layer 1 is dense (mlp_only_layers)");
-    // embeddings, lm_head, final norm; per layer 2 norms, 4 projections, q/k norms, then the
-    // router and 3 matrices per expert (sparse) or 3 matrices (dense).
-    let loaded = 3 + 8 * config.num_hidden_layers + 2 * (1 + 3 * config.num_experts) + 3;
-    assert_eq!(report.loaded, loaded);
-    let r = reference();
+    assert_eq!(sparse, sparse_layers, "{name}: sparse layers");
+    // embeddings, lm_head, final norm; per layer 2 norms, 4 projections, q/k norms when the
+    // architecture has them, then the router and 3 matrices per expert (sparse) or 3 matrices
+    // (dense).
+    let qk_norms = if config.has_qk_norm() { 2 } else { 0 };
+    let loaded: usize = 3
+        + (0..config.num_hidden_layers)
+            .map(|i| match config.is_sparse(i) {
+                true => 6 + qk_norms + 1 + 3 * config.num_experts,
+                false => 6 + qk_norms + 3,
+            })
+            .sum::<usize>();
+    assert_eq!(report.loaded, loaded, "{name}: tensors read");
+    let r = reference(model_name);
     let (h, v, e, k) = (
         config.hidden_size,
         config.vocab_size,
@@ -117,9 +135,13 @@ fn check_prompts(name: &str, device: &Device) {
 
 #[test]
 fn greedy_continuations_match_with_and_without_cache() {
-    for (name, device) in common::devices() {
-        let (model, config, _) = OlmoeModel::load(&dir(), &device).unwrap();
-        let r = reference();
+    for ((model_name, _), (device_name, device)) in MODELS
+        .iter()
+        .flat_map(|m| common::devices().into_iter().map(move |d| (*m, d)))
+    {
+        let name = format!("{model_name} on {device_name}");
+        let (model, config, _) = OlmoeModel::load(&dir(model_name), &device).unwrap();
+        let r = reference(model_name);
         for p in 0..2 {
             let ids = prompt(&r, p);
             let want = r
