@@ -6,6 +6,8 @@
 //!   (`mlp_only_layers`) between two sparse ones, renormalised top-2.
 //! - `mixtral-tiny`: no q/k norms, grouped-query attention, a sliding window of 6 positions
 //!   (shorter than the prompts and continuations), `block_sparse_moe` with w1/w3/w2.
+//! - `qwen2-moe-tiny`: q/k/v biases, no q/k norms, a dense layer between two sparse ones, top-2
+//!   without renormalisation, a shared expert scaled by its sigmoid gate.
 
 mod common;
 
@@ -18,7 +20,11 @@ use moe::moe_models::{KvCache, OlmoeModel, TensorSource};
 const TOLERANCE: f32 = 1e-4;
 
 /// The checkpoints: folder under tests/data and the layers that have the MoE block.
-const MODELS: [(&str, &[usize]); 2] = [("qwen3-moe-tiny", &[0, 2]), ("mixtral-tiny", &[0, 1])];
+const MODELS: [(&str, &[usize]); 3] = [
+    ("qwen3-moe-tiny", &[0, 2]),
+    ("mixtral-tiny", &[0, 1]),
+    ("qwen2-moe-tiny", &[0, 2]),
+];
 
 fn dir(model: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -60,12 +66,19 @@ fn check_prompts(model_name: &str, sparse_layers: &[usize], name: &str, device: 
     // embeddings, lm_head, final norm; per layer 2 norms, 4 projections, q/k norms when the
     // architecture has them, then the router and 3 matrices per expert (sparse) or 3 matrices
     // (dense).
+    // Qwen2-MoE adds q/k/v biases and a shared expert with its gate.
     let qk_norms = if config.has_qk_norm() { 2 } else { 0 };
+    let biases = if config.has_qkv_bias() { 3 } else { 0 };
+    let shared = if config.shared_expert_size().is_some() {
+        4
+    } else {
+        0
+    };
     let loaded: usize = 3
         + (0..config.num_hidden_layers)
             .map(|i| match config.is_sparse(i) {
-                true => 6 + qk_norms + 1 + 3 * config.num_experts,
-                false => 6 + qk_norms + 3,
+                true => 6 + qk_norms + biases + 1 + 3 * config.num_experts + shared,
+                false => 6 + qk_norms + biases + 3,
             })
             .sum::<usize>();
     assert_eq!(report.loaded, loaded, "{name}: tensors read");

@@ -162,6 +162,39 @@ fn mixtral_runs_through_the_same_commands() {
 }
 
 #[test]
+fn qwen2_moe_runs_through_the_same_commands() {
+    let qwen2 = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/qwen2-moe-tiny");
+    let (ok, stdout, stderr) = moe(&["inspect", "--model", qwen2, "--json"]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["architecture"], "qwen2_moe");
+    // q/k/v biases and the shared expert with its gate are counted too.
+    let bytes = std::fs::read(format!("{qwen2}/model.safetensors")).unwrap();
+    let stored: usize = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .tensors()
+        .iter()
+        .map(|(_, view)| view.shape().iter().product::<usize>())
+        .sum();
+    assert_eq!(v["total_parameters"].as_u64(), Some(stored as u64));
+    let (ok, stdout, stderr) = moe(&[
+        "generate",
+        "--model",
+        qwen2,
+        "--ids",
+        "285,283,452,283,500,350,15",
+        "--max-new-tokens",
+        "10",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.starts_with(r#"{"new_tokens":[489,114,207,55,322,58,238,295,253,73]"#),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn bad_inputs_exit_non_zero_with_one_line() {
     let cases: Vec<Vec<&str>> = vec![
         vec!["generate", "--model", TINY, "--ids", "1,99999"],

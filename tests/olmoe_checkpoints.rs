@@ -367,13 +367,13 @@ fn broken_checkpoints_are_typed_errors_naming_the_problem() {
     let text = std::fs::read_to_string(checkpoints::tiny_dir().join("config.json")).unwrap();
     assert!(OlmoeConfig::from_json(&text).is_ok());
     // Another architecture is refused by name, whether model_type or architectures says so.
-    let qwen2 = text.replace("\"olmoe\"", "\"qwen2_moe\"");
-    let err = OlmoeConfig::from_json(&qwen2).unwrap_err();
+    let deepseek_type = text.replace("\"olmoe\"", "\"deepseek_v3\"");
+    let err = OlmoeConfig::from_json(&deepseek_type).unwrap_err();
     assert!(
-        matches!(&err, LoadError::UnsupportedArchitecture { model_type, .. } if model_type == "qwen2_moe"),
+        matches!(&err, LoadError::UnsupportedArchitecture { model_type, .. } if model_type == "deepseek_v3"),
         "{err:?}"
     );
-    assert!(err.to_string().contains("qwen2_moe"), "{err}");
+    assert!(err.to_string().contains("deepseek_v3"), "{err}");
     let deepseek = text.replace("OlmoeForCausalLM", "DeepseekV3ForCausalLM");
     let err = OlmoeConfig::from_json(&deepseek).unwrap_err();
     assert!(err.to_string().contains("DeepseekV3ForCausalLM"), "{err}");

@@ -14,7 +14,7 @@ use crate::error::LoadError;
 /// `moe_intermediate_size` and dense MLP layers (`mlp_only_layers`, `decoder_sparse_step`) of
 /// width `intermediate_size`; Mixtral has no q/k norms, always renormalises its top-k, names
 /// its experts `num_local_experts` (`block_sparse_moe`, `w1`/`w3`/`w2`) and may attend within a
-/// `sliding_window`.
+/// `sliding_window`; Qwen2-MoE has q/k/v biases, no q/k norms and a gated shared expert.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OlmoeConfig {
     /// `olmoe`, `qwen3_moe` or `mixtral` (absent: OLMoE).
@@ -86,6 +86,12 @@ pub struct OlmoeConfig {
     /// Sliding-window attention (Qwen3-MoE); only `false` is supported.
     #[serde(default)]
     pub use_sliding_window: bool,
+    /// Biases on the q/k/v projections (Qwen2-MoE; absent: true there).
+    #[serde(default)]
+    pub qkv_bias: Option<bool>,
+    /// Width of the gated shared expert (Qwen2-MoE).
+    #[serde(default)]
+    pub shared_expert_intermediate_size: Option<usize>,
     /// Attention window (Mixtral, when set): a position sees the `sliding_window` latest
     /// positions, itself included. Qwen3-MoE's is ignored unless `use_sliding_window`.
     #[serde(default)]
@@ -112,8 +118,16 @@ const REQUIRED_SIZES: [&str; 7] = [
     "num_experts_per_tok",
 ];
 
-/// Refuses a config whose `model_type` or `architectures` name another model than OLMoE (a
-/// config without either is read as OLMoE).
+/// The architectures this engine runs: `model_type` and the `architectures` class name.
+const SUPPORTED: [(&str, &str); 4] = [
+    ("olmoe", "OlmoeForCausalLM"),
+    ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    ("mixtral", "MixtralForCausalLM"),
+];
+
+/// Refuses a config whose `model_type` or `architectures` name another model than those of
+/// [`SUPPORTED`] (a config without either is read as OLMoE).
 fn check_architecture(object: &serde_json::Map<String, Value>) -> Result<(), LoadError> {
     let model_type = object.get("model_type").and_then(Value::as_str);
     let architectures: Vec<String> = object
@@ -126,22 +140,17 @@ fn check_architecture(object: &serde_json::Map<String, Value>) -> Result<(), Loa
                 .collect()
         })
         .unwrap_or_default();
-    let type_ok = model_type.is_none_or(|t| ["olmoe", "qwen3_moe", "mixtral"].contains(&t));
+    let type_ok = model_type.is_none_or(|t| SUPPORTED.iter().any(|(name, _)| *name == t));
     let arch_ok = architectures.is_empty()
-        || architectures.iter().any(|a| {
-            [
-                "OlmoeForCausalLM",
-                "Qwen3MoeForCausalLM",
-                "MixtralForCausalLM",
-            ]
-            .contains(&a.as_str())
-        });
+        || architectures
+            .iter()
+            .any(|a| SUPPORTED.iter().any(|(_, class)| class == a));
     match type_ok && arch_ok {
         true => Ok(()),
         false => Err(LoadError::UnsupportedArchitecture {
             model_type: model_type.unwrap_or_default().to_string(),
             architectures,
-            supported: "olmoe (OlmoeForCausalLM), qwen3_moe (Qwen3MoeForCausalLM), mixtral (MixtralForCausalLM)",
+            supported: "olmoe (OlmoeForCausalLM), qwen2_moe (Qwen2MoeForCausalLM), qwen3_moe (Qwen3MoeForCausalLM), mixtral (MixtralForCausalLM)",
         }),
     }
 }
@@ -183,6 +192,8 @@ impl OlmoeConfig {
             mlp_only_layers: Vec::new(),
             use_sliding_window: false,
             sliding_window: None,
+            qkv_bias: None,
+            shared_expert_intermediate_size: None,
         }
     }
 
@@ -238,14 +249,24 @@ impl OlmoeConfig {
         self.model_type.as_deref() == Some("qwen3_moe")
     }
 
+    /// Whether this is a Qwen2-MoE config.
+    pub fn is_qwen2_moe(&self) -> bool {
+        self.model_type.as_deref() == Some("qwen2_moe")
+    }
+
+    /// Whether the q/k/v projections carry biases (Qwen2-MoE).
+    pub fn has_qkv_bias(&self) -> bool {
+        self.is_qwen2_moe() && self.qkv_bias.unwrap_or(true)
+    }
+
     /// Whether this is a Mixtral config.
     pub fn is_mixtral(&self) -> bool {
         self.model_type.as_deref() == Some("mixtral")
     }
 
-    /// Whether attention normalises q and k (OLMoE, Qwen3-MoE; not Mixtral).
+    /// Whether attention normalises q and k (OLMoE, Qwen3-MoE; not Mixtral or Qwen2-MoE).
     pub fn has_qk_norm(&self) -> bool {
-        !self.is_mixtral()
+        !self.is_mixtral() && !self.is_qwen2_moe()
     }
 
     /// The q/k RMSNorm of attention runs over each head (Qwen3-MoE) rather than over the whole
@@ -256,7 +277,7 @@ impl OlmoeConfig {
 
     /// The attention window, if attention is windowed.
     pub fn attention_window(&self) -> Option<usize> {
-        match self.is_qwen3_moe() {
+        match self.is_qwen3_moe() || self.is_qwen2_moe() {
             true => self.sliding_window.filter(|_| self.use_sliding_window),
             false => self.sliding_window,
         }
@@ -331,6 +352,12 @@ impl OlmoeConfig {
                 "sliding-window attention is not supported (only false)",
             ));
         }
+        if self.is_qwen2_moe() && self.shared_expert_intermediate_size.is_none_or(|s| s == 0) {
+            return Err(invalid(
+                "shared_expert_intermediate_size",
+                "must be at least 1 for qwen2_moe",
+            ));
+        }
         if self.sliding_window == Some(0) {
             return Err(invalid("sliding_window", "must be at least 1, got 0"));
         }
@@ -400,6 +427,17 @@ impl OlmoeConfig {
             self.num_experts_per_tok,
         )
         .with_normalize_top_k(self.norm_topk_prob || self.is_mixtral())
+        .with_shared_expert(
+            self.shared_expert_size().map(|size| {
+                moe_core::SharedExpertConfig::new(self.hidden_size, size).with_gated(true)
+            }),
+        )
+    }
+
+    /// Width of the gated shared expert (Qwen2-MoE), if the blocks have one.
+    pub fn shared_expert_size(&self) -> Option<usize> {
+        self.shared_expert_intermediate_size
+            .filter(|_| self.is_qwen2_moe())
     }
 
     /// Parameters in total and those one token uses (`k` of `E` experts).
@@ -412,7 +450,11 @@ impl OlmoeConfig {
             (true, true) => 2 * self.head_dim() as u64,
             (true, false) => q + kv,
         };
-        let attention = 2 * h * q + 2 * h * kv + qk_norms; // q, o, k, v, q/k norms
+        let biases = if self.has_qkv_bias() { q + 2 * kv } else { 0 };
+        let attention = 2 * h * q + 2 * h * kv + qk_norms + biases; // q, o, k, v, norms, biases
+        let shared = self
+            .shared_expert_size()
+            .map_or(0, |s| 3 * h * s as u64 + h); // shared expert and its gate
         let norms = 2 * h;
         let expert = 3 * h * self.expert_size() as u64;
         let dense_mlp = 3 * h * self.intermediate_size as u64;
@@ -423,8 +465,8 @@ impl OlmoeConfig {
             active += attention + norms;
             if self.is_sparse(layer) {
                 let router = h * self.num_experts as u64;
-                total += router + self.num_experts as u64 * expert;
-                active += router + self.num_experts_per_tok as u64 * expert;
+                total += router + self.num_experts as u64 * expert + shared;
+                active += router + self.num_experts_per_tok as u64 * expert + shared;
             } else {
                 total += dense_mlp;
                 active += dense_mlp;

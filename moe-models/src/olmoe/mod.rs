@@ -1,5 +1,5 @@
-//! OLMoE (allenai/OLMoE-1B-7B and its variants), Qwen3-MoE (`model_type: qwen3_moe`) and
-//! Mixtral (`mixtral`): config, model and checkpoint loading. They share one decoder; the
+//! OLMoE (allenai/OLMoE-1B-7B and its variants), Qwen2-MoE (`model_type: qwen2_moe`),
+//! Qwen3-MoE (`qwen3_moe`) and Mixtral (`mixtral`): config, model and checkpoint loading. They share one decoder; the
 //! config says which q/k norm, head size, expert width and naming, dense layers and attention
 //! window apply.
 
@@ -174,6 +174,27 @@ fn linear(
     })
 }
 
+/// [`linear`] plus its bias (`….bias` beside `….weight`) when `bias` is set.
+fn linear_biased(
+    ckpt: &Checkpoint,
+    name: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+    to: Target,
+) -> Result<Linear, LoadError> {
+    let mut layer = linear(ckpt, name, out, inp, to)?;
+    if bias {
+        let bias_name = format!("{}.bias", name.trim_end_matches(".weight"));
+        let values = ckpt.read_f32(&bias_name, &[out])?;
+        layer.bias = Some(Param::from_tensor(Tensor::<1>::from_data(
+            TensorData::new(values, [out]),
+            (to.device, to.dtype),
+        )));
+    }
+    Ok(layer)
+}
+
 impl OlmoeModel {
     /// Loads `dir/config.json` and the checkpoint beside it (single file or sharded) in f32.
     pub fn load(dir: &Path, device: &Device) -> Result<(Self, OlmoeConfig, LoadReport), LoadError> {
@@ -254,6 +275,7 @@ impl OlmoeModel {
         bar.inc(1);
         let moe_config = config.moe_layer();
         let (moe_prefix, naming) = config.moe_prefix();
+        let qkv_bias = config.has_qkv_bias();
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}.");
@@ -261,9 +283,30 @@ impl OlmoeModel {
             layers.push(OlmoeDecoderLayer {
                 input_layernorm: norm(ckpt, &format!("{p}input_layernorm.weight"), h, eps, to)?,
                 self_attn: OlmoeAttention {
-                    q_proj: linear(ckpt, &format!("{a}q_proj.weight"), q_width, h, to)?,
-                    k_proj: linear(ckpt, &format!("{a}k_proj.weight"), kv_width, h, to)?,
-                    v_proj: linear(ckpt, &format!("{a}v_proj.weight"), kv_width, h, to)?,
+                    q_proj: linear_biased(
+                        ckpt,
+                        &format!("{a}q_proj.weight"),
+                        q_width,
+                        h,
+                        qkv_bias,
+                        to,
+                    )?,
+                    k_proj: linear_biased(
+                        ckpt,
+                        &format!("{a}k_proj.weight"),
+                        kv_width,
+                        h,
+                        qkv_bias,
+                        to,
+                    )?,
+                    v_proj: linear_biased(
+                        ckpt,
+                        &format!("{a}v_proj.weight"),
+                        kv_width,
+                        h,
+                        qkv_bias,
+                        to,
+                    )?,
                     o_proj: linear(ckpt, &format!("{a}o_proj.weight"), h, q_width, to)?,
                     q_norm: match config.has_qk_norm() {
                         true => Some(norm(
@@ -388,12 +431,14 @@ impl OlmoeModel {
             mean: 0.0,
             std: 0.02,
         };
-        let linear = |inp: usize, out: usize| {
+        let linear_with = |inp: usize, out: usize, bias: bool| {
             LinearConfig::new(inp, out)
-                .with_bias(false)
+                .with_bias(bias)
                 .with_initializer(init.clone())
                 .init(device)
         };
+        let linear = |inp: usize, out: usize| linear_with(inp, out, false);
+        let qkv_bias = config.has_qkv_bias();
         let norm = |size: usize| {
             RmsNormConfig::new(size)
                 .with_epsilon(config.rms_norm_eps)
@@ -404,9 +449,9 @@ impl OlmoeModel {
             layers.push(OlmoeDecoderLayer {
                 input_layernorm: norm(h),
                 self_attn: OlmoeAttention {
-                    q_proj: linear(h, q_width),
-                    k_proj: linear(h, kv_width),
-                    v_proj: linear(h, kv_width),
+                    q_proj: linear_with(h, q_width, qkv_bias),
+                    k_proj: linear_with(h, kv_width, qkv_bias),
+                    v_proj: linear_with(h, kv_width, qkv_bias),
                     o_proj: linear(q_width, h),
                     q_norm: config.has_qk_norm().then(|| norm(q_norm_width)),
                     k_norm: config.has_qk_norm().then(|| norm(k_norm_width)),
