@@ -74,45 +74,48 @@ fn inspect_reports_sizes_and_parameters() {
     );
 }
 
-#[test]
-fn qwen3_moe_runs_through_the_same_commands() {
-    let qwen = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/qwen3-moe-tiny");
-    let (ok, stdout, stderr) = moe(&["inspect", "--model", qwen, "--json"]);
-    assert!(ok, "{stderr}");
+/// `inspect` names the architecture and counts every stored value; `generate` continues the
+/// first reference prompt of make_olmoe_tiny.py as transformers did (the script's printout).
+fn architecture_runs_through_the_same_commands(
+    folder: &str,
+    architecture: &str,
+    tokens: &str,
+) -> serde_json::Value {
+    let dir = format!("{}/tests/data/{folder}", env!("CARGO_MANIFEST_DIR"));
+    let (ok, stdout, stderr) = moe(&["inspect", "--model", &dir, "--json"]);
+    assert!(ok, "{folder}: {stderr}");
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(v["architecture"], "qwen3_moe");
-    assert_eq!(v["dense_layers"], serde_json::json!([1]));
-    assert_eq!(v["intermediate_size"], 32, "the expert width");
-    // Every stored value is counted (per-head q/k norms, the dense layer, GQA projections).
-    let bytes = std::fs::read(format!("{qwen}/model.safetensors")).unwrap();
+    assert_eq!(v["architecture"], architecture);
+    let bytes = std::fs::read(format!("{dir}/model.safetensors")).unwrap();
     let stored: usize = safetensors::SafeTensors::deserialize(&bytes)
         .unwrap()
         .tensors()
         .iter()
         .map(|(_, view)| view.shape().iter().product::<usize>())
         .sum();
-    assert_eq!(v["total_parameters"].as_u64(), Some(stored as u64));
-    // The reference greedy continuation of the first prompt (make_qwen3_moe_tiny.py), and
-    // the same at k = 1 runs too.
+    assert_eq!(
+        v["total_parameters"].as_u64(),
+        Some(stored as u64),
+        "{folder}: every stored value is counted"
+    );
     let (ok, stdout, stderr) = moe(&[
         "generate",
         "--model",
-        qwen,
+        &dir,
         "--ids",
         "285,283,452,283,500,350,15",
         "--max-new-tokens",
         "10",
         "--json",
     ]);
-    assert!(ok, "{stderr}");
-    assert!(
-        stdout.starts_with(r#"{"new_tokens":[496,496,421,99,256,83,256,99,219,17]"#),
-        "{stdout}"
-    );
+    assert!(ok, "{folder}: {stderr}");
+    let want = format!(r#"{{"new_tokens":[{tokens}]"#);
+    assert!(stdout.starts_with(&want), "{folder}: {stdout}");
+    // Another k runs from the same folder.
     let (ok, _, stderr) = moe(&[
         "generate",
         "--model",
-        qwen,
+        &dir,
         "--ids",
         "285,283",
         "--max-new-tokens",
@@ -120,77 +123,40 @@ fn qwen3_moe_runs_through_the_same_commands() {
         "--top-k",
         "1",
     ]);
-    assert!(ok, "{stderr}");
+    assert!(ok, "{folder}: {stderr}");
+    v
 }
 
 #[test]
-fn mixtral_runs_through_the_same_commands() {
-    let mixtral = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/mixtral-tiny");
-    let (ok, stdout, stderr) = moe(&["inspect", "--model", mixtral, "--json"]);
-    assert!(ok, "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(v["architecture"], "mixtral");
-    assert_eq!(
-        (v["experts"].as_u64(), v["kv_heads"].as_u64()),
-        (Some(8), Some(2))
+fn qwen3_moe_runs_through_the_same_commands() {
+    let v = architecture_runs_through_the_same_commands(
+        "qwen3-moe-tiny",
+        "qwen3_moe",
+        "496,496,421,99,256,83,256,99,219,17",
     );
-    let bytes = std::fs::read(format!("{mixtral}/model.safetensors")).unwrap();
-    let stored: usize = safetensors::SafeTensors::deserialize(&bytes)
-        .unwrap()
-        .tensors()
-        .iter()
-        .map(|(_, view)| view.shape().iter().product::<usize>())
-        .sum();
-    assert_eq!(v["total_parameters"].as_u64(), Some(stored as u64));
-    // The reference greedy continuation of the first prompt (make_mixtral_tiny.py), through
-    // the sliding window.
-    let (ok, stdout, stderr) = moe(&[
-        "generate",
-        "--model",
-        mixtral,
-        "--ids",
-        "285,283,452,283,500,350,15",
-        "--max-new-tokens",
-        "10",
-        "--json",
-    ]);
-    assert!(ok, "{stderr}");
-    assert!(
-        stdout.starts_with(r#"{"new_tokens":[435,384,115,210,237,336,20,344,439,192]"#),
-        "{stdout}"
-    );
+    assert_eq!(v["dense_layers"], serde_json::json!([1]));
+    assert_eq!(v["intermediate_size"], 32, "the expert width");
 }
 
 #[test]
 fn qwen2_moe_runs_through_the_same_commands() {
-    let qwen2 = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/qwen2-moe-tiny");
-    let (ok, stdout, stderr) = moe(&["inspect", "--model", qwen2, "--json"]);
-    assert!(ok, "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(v["architecture"], "qwen2_moe");
-    // q/k/v biases and the shared expert with its gate are counted too.
-    let bytes = std::fs::read(format!("{qwen2}/model.safetensors")).unwrap();
-    let stored: usize = safetensors::SafeTensors::deserialize(&bytes)
-        .unwrap()
-        .tensors()
-        .iter()
-        .map(|(_, view)| view.shape().iter().product::<usize>())
-        .sum();
-    assert_eq!(v["total_parameters"].as_u64(), Some(stored as u64));
-    let (ok, stdout, stderr) = moe(&[
-        "generate",
-        "--model",
-        qwen2,
-        "--ids",
-        "285,283,452,283,500,350,15",
-        "--max-new-tokens",
-        "10",
-        "--json",
-    ]);
-    assert!(ok, "{stderr}");
-    assert!(
-        stdout.starts_with(r#"{"new_tokens":[489,114,207,55,322,58,238,295,253,73]"#),
-        "{stdout}"
+    architecture_runs_through_the_same_commands(
+        "qwen2-moe-tiny",
+        "qwen2_moe",
+        "489,114,207,55,322,58,238,295,253,73",
+    );
+}
+
+#[test]
+fn mixtral_runs_through_the_same_commands() {
+    let v = architecture_runs_through_the_same_commands(
+        "mixtral-tiny",
+        "mixtral",
+        "435,384,115,210,237,336,20,344,439,192",
+    );
+    assert_eq!(
+        (v["experts"].as_u64(), v["kv_heads"].as_u64()),
+        (Some(8), Some(2))
     );
 }
 
