@@ -8,6 +8,9 @@
 //!   (shorter than the prompts and continuations), `block_sparse_moe` with w1/w3/w2.
 //! - `qwen2-moe-tiny`: q/k/v biases, no q/k norms, a dense layer between two sparse ones, top-2
 //!   without renormalisation, a shared expert scaled by its sigmoid gate.
+//! - `deepseek-v3-tiny`: multi-head latent attention (query LoRA, key/value latent, interleaved
+//!   decoupled rotary part), layer 0 dense, sigmoid routing with a selection bias over 4 groups
+//!   (2 kept), renormalised and scaled weights, an ungated shared expert.
 
 mod common;
 
@@ -20,10 +23,11 @@ use moe::moe_models::{KvCache, OlmoeModel, TensorSource};
 const TOLERANCE: f32 = 1e-4;
 
 /// The checkpoints: folder under tests/data and the layers that have the MoE block.
-const MODELS: [(&str, &[usize]); 3] = [
+const MODELS: [(&str, &[usize]); 4] = [
     ("qwen3-moe-tiny", &[0, 2]),
     ("mixtral-tiny", &[0, 1]),
     ("qwen2-moe-tiny", &[0, 2]),
+    ("deepseek-v3-tiny", &[1, 2]),
 ];
 
 fn dir(model: &str) -> PathBuf {
@@ -63,24 +67,12 @@ fn check_prompts(model_name: &str, sparse_layers: &[usize], name: &str, device: 
         .filter(|&i| config.is_sparse(i))
         .collect();
     assert_eq!(sparse, sparse_layers, "{name}: sparse layers");
-    // embeddings, lm_head, final norm; per layer 2 norms, 4 projections, q/k norms when the
-    // architecture has them, then the router and 3 matrices per expert (sparse) or 3 matrices
-    // (dense).
-    // Qwen2-MoE adds q/k/v biases and a shared expert with its gate.
-    let qk_norms = if config.has_qk_norm() { 2 } else { 0 };
-    let biases = if config.has_qkv_bias() { 3 } else { 0 };
-    let shared = if config.shared_expert_size().is_some() {
-        4
-    } else {
-        0
-    };
-    let loaded: usize = 3
-        + (0..config.num_hidden_layers)
-            .map(|i| match config.is_sparse(i) {
-                true => 6 + qk_norms + biases + 1 + 3 * config.num_experts + shared,
-                false => 6 + qk_norms + biases + 3,
-            })
-            .sum::<usize>();
+    // Every tensor of the checkpoint is read, once.
+    let bytes = std::fs::read(dir(model_name).join("model.safetensors")).unwrap();
+    let loaded = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .tensors()
+        .len();
     assert_eq!(report.loaded, loaded, "{name}: tensors read");
     let r = reference(model_name);
     let (h, v, e, k) = (
@@ -121,15 +113,31 @@ fn check_prompts(model_name: &str, sparse_layers: &[usize], name: &str, device: 
                 common::host(trace.input),
                 r.read_f32(&at("input"), &[1, l, h]).unwrap(),
             );
+            // DeepSeek-V3's reference leaves each token's experts unsorted; it is stored in
+            // ascending id order, so compare as sets (with their weights) there.
+            let mut ids = common::host_int(trace.routing.expert_ids);
+            let mut weights = common::host(trace.routing.weights);
+            if config.is_deepseek_v3() {
+                for t in 0..l {
+                    let mut row: Vec<(i64, f32)> = (0..k)
+                        .map(|j| (ids[t * k + j], weights[t * k + j]))
+                        .collect();
+                    row.sort_by_key(|p| p.0);
+                    for (j, (id, w)) in row.into_iter().enumerate() {
+                        ids[t * k + j] = id;
+                        weights[t * k + j] = w;
+                    }
+                }
+            }
             assert_eq!(
-                common::host_int(trace.routing.expert_ids),
+                ids,
                 r.read_i64(&at("topk_idx"), &[l, k]).unwrap(),
                 "{}",
                 label("experts")
             );
             close(
                 &label("weights"),
-                common::host(trace.routing.weights),
+                weights,
                 r.read_f32(&at("topk_weight"), &[l, k]).unwrap(),
             );
             close(

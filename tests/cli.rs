@@ -148,6 +148,16 @@ fn qwen2_moe_runs_through_the_same_commands() {
 }
 
 #[test]
+fn deepseek_v3_runs_through_the_same_commands() {
+    let v = architecture_runs_through_the_same_commands(
+        "deepseek-v3-tiny",
+        "deepseek_v3",
+        "348,208,487,156,91,211,413,483,303,488",
+    );
+    assert_eq!(v["dense_layers"], serde_json::json!([0]));
+}
+
+#[test]
 fn mixtral_runs_through_the_same_commands() {
     let v = architecture_runs_through_the_same_commands(
         "mixtral-tiny",

@@ -367,16 +367,16 @@ fn broken_checkpoints_are_typed_errors_naming_the_problem() {
     let text = std::fs::read_to_string(checkpoints::tiny_dir().join("config.json")).unwrap();
     assert!(OlmoeConfig::from_json(&text).is_ok());
     // Another architecture is refused by name, whether model_type or architectures says so.
-    let deepseek_type = text.replace("\"olmoe\"", "\"deepseek_v3\"");
-    let err = OlmoeConfig::from_json(&deepseek_type).unwrap_err();
+    let dbrx_type = text.replace("\"olmoe\"", "\"dbrx\"");
+    let err = OlmoeConfig::from_json(&dbrx_type).unwrap_err();
     assert!(
-        matches!(&err, LoadError::UnsupportedArchitecture { model_type, .. } if model_type == "deepseek_v3"),
+        matches!(&err, LoadError::UnsupportedArchitecture { model_type, .. } if model_type == "dbrx"),
         "{err:?}"
     );
-    assert!(err.to_string().contains("deepseek_v3"), "{err}");
-    let deepseek = text.replace("OlmoeForCausalLM", "DeepseekV3ForCausalLM");
-    let err = OlmoeConfig::from_json(&deepseek).unwrap_err();
-    assert!(err.to_string().contains("DeepseekV3ForCausalLM"), "{err}");
+    assert!(err.to_string().contains("dbrx"), "{err}");
+    let jamba = text.replace("OlmoeForCausalLM", "JambaForCausalLM");
+    let err = OlmoeConfig::from_json(&jamba).unwrap_err();
+    assert!(err.to_string().contains("JambaForCausalLM"), "{err}");
 }
 
 #[test]

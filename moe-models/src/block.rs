@@ -179,6 +179,28 @@ pub fn load_block_as(
     device: &Device,
     dtype: DType,
 ) -> Result<MoeLayer, LoadError> {
+    load_block_named(
+        source,
+        prefix,
+        naming,
+        "shared_expert.",
+        config,
+        device,
+        dtype,
+    )
+}
+
+/// [`load_block_as`] with the shared expert's tensors under `{prefix}{shared}` (Qwen2-MoE:
+/// `shared_expert.`, DeepSeek-V3: `shared_experts.`).
+pub fn load_block_named(
+    source: &dyn ReadTensors,
+    prefix: &str,
+    naming: ExpertNaming,
+    shared: &str,
+    config: &MoeLayerConfig,
+    device: &Device,
+    dtype: DType,
+) -> Result<MoeLayer, LoadError> {
     config.validate()?;
     let (e, h) = (config.num_experts, config.d_model);
     let mut router: Router = config.router().init(device)?;
@@ -203,7 +225,7 @@ pub fn load_block_as(
         Some(s) => {
             let ffn = load_dense(
                 source,
-                &format!("{prefix}shared_expert."),
+                &format!("{prefix}{shared}"),
                 h,
                 s.d_ff,
                 device,

@@ -1,5 +1,5 @@
-//! `config.json` of an OLMoE, Qwen3-MoE or Mixtral checkpoint, with the Hugging Face field
-//! names.
+//! `config.json` of an OLMoE, Qwen2-MoE, Qwen3-MoE, Mixtral or DeepSeek-V3 checkpoint, with
+//! the Hugging Face field names.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -8,16 +8,36 @@ use moe_core::MoeLayerConfig;
 
 use crate::error::LoadError;
 
-/// The fields of an OLMoE, Qwen3-MoE or Mixtral `config.json` this engine reads (Hugging Face
+/// Multi-head latent attention sizes (DeepSeek-V3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mla {
+    /// Rank of the query LoRA; `None`: a plain `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    /// Rank of the key/value latent.
+    pub kv_lora_rank: usize,
+    /// Per-head query/key size without rotation.
+    pub nope: usize,
+    /// Per-head rotary size.
+    pub rope: usize,
+    /// Per-head value size.
+    pub v: usize,
+    /// Rotary weights stored as interleaved pairs.
+    pub interleave: bool,
+}
+
+/// The fields of an OLMoE, Qwen2-MoE, Qwen3-MoE, Mixtral or DeepSeek-V3 `config.json` this
+/// engine reads (Hugging Face
 /// names and defaults). The three share one decoder: Qwen3-MoE differs from OLMoE in its
 /// per-head q/k norms, an explicit `head_dim`, renormalised top-k, the expert width
 /// `moe_intermediate_size` and dense MLP layers (`mlp_only_layers`, `decoder_sparse_step`) of
 /// width `intermediate_size`; Mixtral has no q/k norms, always renormalises its top-k, names
 /// its experts `num_local_experts` (`block_sparse_moe`, `w1`/`w3`/`w2`) and may attend within a
-/// `sliding_window`; Qwen2-MoE has q/k/v biases, no q/k norms and a gated shared expert.
+/// `sliding_window`; Qwen2-MoE has q/k/v biases, no q/k norms and a gated shared expert;
+/// DeepSeek-V3 has multi-head latent attention ([`Mla`]), `first_k_dense_replace` dense layers,
+/// sigmoid group-limited routing with a selection bias, and ungated shared experts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OlmoeConfig {
-    /// `olmoe`, `qwen3_moe` or `mixtral` (absent: OLMoE).
+    /// `olmoe`, `qwen2_moe`, `qwen3_moe`, `mixtral` or `deepseek_v3` (absent: OLMoE).
     #[serde(default)]
     pub model_type: Option<String>,
     /// Vocabulary size.
@@ -51,8 +71,8 @@ pub struct OlmoeConfig {
     /// Clamp q, k and v to ±`clip_qkv`.
     #[serde(default)]
     pub clip_qkv: Option<f64>,
-    /// Routed experts `E` (Mixtral: `num_local_experts`).
-    #[serde(alias = "num_local_experts")]
+    /// Routed experts `E` (Mixtral: `num_local_experts`, DeepSeek-V3: `n_routed_experts`).
+    #[serde(alias = "num_local_experts", alias = "n_routed_experts")]
     pub num_experts: usize,
     /// Experts per token `k`.
     pub num_experts_per_tok: usize,
@@ -92,6 +112,39 @@ pub struct OlmoeConfig {
     /// Width of the gated shared expert (Qwen2-MoE).
     #[serde(default)]
     pub shared_expert_intermediate_size: Option<usize>,
+    /// Ungated shared experts of width `moe_intermediate_size` each (DeepSeek-V3).
+    #[serde(default)]
+    pub n_shared_experts: Option<usize>,
+    /// Multiplies the routing weights (DeepSeek-V3).
+    #[serde(default)]
+    pub routed_scaling_factor: Option<f64>,
+    /// Expert groups (DeepSeek-V3).
+    #[serde(default)]
+    pub n_group: Option<usize>,
+    /// Groups kept per token (DeepSeek-V3).
+    #[serde(default)]
+    pub topk_group: Option<usize>,
+    /// The first layers with a dense MLP (DeepSeek-V3).
+    #[serde(default)]
+    pub first_k_dense_replace: Option<usize>,
+    /// Rank of the query LoRA (DeepSeek-V3; absent: a plain `q_proj`).
+    #[serde(default)]
+    pub q_lora_rank: Option<usize>,
+    /// Rank of the key/value latent (DeepSeek-V3).
+    #[serde(default)]
+    pub kv_lora_rank: Option<usize>,
+    /// Per-head query/key size without rotation (DeepSeek-V3).
+    #[serde(default)]
+    pub qk_nope_head_dim: Option<usize>,
+    /// Per-head rotary size (DeepSeek-V3).
+    #[serde(default)]
+    pub qk_rope_head_dim: Option<usize>,
+    /// Per-head value size (DeepSeek-V3).
+    #[serde(default)]
+    pub v_head_dim: Option<usize>,
+    /// The rotary weights are stored in interleaved pairs (DeepSeek-V3; absent: true).
+    #[serde(default)]
+    pub rope_interleave: Option<bool>,
     /// Attention window (Mixtral, when set): a position sees the `sliding_window` latest
     /// positions, itself included. Qwen3-MoE's is ignored unless `use_sliding_window`.
     #[serde(default)]
@@ -119,11 +172,12 @@ const REQUIRED_SIZES: [&str; 7] = [
 ];
 
 /// The architectures this engine runs: `model_type` and the `architectures` class name.
-const SUPPORTED: [(&str, &str); 4] = [
+const SUPPORTED: [(&str, &str); 5] = [
     ("olmoe", "OlmoeForCausalLM"),
     ("qwen2_moe", "Qwen2MoeForCausalLM"),
     ("qwen3_moe", "Qwen3MoeForCausalLM"),
     ("mixtral", "MixtralForCausalLM"),
+    ("deepseek_v3", "DeepseekV3ForCausalLM"),
 ];
 
 /// Refuses a config whose `model_type` or `architectures` name another model than those of
@@ -150,7 +204,7 @@ fn check_architecture(object: &serde_json::Map<String, Value>) -> Result<(), Loa
         false => Err(LoadError::UnsupportedArchitecture {
             model_type: model_type.unwrap_or_default().to_string(),
             architectures,
-            supported: "olmoe (OlmoeForCausalLM), qwen2_moe (Qwen2MoeForCausalLM), qwen3_moe (Qwen3MoeForCausalLM), mixtral (MixtralForCausalLM)",
+            supported: "olmoe (OlmoeForCausalLM), qwen2_moe (Qwen2MoeForCausalLM), qwen3_moe (Qwen3MoeForCausalLM), mixtral (MixtralForCausalLM), deepseek_v3 (DeepseekV3ForCausalLM)",
         }),
     }
 }
@@ -194,6 +248,17 @@ impl OlmoeConfig {
             sliding_window: None,
             qkv_bias: None,
             shared_expert_intermediate_size: None,
+            n_shared_experts: None,
+            routed_scaling_factor: None,
+            n_group: None,
+            topk_group: None,
+            first_k_dense_replace: None,
+            q_lora_rank: None,
+            kv_lora_rank: None,
+            qk_nope_head_dim: None,
+            qk_rope_head_dim: None,
+            v_head_dim: None,
+            rope_interleave: None,
         }
     }
 
@@ -211,7 +276,8 @@ impl OlmoeConfig {
             let value = match field {
                 "num_experts" => object
                     .get(field)
-                    .or_else(|| object.get("num_local_experts")),
+                    .or_else(|| object.get("num_local_experts"))
+                    .or_else(|| object.get("n_routed_experts")),
                 _ => object.get(field),
             };
             match value {
@@ -259,6 +325,35 @@ impl OlmoeConfig {
         self.is_qwen2_moe() && self.qkv_bias.unwrap_or(true)
     }
 
+    /// Whether this is a DeepSeek-V3 config.
+    pub fn is_deepseek_v3(&self) -> bool {
+        self.model_type.as_deref() == Some("deepseek_v3")
+    }
+
+    /// The multi-head latent attention sizes (DeepSeek-V3), if attention is latent.
+    pub fn mla(&self) -> Option<Mla> {
+        if !self.is_deepseek_v3() {
+            return None;
+        }
+        Some(Mla {
+            q_lora_rank: self.q_lora_rank,
+            kv_lora_rank: self.kv_lora_rank?,
+            nope: self.qk_nope_head_dim?,
+            rope: self.qk_rope_head_dim?,
+            v: self.v_head_dim?,
+            interleave: self.rope_interleave.unwrap_or(true),
+        })
+    }
+
+    /// Where a sparse block keeps its shared expert: `shared_expert.` (Qwen2-MoE) or
+    /// `shared_experts.` (DeepSeek-V3).
+    pub fn shared_expert_prefix(&self) -> &'static str {
+        match self.is_deepseek_v3() {
+            true => "shared_experts.",
+            false => "shared_expert.",
+        }
+    }
+
     /// Whether this is a Mixtral config.
     pub fn is_mixtral(&self) -> bool {
         self.model_type.as_deref() == Some("mixtral")
@@ -266,7 +361,7 @@ impl OlmoeConfig {
 
     /// Whether attention normalises q and k (OLMoE, Qwen3-MoE; not Mixtral or Qwen2-MoE).
     pub fn has_qk_norm(&self) -> bool {
-        !self.is_mixtral() && !self.is_qwen2_moe()
+        !self.is_mixtral() && !self.is_qwen2_moe() && !self.is_deepseek_v3()
     }
 
     /// The q/k RMSNorm of attention runs over each head (Qwen3-MoE) rather than over the whole
@@ -299,6 +394,9 @@ impl OlmoeConfig {
     /// Whether decoder layer `layer` has the MoE block (else a dense MLP of width
     /// `intermediate_size`), as transformers' Qwen3-MoE decides it.
     pub fn is_sparse(&self, layer: usize) -> bool {
+        if self.is_deepseek_v3() {
+            return layer >= self.first_k_dense_replace.unwrap_or(0);
+        }
         let step = self.decoder_sparse_step.unwrap_or(1).max(1);
         !self.mlp_only_layers.contains(&layer) && (layer + 1) % step == 0
     }
@@ -357,6 +455,24 @@ impl OlmoeConfig {
                 "shared_expert_intermediate_size",
                 "must be at least 1 for qwen2_moe",
             ));
+        }
+        if self.is_deepseek_v3() {
+            let mla = self.mla().ok_or_else(|| {
+                invalid(
+                    "kv_lora_rank / qk_nope_head_dim / qk_rope_head_dim / v_head_dim",
+                    "are all needed for deepseek_v3",
+                )
+            })?;
+            if mla.rope % 2 != 0 || mla.rope == 0 || mla.kv_lora_rank == 0 || mla.v == 0 {
+                return Err(invalid(
+                    "qk_rope_head_dim / kv_lora_rank / v_head_dim",
+                    format!(
+                        "must be positive (and the rotary size even), got {} / {} / {}",
+                        mla.rope, mla.kv_lora_rank, mla.v
+                    ),
+                ));
+            }
+            self.moe_layer().validate()?;
         }
         if self.sliding_window == Some(0) {
             return Err(invalid("sliding_window", "must be at least 1, got 0"));
@@ -420,6 +536,23 @@ impl OlmoeConfig {
 
     /// The MoE layer of every sparse decoder block.
     pub fn moe_layer(&self) -> MoeLayerConfig {
+        if self.is_deepseek_v3() {
+            let groups =
+                moe_core::GroupLimit::new(self.n_group.unwrap_or(1), self.topk_group.unwrap_or(1));
+            return MoeLayerConfig::deepseek_v3(
+                self.hidden_size,
+                self.expert_size(),
+                self.num_experts,
+                self.num_experts_per_tok,
+                groups,
+                self.routed_scaling_factor.unwrap_or(1.0),
+                self.expert_size() * self.n_shared_experts.unwrap_or(1),
+            )
+            .with_normalize_top_k(self.norm_topk_prob)
+            .with_shared_expert(self.n_shared_experts.filter(|&n| n > 0).map(|n| {
+                moe_core::SharedExpertConfig::new(self.hidden_size, self.expert_size() * n)
+            }));
+        }
         MoeLayerConfig::olmoe(
             self.hidden_size,
             self.expert_size(),
@@ -451,10 +584,32 @@ impl OlmoeConfig {
             (true, false) => q + kv,
         };
         let biases = if self.has_qkv_bias() { q + 2 * kv } else { 0 };
-        let attention = 2 * h * q + 2 * h * kv + qk_norms + biases; // q, o, k, v, norms, biases
-        let shared = self
-            .shared_expert_size()
-            .map_or(0, |s| 3 * h * s as u64 + h); // shared expert and its gate
+        let attention = match self.mla() {
+            None => 2 * h * q + 2 * h * kv + qk_norms + biases, // q, o, k, v, norms, biases
+            Some(m) => {
+                let heads = self.num_attention_heads as u64;
+                let (qk, kvl) = ((m.nope + m.rope) as u64, m.kv_lora_rank as u64);
+                let query = match m.q_lora_rank {
+                    Some(r) => h * r as u64 + r as u64 + r as u64 * heads * qk,
+                    None => h * heads * qk,
+                };
+                query
+                    + h * (kvl + m.rope as u64)
+                    + kvl
+                    + kvl * heads * (m.nope + m.v) as u64
+                    + heads * m.v as u64 * h
+            }
+        };
+        let shared = match self.is_deepseek_v3() {
+            // ungated shared experts, and the selection bias
+            true => {
+                3 * h * (self.expert_size() * self.n_shared_experts.unwrap_or(0)) as u64
+                    + self.num_experts as u64
+            }
+            false => self
+                .shared_expert_size()
+                .map_or(0, |s| 3 * h * s as u64 + h), // shared expert and its gate
+        };
         let norms = 2 * h;
         let expert = 3 * h * self.expert_size() as u64;
         let dense_mlp = 3 * h * self.intermediate_size as u64;

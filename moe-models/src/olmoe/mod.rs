@@ -1,15 +1,17 @@
-//! OLMoE (allenai/OLMoE-1B-7B and its variants), Qwen2-MoE (`model_type: qwen2_moe`),
-//! Qwen3-MoE (`qwen3_moe`) and Mixtral (`mixtral`): config, model and checkpoint loading. They share one decoder; the
-//! config says which q/k norm, head size, expert width and naming, dense layers and attention
+//! The Hugging Face MoE decoders: OLMoE (allenai/OLMoE-1B-7B and its variants), Qwen2-MoE
+//! (`model_type: qwen2_moe`), Qwen3-MoE (`qwen3_moe`), Mixtral (`mixtral`) and DeepSeek-V3
+//! (`deepseek_v3`): config, model and checkpoint loading. They share one decoder; the config
+//! says which attention (grouped-query with or without q/k norms and biases, or multi-head
+//! latent), head size, expert width and naming, dense layers, shared expert and attention
 //! window apply.
 
 mod config;
 mod model;
 
-pub use config::OlmoeConfig;
+pub use config::{Mla, OlmoeConfig};
 pub use model::{
-    DecoderMlp, GenerateOptions, KvCache, LayerCache, ModelOutput, MoeTrace, OlmoeAttention,
-    OlmoeDecoderLayer, OlmoeModel, Sampling,
+    DecoderAttention, DecoderMlp, GenerateOptions, KvCache, LatentAttention, LayerCache,
+    ModelOutput, MoeTrace, OlmoeAttention, OlmoeDecoderLayer, OlmoeModel, Sampling,
 };
 
 use std::io::IsTerminal;
@@ -21,7 +23,7 @@ use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use moe_core::SharedExpert;
 
-use crate::block::{load_block_as, load_dense, matrix_transposed};
+use crate::block::{load_block_named, load_dense, matrix_transposed};
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
 
@@ -174,6 +176,72 @@ fn linear(
     })
 }
 
+/// DeepSeek-V3's multi-head latent attention of one layer (`{a}` is `model.layers.{i}.self_attn.`).
+fn latent_attention(
+    ckpt: &Checkpoint,
+    a: &str,
+    h: usize,
+    heads: usize,
+    mla: Mla,
+    to: Target,
+) -> Result<LatentAttention, LoadError> {
+    // transformers builds these two norms with their default epsilon, not the config's.
+    const LATENT_EPS: f64 = 1e-6;
+    let qk = mla.nope + mla.rope;
+    let (q_a_proj, q_a_layernorm, q_b_proj) = match mla.q_lora_rank {
+        Some(rank) => (
+            Some(linear(ckpt, &format!("{a}q_a_proj.weight"), rank, h, to)?),
+            Some(norm(
+                ckpt,
+                &format!("{a}q_a_layernorm.weight"),
+                rank,
+                LATENT_EPS,
+                to,
+            )?),
+            linear(ckpt, &format!("{a}q_b_proj.weight"), heads * qk, rank, to)?,
+        ),
+        None => (
+            None,
+            None,
+            linear(ckpt, &format!("{a}q_proj.weight"), heads * qk, h, to)?,
+        ),
+    };
+    let kvl = mla.kv_lora_rank;
+    Ok(LatentAttention {
+        q_a_proj,
+        q_a_layernorm,
+        q_b_proj,
+        kv_a_proj_with_mqa: linear(
+            ckpt,
+            &format!("{a}kv_a_proj_with_mqa.weight"),
+            kvl + mla.rope,
+            h,
+            to,
+        )?,
+        kv_a_layernorm: norm(
+            ckpt,
+            &format!("{a}kv_a_layernorm.weight"),
+            kvl,
+            LATENT_EPS,
+            to,
+        )?,
+        kv_b_proj: linear(
+            ckpt,
+            &format!("{a}kv_b_proj.weight"),
+            heads * (mla.nope + mla.v),
+            kvl,
+            to,
+        )?,
+        o_proj: linear(ckpt, &format!("{a}o_proj.weight"), h, heads * mla.v, to)?,
+        heads,
+        nope_dim: mla.nope,
+        rope_dim: mla.rope,
+        v_dim: mla.v,
+        kv_lora_rank: kvl,
+        interleave: mla.interleave,
+    })
+}
+
 /// [`linear`] plus its bias (`….bias` beside `….weight`) when `bias` is set.
 fn linear_biased(
     ckpt: &Checkpoint,
@@ -282,57 +350,62 @@ impl OlmoeModel {
             let a = format!("{p}self_attn.");
             layers.push(OlmoeDecoderLayer {
                 input_layernorm: norm(ckpt, &format!("{p}input_layernorm.weight"), h, eps, to)?,
-                self_attn: OlmoeAttention {
-                    q_proj: linear_biased(
-                        ckpt,
-                        &format!("{a}q_proj.weight"),
-                        q_width,
-                        h,
-                        qkv_bias,
-                        to,
-                    )?,
-                    k_proj: linear_biased(
-                        ckpt,
-                        &format!("{a}k_proj.weight"),
-                        kv_width,
-                        h,
-                        qkv_bias,
-                        to,
-                    )?,
-                    v_proj: linear_biased(
-                        ckpt,
-                        &format!("{a}v_proj.weight"),
-                        kv_width,
-                        h,
-                        qkv_bias,
-                        to,
-                    )?,
-                    o_proj: linear(ckpt, &format!("{a}o_proj.weight"), h, q_width, to)?,
-                    q_norm: match config.has_qk_norm() {
-                        true => Some(norm(
+                self_attn: match config.mla() {
+                    Some(mla) => {
+                        DecoderAttention::Latent(latent_attention(ckpt, &a, h, heads, mla, to)?)
+                    }
+                    None => DecoderAttention::Standard(OlmoeAttention {
+                        q_proj: linear_biased(
                             ckpt,
-                            &format!("{a}q_norm.weight"),
-                            q_norm_width,
-                            eps,
+                            &format!("{a}q_proj.weight"),
+                            q_width,
+                            h,
+                            qkv_bias,
                             to,
-                        )?),
-                        false => None,
-                    },
-                    k_norm: match config.has_qk_norm() {
-                        true => Some(norm(
+                        )?,
+                        k_proj: linear_biased(
                             ckpt,
-                            &format!("{a}k_norm.weight"),
-                            k_norm_width,
-                            eps,
+                            &format!("{a}k_proj.weight"),
+                            kv_width,
+                            h,
+                            qkv_bias,
                             to,
-                        )?),
-                        false => None,
-                    },
-                    per_head_norm: config.per_head_qk_norm(),
-                    heads,
-                    kv_heads,
-                    head_dim,
-                    clip_qkv: config.clip_qkv,
+                        )?,
+                        v_proj: linear_biased(
+                            ckpt,
+                            &format!("{a}v_proj.weight"),
+                            kv_width,
+                            h,
+                            qkv_bias,
+                            to,
+                        )?,
+                        o_proj: linear(ckpt, &format!("{a}o_proj.weight"), h, q_width, to)?,
+                        q_norm: match config.has_qk_norm() {
+                            true => Some(norm(
+                                ckpt,
+                                &format!("{a}q_norm.weight"),
+                                q_norm_width,
+                                eps,
+                                to,
+                            )?),
+                            false => None,
+                        },
+                        k_norm: match config.has_qk_norm() {
+                            true => Some(norm(
+                                ckpt,
+                                &format!("{a}k_norm.weight"),
+                                k_norm_width,
+                                eps,
+                                to,
+                            )?),
+                            false => None,
+                        },
+                        per_head_norm: config.per_head_qk_norm(),
+                        heads,
+                        kv_heads,
+                        head_dim,
+                        clip_qkv: config.clip_qkv,
+                    }),
                 },
                 post_attention_layernorm: norm(
                     ckpt,
@@ -342,10 +415,11 @@ impl OlmoeModel {
                     to,
                 )?,
                 mlp: match config.is_sparse(i) {
-                    true => DecoderMlp::Sparse(load_block_as(
+                    true => DecoderMlp::Sparse(load_block_named(
                         ckpt,
                         &format!("{p}{moe_prefix}"),
                         naming,
+                        config.shared_expert_prefix(),
                         &moe_config,
                         device,
                         to.dtype,
@@ -410,6 +484,14 @@ impl OlmoeModel {
     ) -> Result<Self, LoadError> {
         use burn::nn::{Initializer, LinearConfig, RmsNormConfig};
         config.validate()?;
+        if config.mla().is_some() {
+            return Err(LoadError::Config {
+                field: "model_type".into(),
+                reason:
+                    "OlmoeModel::init does not build multi-head latent attention (deepseek_v3) yet"
+                        .into(),
+            });
+        }
         let h = config.hidden_size;
         if moe.d_model != h {
             return Err(LoadError::Moe(moe_core::MoeError::HiddenSizeMismatch {
@@ -448,7 +530,7 @@ impl OlmoeModel {
         for i in 0..config.num_hidden_layers {
             layers.push(OlmoeDecoderLayer {
                 input_layernorm: norm(h),
-                self_attn: OlmoeAttention {
+                self_attn: DecoderAttention::Standard(OlmoeAttention {
                     q_proj: linear_with(h, q_width, qkv_bias),
                     k_proj: linear_with(h, kv_width, qkv_bias),
                     v_proj: linear_with(h, kv_width, qkv_bias),
@@ -460,7 +542,7 @@ impl OlmoeModel {
                     kv_heads,
                     head_dim,
                     clip_qkv: config.clip_qkv,
-                },
+                }),
                 post_attention_layernorm: norm(h),
                 mlp: match config.is_sparse(i) {
                     true => DecoderMlp::Sparse(layer_router(moe, i).init(device)?),

@@ -131,6 +131,156 @@ impl OlmoeAttention {
     }
 }
 
+/// DeepSeek-V3's multi-head latent attention: queries through a low-rank projection (or a
+/// plain one), keys and values from one compressed latent plus a decoupled rotary part shared
+/// by every head.
+#[derive(Module, Debug)]
+pub struct LatentAttention {
+    /// `[H, q_lora_rank]` (absent without a query LoRA).
+    pub q_a_proj: Option<Linear>,
+    /// RMSNorm over the query latent.
+    pub q_a_layernorm: Option<RmsNorm>,
+    /// `[q_lora_rank, heads · (nope + rope)]`, or `[H, …]` as `q_proj` without a LoRA.
+    pub q_b_proj: Linear,
+    /// `[H, kv_lora_rank + rope]`: the latent and the shared rotary key.
+    pub kv_a_proj_with_mqa: Linear,
+    /// RMSNorm over the key/value latent.
+    pub kv_a_layernorm: RmsNorm,
+    /// `[kv_lora_rank, heads · (nope + v)]`.
+    pub kv_b_proj: Linear,
+    /// `[heads · v, H]`.
+    pub o_proj: Linear,
+    /// Heads.
+    #[module(skip)]
+    pub heads: usize,
+    /// Per-head query/key size without rotation (`qk_nope_head_dim`).
+    #[module(skip)]
+    pub nope_dim: usize,
+    /// Per-head rotary size (`qk_rope_head_dim`).
+    #[module(skip)]
+    pub rope_dim: usize,
+    /// Per-head value size (`v_head_dim`).
+    #[module(skip)]
+    pub v_dim: usize,
+    /// Size of the key/value latent (`kv_lora_rank`).
+    #[module(skip)]
+    pub kv_lora_rank: usize,
+    /// The rotary part is stored in interleaved pairs (`rope_interleave`).
+    #[module(skip)]
+    pub interleave: bool,
+}
+
+/// `[…, d]` stored as interleaved pairs `(x0, x1), (x2, x3), …` → `[x0, x2, …, x1, x3, …]`,
+/// the halves layout `rotate_half` expects.
+fn deinterleave(x: Tensor<4>) -> Tensor<4> {
+    let [b, h, l, d] = x.dims();
+    x.reshape([b * h * l, d / 2, 2])
+        .swap_dims(1, 2)
+        .reshape([b, h, l, d])
+}
+
+impl LatentAttention {
+    /// # Shapes
+    /// As [`OlmoeAttention::forward`], with `cos`, `sin`: `[B, 1, L, rope_dim]`.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mask: &Tensor<4>,
+        cache: &mut LayerCache,
+    ) -> Tensor<3> {
+        let [b, l, _] = x.dims();
+        let (heads, nope, rope, v_dim) = (self.heads, self.nope_dim, self.rope_dim, self.v_dim);
+        let q = match (&self.q_a_proj, &self.q_a_layernorm) {
+            (Some(a), Some(norm)) => self.q_b_proj.forward(norm.forward(a.forward(x.clone()))),
+            _ => self.q_b_proj.forward(x.clone()),
+        };
+        let q = q.reshape([b, l, heads, nope + rope]).swap_dims(1, 2);
+        let q_pass = q.clone().narrow(3, 0, nope);
+        let mut q_rot = q.narrow(3, nope, rope);
+
+        let latent = self.kv_a_proj_with_mqa.forward(x);
+        let kv = self
+            .kv_b_proj
+            .forward(
+                self.kv_a_layernorm
+                    .forward(latent.clone().narrow(2, 0, self.kv_lora_rank)),
+            )
+            .reshape([b, l, heads, nope + v_dim])
+            .swap_dims(1, 2);
+        let k_pass = kv.clone().narrow(3, 0, nope);
+        let value = kv.narrow(3, nope, v_dim);
+        let mut k_rot = latent
+            .narrow(2, self.kv_lora_rank, rope)
+            .reshape([b, 1, l, rope]);
+        if self.interleave {
+            q_rot = deinterleave(q_rot);
+            k_rot = deinterleave(k_rot);
+        }
+        let q_rot = q_rot.clone() * cos.clone() + rotate_half(q_rot) * sin.clone();
+        let k_rot = (k_rot.clone() * cos.clone() + rotate_half(k_rot) * sin.clone())
+            .expand([b, heads, l, rope]);
+        let q = Tensor::cat(vec![q_pass, q_rot], 3);
+        let k = Tensor::cat(vec![k_pass, k_rot], 3);
+
+        let k = match cache.keys.take() {
+            Some(past) => Tensor::cat(vec![past, k], 2),
+            None => k,
+        };
+        let value = match cache.values.take() {
+            Some(past) => Tensor::cat(vec![past, value], 2),
+            None => value,
+        };
+        cache.keys = Some(k.clone());
+        cache.values = Some(value.clone());
+
+        let scale = ((nope + rope) as f64).sqrt().recip();
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        let dtype = scores.dtype();
+        let probs = softmax(scores.cast(DType::F32) + mask.clone(), 3).cast(dtype);
+        let out = probs
+            .matmul(value)
+            .swap_dims(1, 2)
+            .reshape([b, l, heads * v_dim]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// The attention of one decoder layer.
+#[derive(Module, Debug)]
+pub enum DecoderAttention {
+    /// Multi-head (or grouped-query) attention: OLMoE, Qwen, Mixtral.
+    Standard(OlmoeAttention),
+    /// Multi-head latent attention: DeepSeek-V3.
+    Latent(LatentAttention),
+}
+
+impl DecoderAttention {
+    /// Size of the rotary part of a head.
+    pub fn rope_dim(&self) -> usize {
+        match self {
+            DecoderAttention::Standard(a) => a.head_dim,
+            DecoderAttention::Latent(a) => a.rope_dim,
+        }
+    }
+
+    /// See [`OlmoeAttention::forward`].
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mask: &Tensor<4>,
+        cache: &mut LayerCache,
+    ) -> Tensor<3> {
+        match self {
+            DecoderAttention::Standard(a) => a.forward(x, cos, sin, mask, cache),
+            DecoderAttention::Latent(a) => a.forward(x, cos, sin, mask, cache),
+        }
+    }
+}
+
 /// The MLP of one decoder layer.
 #[derive(Module, Debug)]
 pub enum DecoderMlp {
@@ -164,7 +314,7 @@ pub struct OlmoeDecoderLayer {
     /// Norm before attention.
     pub input_layernorm: RmsNorm,
     /// Self-attention.
-    pub self_attn: OlmoeAttention,
+    pub self_attn: DecoderAttention,
     /// Norm before the MLP.
     pub post_attention_layernorm: RmsNorm,
     /// The MoE block or a dense MLP.
@@ -447,7 +597,7 @@ impl OlmoeModel {
         let head_dim = self
             .layers
             .first()
-            .map_or(2, |layer| layer.self_attn.head_dim);
+            .map_or(2, |layer| layer.self_attn.rope_dim());
         let half = head_dim / 2;
         let theta = self.rope_theta as f32;
         let inv_freq: Vec<f32> = (0..half)
