@@ -188,3 +188,98 @@ fn greedy_continuations_match_with_and_without_cache() {
         }
     }
 }
+
+/// Writes `model` (a folder under tests/data) as `shards` safetensors files with an index, the
+/// side files copied; returns the new folder.
+fn sharded_copy(model: &str, shards: usize) -> PathBuf {
+    use safetensors::tensor::TensorView;
+    let src = dir(model);
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{model}-sharded"));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    for side in ["config.json", "generation_config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(side), out.join(side)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let all = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = all.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for s in 0..shards {
+        let file = format!("model-{:05}-of-{shards:05}.safetensors", s + 1);
+        let views: Vec<(String, TensorView)> = names
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % shards == s)
+            .map(|(_, n)| (n.clone(), all.tensor(n).unwrap()))
+            .collect();
+        for (n, _) in &views {
+            weight_map.insert(n.clone(), serde_json::Value::from(file.clone()));
+        }
+        std::fs::write(
+            out.join(&file),
+            safetensors::serialize(views, None).unwrap(),
+        )
+        .unwrap();
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(out.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    out
+}
+
+#[test]
+fn sharded_checkpoints_and_bf16_compute_load_through_the_same_loader() {
+    use burn::tensor::FloatDType;
+    use moe::moe_models::LoadOptions;
+    let device = moe::backend::Backend::default().device();
+    for (model_name, _) in MODELS {
+        let r = reference(model_name);
+        let ids = prompt(&r, 1);
+        let l = ids.len();
+        let logits_of = |model: &OlmoeModel| {
+            let mut cache = KvCache::new(model.layers.len(), 1);
+            let out = model
+                .forward(
+                    &[ids.clone()],
+                    &[vec![true; l]],
+                    &mut cache,
+                    &TopK::Configured,
+                    false,
+                )
+                .unwrap();
+            common::host(out.logits)
+        };
+        let (single, _, _) = OlmoeModel::load(&dir(model_name), &device).unwrap();
+        let want = logits_of(&single);
+        let (sharded, _, report) = OlmoeModel::load(&sharded_copy(model_name, 3), &device).unwrap();
+        assert!(
+            report.unused.is_empty(),
+            "{model_name}: {:?}",
+            report.unused
+        );
+        assert_eq!(
+            logits_of(&sharded),
+            want,
+            "{model_name}: three shards, same bits"
+        );
+        // DeepSeek-V3's sigmoid scores sit closer together than bf16 resolves: in bf16 its
+        // layer-1 routing already differs from f32 (its MoE input moves by 0.06), so its
+        // logits are not held to the bound below.
+        if device.supports_dtype(FloatDType::BF16) && model_name != "deepseek-v3-tiny" {
+            let options = LoadOptions {
+                dtype: FloatDType::BF16,
+                progress: false,
+            };
+            let (half, _, _) = OlmoeModel::load_with(&dir(model_name), &device, &options).unwrap();
+            // bf16 keeps 8 significant bits; through 2–3 random layers the logits move by up
+            // to a few % of the largest one (Qwen2-MoE: 3.6 %, the most of the four).
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let err = common::max_abs_diff(&logits_of(&half), &want);
+            eprintln!("{model_name}: bf16 compute off by {err:.4} of {scale:.3}");
+            assert!(
+                err <= 6e-2 * scale,
+                "{model_name}: bf16 off by {err} (scale {scale})"
+            );
+        }
+    }
+}
