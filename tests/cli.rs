@@ -111,6 +111,33 @@ fn architecture_runs_through_the_same_commands(
     assert!(ok, "{folder}: {stderr}");
     let want = format!(r#"{{"new_tokens":[{tokens}]"#);
     assert!(stdout.starts_with(&want), "{folder}: {stdout}");
+    // `logits` writes the reference logits of the first prompt.
+    let out = std::env::temp_dir().join(format!(
+        "moe-cli-logits-{folder}-{}.safetensors",
+        std::process::id()
+    ));
+    let (ok, _, stderr) = moe(&[
+        "logits",
+        "--model",
+        &dir,
+        "--ids",
+        "285,283,452,283,500,350,15",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{folder}: {stderr}");
+    let got = moe::moe_models::TensorSource::open(&out)
+        .unwrap()
+        .read_f32("logits", &[7, 512])
+        .unwrap();
+    let reference = moe::moe_models::TensorSource::open(std::path::Path::new(&format!(
+        "{dir}/reference.safetensors"
+    )))
+    .unwrap();
+    let want = reference.read_f32("prompt0.logits", &[1, 7, 512]).unwrap();
+    let err = common::max_abs_diff(&got, &want);
+    assert!(err <= 1e-4, "{folder}: logits off by {err:e}");
+    std::fs::remove_file(&out).unwrap();
     // Another k runs from the same folder.
     let (ok, _, stderr) = moe(&[
         "generate",
