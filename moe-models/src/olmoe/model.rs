@@ -54,6 +54,32 @@ pub struct LayerCache {
     values: Option<Tensor<4>>,
 }
 
+impl LayerCache {
+    /// Appends this call's keys and values (`[B, heads, L, d]`) to the cached ones and returns
+    /// them all.
+    fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let k = match self.keys.take() {
+            Some(past) => Tensor::cat(vec![past, k], 2),
+            None => k,
+        };
+        let v = match self.values.take() {
+            Some(past) => Tensor::cat(vec![past, v], 2),
+            None => v,
+        };
+        self.keys = Some(k.clone());
+        self.values = Some(v.clone());
+        (k, v)
+    }
+}
+
+/// `softmax(q·kᵀ·scale + mask)·v` (the softmax in f32), returned as `[B, L, heads, d_v]`.
+fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4>, scale: f64) -> Tensor<4> {
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    let dtype = scores.dtype();
+    let probs = softmax(scores.cast(DType::F32) + mask.clone(), 3).cast(dtype);
+    probs.matmul(v).swap_dims(1, 2)
+}
+
 fn rotate_half(x: Tensor<4>) -> Tensor<4> {
     let [b, h, l, d] = x.dims();
     let first = x.clone().narrow(3, 0, d / 2);
@@ -97,17 +123,7 @@ impl OlmoeAttention {
         let q = q.clone() * cos.clone() + rotate_half(q) * sin.clone();
         let k = k.clone() * cos.clone() + rotate_half(k) * sin.clone();
 
-        let k = match cache.keys.take() {
-            Some(past) => Tensor::cat(vec![past, k], 2),
-            None => k,
-        };
-        let v = match cache.values.take() {
-            Some(past) => Tensor::cat(vec![past, v], 2),
-            None => v,
-        };
-        cache.keys = Some(k.clone());
-        cache.values = Some(v.clone());
-
+        let (k, v) = cache.append(k, v);
         let repeat = self.heads / self.kv_heads;
         let expand = |t: Tensor<4>| -> Tensor<4> {
             if repeat == 1 {
@@ -120,13 +136,7 @@ impl OlmoeAttention {
         };
         let (k, v) = (expand(k), expand(v));
         let scale = (self.head_dim as f64).sqrt().recip();
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-        let dtype = scores.dtype();
-        let probs = softmax(scores.cast(DType::F32) + mask.clone(), 3).cast(dtype);
-        let out = probs
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([b, l, self.heads * self.head_dim]);
+        let out = attend(q, k, v, mask, scale).reshape([b, l, self.heads * self.head_dim]);
         self.o_proj.forward(out)
     }
 }
@@ -224,25 +234,9 @@ impl LatentAttention {
         let q = Tensor::cat(vec![q_pass, q_rot], 3);
         let k = Tensor::cat(vec![k_pass, k_rot], 3);
 
-        let k = match cache.keys.take() {
-            Some(past) => Tensor::cat(vec![past, k], 2),
-            None => k,
-        };
-        let value = match cache.values.take() {
-            Some(past) => Tensor::cat(vec![past, value], 2),
-            None => value,
-        };
-        cache.keys = Some(k.clone());
-        cache.values = Some(value.clone());
-
+        let (k, value) = cache.append(k, value);
         let scale = ((nope + rope) as f64).sqrt().recip();
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-        let dtype = scores.dtype();
-        let probs = softmax(scores.cast(DType::F32) + mask.clone(), 3).cast(dtype);
-        let out = probs
-            .matmul(value)
-            .swap_dims(1, 2)
-            .reshape([b, l, heads * v_dim]);
+        let out = attend(q, k, value, mask, scale).reshape([b, l, heads * v_dim]);
         self.o_proj.forward(out)
     }
 }
