@@ -41,9 +41,7 @@ fn reference(model: &str) -> TensorSource {
 }
 
 fn prompt(r: &TensorSource, p: usize) -> Vec<i64> {
-    let len = r.shape(&format!("prompt{p}.input_ids")).unwrap()[1];
-    r.read_i64(&format!("prompt{p}.input_ids"), &[1, len])
-        .unwrap()
+    common::reference_prompt(r, p)
 }
 
 fn close(name: &str, got: Vec<f32>, want: Vec<f32>) {
@@ -156,35 +154,11 @@ fn check_prompts(model_name: &str, sparse_layers: &[usize], name: &str, device: 
 
 #[test]
 fn greedy_continuations_match_with_and_without_cache() {
-    for ((model_name, _), (device_name, device)) in MODELS
-        .iter()
-        .flat_map(|m| common::devices().into_iter().map(move |d| (*m, d)))
-    {
-        let name = format!("{model_name} on {device_name}");
-        let (model, config, _) = OlmoeModel::load(&dir(model_name), &device).unwrap();
-        let r = reference(model_name);
-        for p in 0..2 {
-            let ids = prompt(&r, p);
-            let want = r
-                .read_i64(&format!("prompt{p}.greedy.new_tokens"), &[10])
-                .unwrap();
-            let want_logits = r
-                .read_f32(
-                    &format!("prompt{p}.greedy.step_logits"),
-                    &[10, config.vocab_size],
-                )
-                .unwrap();
-            for use_cache in [true, false] {
-                let (tokens, logits) = model
-                    .generate_greedy(&ids, 10, &TopK::Configured, use_cache)
-                    .unwrap();
-                assert_eq!(tokens, want, "{name} prompt {p} cache {use_cache}");
-                close(
-                    &format!("{name} p{p} cache {use_cache} step logits"),
-                    common::host(logits),
-                    want_logits.clone(),
-                );
-            }
+    for (model_name, _) in MODELS {
+        for (device_name, device) in common::devices() {
+            let (model, _, _) = OlmoeModel::load(&dir(model_name), &device).unwrap();
+            let name = format!("{model_name} on {device_name}");
+            common::check_greedy(&model, &reference(model_name), TOLERANCE, &name);
         }
     }
 }

@@ -21,9 +21,7 @@ fn reference() -> TensorSource {
 }
 
 fn prompt(r: &TensorSource, p: usize) -> Vec<i64> {
-    let len = r.shape(&format!("prompt{p}.input_ids")).unwrap()[1];
-    r.read_i64(&format!("prompt{p}.input_ids"), &[1, len])
-        .unwrap()
+    common::reference_prompt(r, p)
 }
 
 fn check_prompts(name: &str, device: &Device) {
@@ -116,31 +114,8 @@ fn prompts_match_reference_logits_and_every_moe_layer() {
 #[test]
 fn greedy_continuations_match_with_and_without_cache() {
     for (name, device) in common::devices() {
-        let (model, config, _) = OlmoeModel::load(&dir(), &device).unwrap();
-        let r = reference();
-        for p in 0..2 {
-            let ids = prompt(&r, p);
-            let want = r
-                .read_i64(&format!("prompt{p}.greedy.new_tokens"), &[10])
-                .unwrap();
-            let want_logits = r
-                .read_f32(
-                    &format!("prompt{p}.greedy.step_logits"),
-                    &[10, config.vocab_size],
-                )
-                .unwrap();
-            for use_cache in [true, false] {
-                let (tokens, logits) = model
-                    .generate_greedy(&ids, 10, &TopK::Configured, use_cache)
-                    .unwrap();
-                assert_eq!(tokens, want, "{name} prompt {p} cache {use_cache}");
-                let err = common::max_abs_diff(&common::host(logits), &want_logits);
-                assert!(
-                    err <= LOGIT_TOLERANCE,
-                    "{name} p{p} cache {use_cache}: step logits off by {err:e}"
-                );
-            }
-        }
+        let (model, _, _) = OlmoeModel::load(&dir(), &device).unwrap();
+        common::check_greedy(&model, &reference(), LOGIT_TOLERANCE, name);
     }
 }
 

@@ -110,3 +110,42 @@ pub fn seeded_layer(config: &MoeLayerConfig, seed: u64, device: &Device) -> MoeL
     }
     layer
 }
+
+/// Ids of prompt `p` of a reference file (`prompt{p}.input_ids`, `[1, L]`).
+pub fn reference_prompt(r: &moe::moe_models::TensorSource, p: usize) -> Vec<i64> {
+    let len = r.shape(&format!("prompt{p}.input_ids")).unwrap()[1];
+    r.read_i64(&format!("prompt{p}.input_ids"), &[1, len])
+        .unwrap()
+}
+
+/// Both reference prompts' greedy continuations (`prompt{p}.greedy.new_tokens` `[10]` and
+/// `.step_logits` `[10, vocab]`), with and without the KV cache: tokens identical, step logits
+/// within `tolerance`.
+pub fn check_greedy(
+    model: &moe::moe_models::OlmoeModel,
+    r: &moe::moe_models::TensorSource,
+    tolerance: f32,
+    name: &str,
+) {
+    let vocab = model.vocab_size();
+    for p in 0..2 {
+        let ids = reference_prompt(r, p);
+        let want = r
+            .read_i64(&format!("prompt{p}.greedy.new_tokens"), &[10])
+            .unwrap();
+        let want_logits = r
+            .read_f32(&format!("prompt{p}.greedy.step_logits"), &[10, vocab])
+            .unwrap();
+        for use_cache in [true, false] {
+            let (tokens, logits) = model
+                .generate_greedy(&ids, 10, &moe::TopK::Configured, use_cache)
+                .unwrap();
+            assert_eq!(tokens, want, "{name} prompt {p} cache {use_cache}");
+            let err = max_abs_diff(&host(logits), &want_logits);
+            assert!(
+                err <= tolerance,
+                "{name} p{p} cache {use_cache}: step logits off by {err:e}"
+            );
+        }
+    }
+}

@@ -310,6 +310,20 @@ impl OlmoeConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
+    /// Widths of the query and key/value projections, then of the q and k norms (one head
+    /// each when they run per head).
+    pub fn attention_widths(&self) -> (usize, usize, usize, usize) {
+        let head_dim = self.head_dim();
+        let (q, kv) = (
+            self.num_attention_heads * head_dim,
+            self.kv_heads() * head_dim,
+        );
+        match self.per_head_qk_norm() {
+            true => (q, kv, head_dim, head_dim),
+            false => (q, kv, q, kv),
+        }
+    }
+
     /// Whether this is a Qwen3-MoE config.
     pub fn is_qwen3_moe(&self) -> bool {
         self.model_type.as_deref() == Some("qwen3_moe")

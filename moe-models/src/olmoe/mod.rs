@@ -325,11 +325,7 @@ impl OlmoeModel {
             config.kv_heads(),
             config.head_dim(),
         );
-        let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
-        let (q_norm_width, k_norm_width) = match config.per_head_qk_norm() {
-            true => (head_dim, head_dim),
-            false => (q_width, kv_width),
-        };
+        let (q_width, kv_width, q_norm_width, k_norm_width) = config.attention_widths();
         let eps = config.rms_norm_eps;
         let embed = ckpt.read_f32("model.embed_tokens.weight", &[v, h])?;
         let embed_tokens =
@@ -504,11 +500,7 @@ impl OlmoeModel {
             config.kv_heads(),
             config.head_dim(),
         );
-        let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
-        let (q_norm_width, k_norm_width) = match config.per_head_qk_norm() {
-            true => (head_dim, head_dim),
-            false => (q_width, kv_width),
-        };
+        let (q_width, kv_width, q_norm_width, k_norm_width) = config.attention_widths();
         let init = Initializer::Normal {
             mean: 0.0,
             std: 0.02,
