@@ -180,3 +180,86 @@ fn bad_routings_are_typed_errors() {
         "{err}"
     );
 }
+
+/// A bf16 computation (bf16 input, bf16 expert weights) rounds its activations as a bf16
+/// model does and sums exact products in f32 on every path: a token's output is the same,
+/// up to one bf16 step of the cast at the end, whether it runs alone (the streaming panel)
+/// or in a batch of 300 (the packed tiles: `vdpbf16ps` pairs where the CPU has AVX-512 BF16);
+/// and it is the f32 computation of the same weights on bf16-rounded activations, up to the
+/// rounding of the hidden rows.
+#[test]
+fn bf16_compute_matches_alone_and_in_a_batch() {
+    let Some(device) = flex() else { return };
+    let (h, f, e, k, t) = (64usize, 96usize, 4usize, 2usize, 300usize);
+    let layer = common::seeded_layer(&MoeLayerConfig::olmoe(h, f, e, k), 21, &device);
+    let cast = |p: &Param<Tensor<3>>| p.val().cast(DType::BF16);
+    let bf16 = moe::Experts::from_tensors(
+        layer.experts.gate.as_ref().map(cast),
+        cast(&layer.experts.up),
+        cast(&layer.experts.down),
+    )
+    .unwrap();
+    let widen = |p: &Param<Tensor<3>>| p.val().cast(DType::BF16).cast(DType::F32);
+    let f32_twin = moe::Experts::from_tensors(
+        layer.experts.gate.as_ref().map(widen),
+        widen(&layer.experts.up),
+        widen(&layer.experts.down),
+    )
+    .unwrap();
+    // every token to two distinct experts (the second 1 to 3 after the first): segments of
+    // about 150 rows
+    let ids: Vec<i64> = (0..t)
+        .flat_map(|i| [i % e, (i % e + 1 + (i / e) % (e - 1)) % e])
+        .map(|id| id as i64)
+        .collect();
+    let weights: Vec<f32> = (0..t * k).map(|i| 0.25 + (i % 7) as f32 / 10.0).collect();
+    let routing = |rows: std::ops::Range<usize>| {
+        let n = rows.len();
+        Routing::new(
+            Tensor::<2, Int>::from_data(
+                TensorData::new(ids[rows.start * k..rows.end * k].to_vec(), [n, k]),
+                &device,
+            ),
+            common::upload(
+                weights[rows.start * k..rows.end * k].to_vec(),
+                [n, k],
+                &device,
+            ),
+            e,
+        )
+        .unwrap()
+    };
+    let x = common::upload(common::normal(t * h, 1.0, 77), [t, h], &device).cast(DType::BF16);
+    let batch = common::host(
+        bf16.forward(x.clone(), &routing(0..t))
+            .unwrap()
+            .cast(DType::F32),
+    );
+    let f32_batch = common::host(
+        f32_twin
+            .forward(x.clone().cast(DType::F32), &routing(0..t))
+            .unwrap(),
+    );
+    let scale = largest(&f32_batch);
+    for token in [0, 1, 150, 299] {
+        let alone = bf16
+            .forward(x.clone().narrow(0, token, 1), &routing(token..token + 1))
+            .unwrap()
+            .cast(DType::F32);
+        let alone = common::host(alone);
+        for c in 0..h {
+            let (a, b) = (alone[c], batch[token * h + c]);
+            // one bf16 step of the larger, plus the f32 sums' own order
+            let step = a.abs().max(b.abs()) / 128.0 + 1e-6 * scale;
+            assert!(
+                (a - b).abs() <= step,
+                "token {token} [{c}]: alone {a} batch {b}"
+            );
+            let want = f32_batch[token * h + c];
+            assert!(
+                (b - want).abs() <= 2e-2 * scale,
+                "token {token} [{c}]: bf16 {b} f32 {want}"
+            );
+        }
+    }
+}

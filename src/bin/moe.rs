@@ -118,6 +118,11 @@ enum Command {
         /// k = 1, T·k tokens) and print its rate and the ratio.
         #[arg(long)]
         dense: bool,
+        /// Also time a plain read of 256 MiB of host memory by the kernels' threads before every
+        /// timed call, and print its median rate and the layer's weight bandwidth against it
+        /// (CPU backends: the bound a decode step streams its experts' weights at).
+        #[arg(long)]
+        stream: bool,
     },
     /// The backends of this build and the dtypes each computes in.
     Backends {
@@ -226,6 +231,7 @@ struct BenchOptions<'a> {
     runs: usize,
     json: bool,
     dense: bool,
+    stream: bool,
 }
 
 /// A layer of `config` on `device` with its expert weights in `float` (the router computes in
@@ -249,13 +255,15 @@ fn bench_layer(
 }
 
 /// Median seconds of `runs` calls of `layer` on fresh `[t, H]` inputs (after one warm-up
-/// call), and the mean number of experts a call touched.
+/// call), and the mean number of experts a call touched. `between` runs before every timed
+/// call, off the clock.
 fn time_layer(
     layer: &moe::MoeLayer,
     t: usize,
     float: FloatDType,
     runs: usize,
     rng: &mut rand::rngs::StdRng,
+    between: &mut dyn FnMut(),
 ) -> Result<(f64, f64)> {
     use burn::tensor::{DType, Tensor, TensorData};
     use rand::RngExt;
@@ -285,7 +293,9 @@ fn time_layer(
     let mut times = Vec::with_capacity(runs);
     let mut touched = 0usize;
     for _ in 0..runs {
-        let (seconds, ids) = call(fresh())?;
+        let x = fresh();
+        between();
+        let (seconds, ids) = call(x)?;
         times.push(seconds);
         let mut seen = vec![false; e];
         for id in ids {
@@ -362,15 +372,41 @@ fn bench(
         }
         false => None,
     };
+    // A host buffer far larger than the last-level cache, read whole before every timed call.
+    if options.stream && !moe::moe_kernels::cpu::host_available(&device) {
+        return Err(format!(
+            "--stream reads host memory beside the layer: it needs a CPU backend, not {}",
+            backend.name()
+        )
+        .into());
+    }
+    let stream_buffer = match options.stream {
+        true => vec![1.0f32; 256 << 18],
+        false => Vec::new(),
+    };
+    let stream_rates = std::cell::RefCell::new(Vec::<f64>::new());
+    let mut read_stream = || {
+        if !stream_buffer.is_empty() {
+            let start = Instant::now();
+            std::hint::black_box(moe::moe_kernels::cpu::stream_sum(&stream_buffer));
+            let seconds = start.elapsed().as_secs_f64();
+            let bytes = std::mem::size_of_val(stream_buffer.as_slice()) as f64;
+            stream_rates.borrow_mut().push(bytes / seconds);
+        }
+    };
     let dtype_name = format!("{:?}", burn::tensor::DType::from(float)).to_lowercase();
     let path_name = path.name();
     for &t in tokens {
-        let (median, touched) = time_layer(&layer, t, float, runs, &mut rng)?;
+        let (median, touched) = time_layer(&layer, t, float, runs, &mut rng, &mut read_stream)?;
+        let mut rates = stream_rates.take();
+        rates.sort_by(f64::total_cmp);
+        let stream_gbps = rates.get(rates.len() / 2).map(|r| r / 1e9);
         let flops = t as f64 * (2.0 * (h * e) as f64 + matrices * 2.0 * (k * h * i) as f64);
         let weight_bytes = touched * matrices * (h * i) as f64 * bytes + (h * e) as f64 * bytes;
+        let weight_gbps = weight_bytes / median / 1e9;
         let dense_gflops = match &dense {
             Some(layer) => {
-                let (median, _) = time_layer(layer, t * k, float, runs, &mut rng)?;
+                let (median, _) = time_layer(layer, t * k, float, runs, &mut rng, &mut || {})?;
                 let flops = (t * k) as f64 * (2.0 * h as f64 + matrices * 2.0 * (h * i) as f64);
                 Some(flops / median / 1e9)
             }
@@ -386,20 +422,25 @@ fn bench(
                 "dtype": dtype_name,
                 "median_ms": median * 1e3,
                 "gflops": gflops,
-                "weight_gbps": weight_bytes / median / 1e9,
+                "weight_gbps": weight_gbps,
             });
             if let Some(d) = dense_gflops {
                 value["dense_gflops"] = serde_json::json!(d);
+            }
+            if let Some(s) = stream_gbps {
+                value["stream_gbps"] = serde_json::json!(s);
             }
             println!("{value}");
         } else {
             let dense = dense_gflops.map_or(String::new(), |d| {
                 format!("  dense {d:>7.1} GFLOP/s ({:.0}%)", 100.0 * gflops / d)
             });
+            let stream = stream_gbps.map_or(String::new(), |s| {
+                format!("  stream {s:>5.1} GB/s ({:.0}%)", 100.0 * weight_gbps / s)
+            });
             println!(
-                "{preset:<20} T={t:<5} {backend:<7} {path_name:<12} {dtype_name:<4} median {:>9.3} ms  {gflops:>7.1} GFLOP/s  {:>6.1} GB/s of weights{dense}",
+                "{preset:<20} T={t:<5} {backend:<7} {path_name:<12} {dtype_name:<4} median {:>9.3} ms  {gflops:>7.1} GFLOP/s  {weight_gbps:>6.1} GB/s of weights{dense}{stream}",
                 median * 1e3,
-                weight_bytes / median / 1e9
             );
         }
     }
@@ -462,6 +503,7 @@ fn run(cli: Cli) -> Result<()> {
             runs,
             json,
             dense,
+            stream,
         } => {
             for p in &preset {
                 let options = BenchOptions {
@@ -469,6 +511,7 @@ fn run(cli: Cli) -> Result<()> {
                     runs,
                     json,
                     dense,
+                    stream,
                 };
                 bench(backend, cli.dtype, p, &tokens, &options)?;
             }

@@ -48,11 +48,16 @@ pub(crate) fn run_experts(
     let ids: Vec<i64> = routing.expert_ids.to_data().iter::<i64>().collect();
     let plan = HostPlan::new(&ids, t, k, routing.num_experts)?;
     let weights: Vec<f32> = routing.weights.to_data().iter::<f32>().collect();
-    // 3–4. permute + experts (the gather is fused into the products)
+    // 3–4. permute + experts (the gather is fused into the products), in bf16 for a bf16
+    // computation (its activations are bf16: x, and the hidden rows rounded as they are made)
+    let compute = match dtype {
+        DType::BF16 => cpu::Compute::Bf16,
+        _ => cpu::Compute::F32,
+    };
     let x = HostTensor::new(x)?;
     let rows = match x.matrix() {
-        Some(cpu::Matrix::F32(values)) => cpu::grouped_ffn(values, &plan, &matrices)?,
-        _ => cpu::grouped_ffn(&x.to_f32_vec()?, &plan, &matrices)?,
+        Some(cpu::Matrix::F32(values)) => cpu::grouped_ffn_in(values, &plan, &matrices, compute)?,
+        _ => cpu::grouped_ffn_in(&x.to_f32_vec()?, &plan, &matrices, compute)?,
     };
     // 5. unpermute + combine
     let out = cpu::combine(&rows, &plan, &weights, experts.d_model())?;
