@@ -230,6 +230,8 @@ macro_rules! avx2_panel {
             let vec_cols = cols / 8 * 8;
             debug_assert!(COL_CHUNK % 8 == 0);
             let k_len = rows.first().map_or(0, |x| x.len());
+            // the rows share out the prefetches of a chunk (memory is busy while every row runs)
+            let m = rows.len().max(1);
             assert!(rows.iter().all(|x| x.len() == k_len));
             assert!(k_len == 0 || (k_len - 1) * n + c0 + cols <= w.len());
             for r in 0..rows.len() {
@@ -258,7 +260,10 @@ macro_rules! avx2_panel {
                             let o = out.ptr.add(r * out.stride);
                             let mut c = c_start;
                             while c < vec_end {
-                                if r == 0 && prefetch && (c - c_start) % line == 0 {
+                                if prefetch
+                                    && (c - c_start) % line == 0
+                                    && ((c - c_start) / line) % m == r
+                                {
                                     prefetch_next(&p, n, c);
                                 }
                                 let mut s0 = _mm256_mul_ps($load(p[0].add(c)), b[0]);
@@ -334,6 +339,8 @@ unsafe fn panel_f32_avx512(rows: &[&[f32]], w: &[f32], n: usize, c0: usize, out:
     };
     let cols = out.cols;
     let k_len = rows.first().map_or(0, |x| x.len());
+    // the rows share out the prefetches of a chunk (memory is busy while every row runs)
+    let m = rows.len().max(1);
     assert!(rows.iter().all(|x| x.len() == k_len));
     assert!(k_len == 0 || (k_len - 1) * n + c0 + cols <= w.len());
     for r in 0..rows.len() {
@@ -360,7 +367,8 @@ unsafe fn panel_f32_avx512(rows: &[&[f32]], w: &[f32], n: usize, c0: usize, out:
                     let o = out.ptr.add(r * out.stride);
                     let mut c = c_start;
                     while c < wide_end {
-                        if r == 0 && prefetch && (c - c_start) % line == 0 {
+                        if prefetch && (c - c_start) % line == 0 && ((c - c_start) / line) % m == r
+                        {
                             prefetch_next(&p, n, c);
                         }
                         let mut s0 = _mm512_mul_ps(_mm512_loadu_ps(p[0].add(c)), b[0]);
@@ -462,6 +470,8 @@ unsafe fn panel_bf16_avx512(rows: &[&[f32]], w: &[bf16], n: usize, c0: usize, ou
     // the whole groups: column-permuted while the sums run
     let grouped = cols / GROUP * GROUP;
     let k_len = rows.first().map_or(0, |x| x.len());
+    // the rows share out the prefetches of a chunk (memory is busy while every row runs)
+    let m = rows.len().max(1);
     assert!(rows.iter().all(|x| x.len() == k_len));
     assert!(k_len == 0 || (k_len - 1) * n + c0 + cols <= w.len());
     for r in 0..rows.len() {
@@ -492,7 +502,7 @@ unsafe fn panel_bf16_avx512(rows: &[&[f32]], w: &[bf16], n: usize, c0: usize, ou
                     let o = out.ptr.add(r * out.stride);
                     let mut c = c_start;
                     while c < group_end {
-                        if r == 0 && prefetch {
+                        if prefetch && ((c - c_start) / GROUP) % m == r {
                             prefetch_next(&p, n, c);
                         }
                         let v: [__m512i; K_BLOCK] =
