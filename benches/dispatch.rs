@@ -11,6 +11,7 @@
 //! - `experts`: the SwiGLU experts on `[T·k, H]` expert-sorted rows — the grouped-GEMM kernels
 //!   (two launches, counts read on the device) against one matmul chain per expert after a
 //!   host read of the counts;
+//! - `experts-bf16`: the host kernels' experts in a bf16 computation (bf16 weights and rows);
 //! - `layer`: the whole MoE layer (route, plan, permute, experts, combine).
 //!
 //! Every timed chain feeds each call's output into the next call's input (lavapipe and lazy
@@ -22,7 +23,8 @@
 //! MOE_BENCH_TOKENS=1,16 MOE_BENCH_STAGES=permute,combine MOE_BENCH_BACKENDS=wgpu \
 //!     cargo bench --features wgpu --bench dispatch
 //! ```
-//! Defaults: tokens 1,16,128,512,2048; stages route,epilogue,plan,permute,combine,experts,layer; every
+//! Defaults: tokens 1,16,128,512,2048; stages route,epilogue,plan,permute,combine,experts,
+//! experts-bf16,layer; every
 //! compiled-in backend (wgpu only where a Vulkan driver is installed). A stacked expert tensor
 //! at this shape (`[64, 2048, 1024]` f32) is 512 MiB; where the device binds less (lavapipe:
 //! 128 MiB) the experts and layer stages run with the expert width `I` halved until one fits
@@ -181,7 +183,7 @@ fn bench(c: &mut Criterion) {
         .collect();
     let stages = list(
         "MOE_BENCH_STAGES",
-        "route,epilogue,plan,permute,combine,experts,layer",
+        "route,epilogue,plan,permute,combine,experts,experts-bf16,layer",
     );
     for backend in backends() {
         let device = backend.device();
@@ -192,7 +194,9 @@ fn bench(c: &mut Criterion) {
         };
         let layer: Option<MoeLayer> = stages
             .iter()
-            .any(|s| ["layer", "experts", "route", "epilogue"].contains(&s.as_str()))
+            .any(|s| {
+                ["layer", "experts", "experts-bf16", "route", "epilogue"].contains(&s.as_str())
+            })
             .then(|| MoeLayerConfig::olmoe(H, d_ff, E, K).init(&device).unwrap());
         for &t in &tokens {
             let plan = DispatchPlan::new(&routing_ids(t, &device), E);
@@ -295,6 +299,14 @@ fn bench(c: &mut Criterion) {
                 }
                 if stages.iter().any(|s| s == "combine") {
                     let w0 = Tensor::<2>::random([t, K], Distribution::Uniform(0.0, 0.2), &device);
+                    // the expert rows as the host path holds them (read once, off the clock)
+                    let host_rows = match path {
+                        DispatchPath::HostKernels => HostTensor::new(x_rows.clone())
+                            .unwrap()
+                            .to_f32_vec()
+                            .unwrap(),
+                        _ => Vec::new(),
+                    };
                     // Each call's weights come from the previous call's output.
                     stage(
                         c,
@@ -304,15 +316,9 @@ fn bench(c: &mut Criterion) {
                         |w| {
                             let out = match path {
                                 DispatchPath::HostKernels => {
-                                    let rows = HostTensor::new(x_rows.clone()).unwrap();
                                     let weights: Vec<f32> = w.to_data().iter::<f32>().collect();
-                                    let out = cpu::combine(
-                                        &rows.to_f32_vec().unwrap(),
-                                        &host_routing,
-                                        &weights,
-                                        H,
-                                    )
-                                    .unwrap();
+                                    let out = cpu::combine(&host_rows, &host_routing, &weights, H)
+                                        .unwrap();
                                     Tensor::<2>::from_data(TensorData::new(out, [t, H]), &device)
                                 }
                                 _ => dispatch::combine(x_rows.clone(), &plan, &w, path).unwrap(),
@@ -357,6 +363,48 @@ fn bench(c: &mut Criterion) {
                             sync,
                         );
                     }
+                }
+                if let Some(layer) = layer
+                    .as_ref()
+                    .filter(|_| stages.iter().any(|s| s == "experts-bf16"))
+                    .filter(|_| path == DispatchPath::HostKernels)
+                {
+                    // The same experts in a bf16 computation: bf16 weights, bf16 rows.
+                    let experts = &layer.experts;
+                    let held = [&experts.gate.as_ref().unwrap(), &experts.up, &experts.down]
+                        .map(|p| HostTensor::new(p.val().cast(DType::BF16)).unwrap());
+                    let matrices = cpu::ExpertMatrices::new(
+                        held[0].matrix(),
+                        held[1].matrix().unwrap(),
+                        held[2].matrix().unwrap(),
+                        E,
+                        H,
+                        d_ff,
+                    )
+                    .unwrap();
+                    let x0 = Tensor::<2>::random([t, H], Distribution::Normal(0.0, 1.0), &device)
+                        .cast(DType::BF16);
+                    stage(
+                        c,
+                        id(&wide("experts-bf16")),
+                        t,
+                        x0,
+                        |x| {
+                            let x = HostTensor::new(x).unwrap().to_f32_vec().unwrap();
+                            let rows = cpu::grouped_ffn_in(
+                                &x,
+                                &host_routing,
+                                &matrices,
+                                cpu::Compute::Bf16,
+                            )
+                            .unwrap();
+                            Tensor::<2>::from_data(TensorData::new(rows, [t * K, H]), &device)
+                                .narrow(0, 0, t)
+                                .tanh()
+                                .cast(DType::BF16)
+                        },
+                        sync,
+                    );
                 }
                 if let Some(layer) = layer
                     .as_ref()
