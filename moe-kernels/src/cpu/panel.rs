@@ -193,6 +193,13 @@ unsafe fn load_f32x8(p: *const f32) -> std::arch::x86_64::__m256 {
     unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
 }
 
+/// Whether the f32 panels prefetch the next block: no. Measured with `moe bench --stream`
+/// (OLMoE, 2 threads, three alternations), against the memory's read rate at the same time: T = 1
+/// f32 89–96% without, 77–82% with (an f32 weight row is a whole 4 KiB page and the hardware
+/// prefetchers follow it); T = 16 level. bf16 rows are half as long and the bf16 panels do
+/// prefetch: T = 16 bf16 77–81% with, 59–61% without.
+const PREFETCH_F32: bool = false;
+
 /// Asks for the cache line at column `c` of the next block's weight rows (`K_BLOCK` rows
 /// below those of `p`, rows `n` apart) while this block's are multiplied: the panel reads 8
 /// rows a piece at a time, and its streams are short (one row of a 4 KiB page each) for the
@@ -212,7 +219,7 @@ unsafe fn prefetch_next<T>(p: &[*const T; K_BLOCK], n: usize, c: usize) {
 
 /// The AVX2 + FMA [`panel`], for one weight dtype.
 macro_rules! avx2_panel {
-    ($name:ident, $elem:ty, $load:ident, $widen:expr) => {
+    ($name:ident, $elem:ty, $load:ident, $widen:expr, $prefetch:expr) => {
         /// [`panel`] with AVX2 and FMA: 8 columns per vector, `K_BLOCK` weight rows per pass
         /// (two partial sums, then one read-modify-write of the output).
         ///
@@ -242,7 +249,7 @@ macro_rules! avx2_panel {
             let line = 64 / std::mem::size_of::<$elem>();
             let mut k0 = 0;
             while k0 + K_BLOCK <= k_len {
-                let prefetch = k0 + 2 * K_BLOCK <= k_len;
+                let prefetch = $prefetch && k0 + 2 * K_BLOCK <= k_len;
                 // SAFETY: rows k0..k0 + 8, columns c0..c0 + cols lie inside `w` (checked
                 // above), the output block is the caller's.
                 unsafe {
@@ -320,8 +327,8 @@ macro_rules! avx2_panel {
     };
 }
 
-avx2_panel!(panel_f32_avx2, f32, load_f32x8, |v: f32| v);
-avx2_panel!(panel_bf16_avx2, bf16, load_bf16x8, bf16::to_f32);
+avx2_panel!(panel_f32_avx2, f32, load_f32x8, |v: f32| v, PREFETCH_F32);
+avx2_panel!(panel_bf16_avx2, bf16, load_bf16x8, bf16::to_f32, true);
 
 /// [`panel`] for f32 weights with AVX-512: the AVX2 panel's loop with 16 columns per vector,
 /// half the instructions per weight (decoding is bound by memory, and fewer instructions
@@ -351,7 +358,7 @@ unsafe fn panel_f32_avx512(rows: &[&[f32]], w: &[f32], n: usize, c0: usize, out:
     let line = 64 / std::mem::size_of::<f32>();
     let mut k0 = 0;
     while k0 + K_BLOCK <= k_len {
-        let prefetch = k0 + 2 * K_BLOCK <= k_len;
+        let prefetch = PREFETCH_F32 && k0 + 2 * K_BLOCK <= k_len;
         // SAFETY: rows k0..k0 + 8, columns c0..c0 + cols lie inside `w` (checked above), the
         // output block is the caller's.
         unsafe {
