@@ -12,6 +12,8 @@
 //!
 //! Both accumulate in f32; bf16 weights are widened exactly (a bf16 is the top half of an f32).
 
+use std::ops::Range;
+
 use half::bf16;
 
 /// One expert matrix, row-major `[K, N]`, in its stored dtype.
@@ -340,14 +342,11 @@ avx2_panel!(panel_bf16_avx2, bf16, load_bf16x8, bf16::to_f32, true);
 #[target_feature(enable = "avx512f")]
 unsafe fn panel_f32_avx512(rows: &[&[f32]], w: &[f32], n: usize, c0: usize, out: OutBlock) {
     use std::arch::x86_64::{
-        __m256, __m512, _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_mul_ps,
-        _mm256_set1_ps, _mm256_storeu_ps, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps,
-        _mm512_mul_ps, _mm512_set1_ps, _mm512_storeu_ps,
+        _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_storeu_ps, _mm512_fmadd_ps,
+        _mm512_loadu_ps, _mm512_set1_ps, _mm512_storeu_ps,
     };
     let cols = out.cols;
     let k_len = rows.first().map_or(0, |x| x.len());
-    // the rows share out the prefetches of a chunk (memory is busy while every row runs)
-    let m = rows.len().max(1);
     assert!(rows.iter().all(|x| x.len() == k_len));
     assert!(k_len == 0 || (k_len - 1) * n + c0 + cols <= w.len());
     for r in 0..rows.len() {
@@ -355,7 +354,6 @@ unsafe fn panel_f32_avx512(rows: &[&[f32]], w: &[f32], n: usize, c0: usize, out:
         unsafe { out.row(r) }.fill(0.0);
     }
     let wp = w.as_ptr();
-    let line = 64 / std::mem::size_of::<f32>();
     let mut k0 = 0;
     while k0 + K_BLOCK <= k_len {
         let prefetch = PREFETCH_F32 && k0 + 2 * K_BLOCK <= k_len;
@@ -366,47 +364,16 @@ unsafe fn panel_f32_avx512(rows: &[&[f32]], w: &[f32], n: usize, c0: usize, out:
             let mut c_start = 0;
             while c_start < cols {
                 let c_end = (c_start + COL_CHUNK).min(cols);
-                let wide_end = c_start + (c_end - c_start) / 16 * 16;
-                let vec_end = c_start + (c_end - c_start) / 8 * 8;
-                for (r, x) in rows.iter().enumerate() {
-                    let xs: [f32; K_BLOCK] = std::array::from_fn(|i| *x.get_unchecked(k0 + i));
-                    let b: [__m512; K_BLOCK] = std::array::from_fn(|i| _mm512_set1_ps(xs[i]));
-                    let o = out.ptr.add(r * out.stride);
-                    let mut c = c_start;
-                    while c < wide_end {
-                        if prefetch && (c - c_start) % line == 0 && ((c - c_start) / line) % m == r
-                        {
-                            prefetch_next(&p, n, c);
-                        }
-                        let mut s0 = _mm512_mul_ps(_mm512_loadu_ps(p[0].add(c)), b[0]);
-                        let mut s1 = _mm512_mul_ps(_mm512_loadu_ps(p[1].add(c)), b[1]);
-                        for i in (2..K_BLOCK).step_by(2) {
-                            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(p[i].add(c)), b[i], s0);
-                            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(p[i + 1].add(c)), b[i + 1], s1);
-                        }
-                        let acc = _mm512_add_ps(_mm512_loadu_ps(o.add(c)), _mm512_add_ps(s0, s1));
-                        _mm512_storeu_ps(o.add(c), acc);
-                        c += 16;
-                    }
-                    while c < vec_end {
-                        let b8: [__m256; K_BLOCK] = std::array::from_fn(|i| _mm256_set1_ps(xs[i]));
-                        let mut s0 = _mm256_mul_ps(_mm256_loadu_ps(p[0].add(c)), b8[0]);
-                        let mut s1 = _mm256_mul_ps(_mm256_loadu_ps(p[1].add(c)), b8[1]);
-                        for i in (2..K_BLOCK).step_by(2) {
-                            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(p[i].add(c)), b8[i], s0);
-                            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(p[i + 1].add(c)), b8[i + 1], s1);
-                        }
-                        let acc = _mm256_add_ps(_mm256_loadu_ps(o.add(c)), _mm256_add_ps(s0, s1));
-                        _mm256_storeu_ps(o.add(c), acc);
-                        c += 8;
-                    }
-                    while c < c_end {
-                        let mut sum = 0.0f32;
-                        for i in 0..K_BLOCK {
-                            sum += xs[i] * *p[i].add(c);
-                        }
-                        *o.add(c) += sum;
-                        c += 1;
+                // rows two at a time: each weight vector is loaded once for both
+                let mut r = 0;
+                while r < rows.len() {
+                    let (span, prefetch) = (c_start..c_end, prefetch && r == 0);
+                    if r + 1 < rows.len() {
+                        f32_rows::<2>(&p, [rows[r], rows[r + 1]], out, r, k0, span, prefetch, n);
+                        r += 2;
+                    } else {
+                        f32_rows::<1>(&p, [rows[r]], out, r, k0, span, prefetch, n);
+                        r += 1;
                     }
                 }
                 c_start = c_end;
@@ -449,6 +416,90 @@ unsafe fn panel_f32_avx512(rows: &[&[f32]], w: &[f32], n: usize, c0: usize, out:
             }
         }
         k0 += 1;
+    }
+}
+
+/// Columns `span` of one 8-row block of the f32 AVX-512 panel for the `R` rows `x` (rows
+/// `r..r + R` of `out`): each weight vector is loaded once for all `R` rows, and every row's
+/// sums run in the panel's order (16 columns per vector, then 8, then one at a time).
+///
+/// # Safety
+/// AVX-512 F; the 8 weight rows of `p` readable at `span`; rows `r..r + R` of `out` the
+/// caller's.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn f32_rows<const R: usize>(
+    p: &[*const f32; K_BLOCK],
+    x: [&[f32]; R],
+    out: OutBlock,
+    r: usize,
+    k0: usize,
+    span: Range<usize>,
+    prefetch: bool,
+    n: usize,
+) {
+    use std::arch::x86_64::{
+        __m256, __m512, _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_mul_ps,
+        _mm256_set1_ps, _mm256_storeu_ps, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps,
+        _mm512_mul_ps, _mm512_set1_ps, _mm512_storeu_ps,
+    };
+    let line = 64 / std::mem::size_of::<f32>();
+    let (c_start, c_end) = (span.start, span.end);
+    let wide_end = c_start + (c_end - c_start) / 16 * 16;
+    let vec_end = c_start + (c_end - c_start) / 8 * 8;
+    // SAFETY: the caller's contract.
+    unsafe {
+        let xs: [[f32; K_BLOCK]; R] =
+            std::array::from_fn(|j| std::array::from_fn(|i| *x[j].get_unchecked(k0 + i)));
+        let b: [[__m512; K_BLOCK]; R] =
+            std::array::from_fn(|j| std::array::from_fn(|i| _mm512_set1_ps(xs[j][i])));
+        let o: [*mut f32; R] = std::array::from_fn(|j| out.ptr.add((r + j) * out.stride));
+        let mut c = c_start;
+        while c < wide_end {
+            if prefetch && (c - c_start) % line == 0 {
+                prefetch_next(p, n, c);
+            }
+            let w: [__m512; K_BLOCK] = std::array::from_fn(|i| _mm512_loadu_ps(p[i].add(c)));
+            let mut s0: [__m512; R] = std::array::from_fn(|j| _mm512_mul_ps(w[0], b[j][0]));
+            let mut s1: [__m512; R] = std::array::from_fn(|j| _mm512_mul_ps(w[1], b[j][1]));
+            for i in (2..K_BLOCK).step_by(2) {
+                for j in 0..R {
+                    s0[j] = _mm512_fmadd_ps(w[i], b[j][i], s0[j]);
+                    s1[j] = _mm512_fmadd_ps(w[i + 1], b[j][i + 1], s1[j]);
+                }
+            }
+            for j in 0..R {
+                let at = o[j].add(c);
+                let sum = _mm512_add_ps(s0[j], s1[j]);
+                _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), sum));
+            }
+            c += 16;
+        }
+        for j in 0..R {
+            let (xs, o) = (xs[j], o[j]);
+            let mut c = wide_end;
+            while c < vec_end {
+                let b8: [__m256; K_BLOCK] = std::array::from_fn(|i| _mm256_set1_ps(xs[i]));
+                let mut s0 = _mm256_mul_ps(_mm256_loadu_ps(p[0].add(c)), b8[0]);
+                let mut s1 = _mm256_mul_ps(_mm256_loadu_ps(p[1].add(c)), b8[1]);
+                for i in (2..K_BLOCK).step_by(2) {
+                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(p[i].add(c)), b8[i], s0);
+                    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(p[i + 1].add(c)), b8[i + 1], s1);
+                }
+                let acc = _mm256_add_ps(_mm256_loadu_ps(o.add(c)), _mm256_add_ps(s0, s1));
+                _mm256_storeu_ps(o.add(c), acc);
+                c += 8;
+            }
+            while c < c_end {
+                let mut sum = 0.0f32;
+                for i in 0..K_BLOCK {
+                    sum += xs[i] * *p[i].add(c);
+                }
+                *o.add(c) += sum;
+                c += 1;
+            }
+        }
     }
 }
 
