@@ -120,7 +120,8 @@ enum Command {
         dense: bool,
         /// Also time a plain read of 256 MiB of host memory by the kernels' threads before every
         /// timed call, and print its median rate and the layer's weight bandwidth against it
-        /// (CPU backends: the bound a decode step streams its experts' weights at).
+        /// (CPU backends: the bound a decode step streams its experts' weights at). The read
+        /// leaves the caches cold for every timed call.
         #[arg(long)]
         stream: bool,
     },

@@ -9,10 +9,12 @@
 //!   experts and columns, not the inside of tiny GEMMs (a weight block is read by one item,
 //!   or by each row chunk of a long segment cut for the threads).
 //!   Short segments (decoding) stream the stored `[K, N]` weights straight through a
-//!   panel (AVX2 + FMA where the CPU has them); long segments are packed once per item and
-//!   run through our register-tiled GEMM (`tiles`: AVX2 + FMA; the `gemm` crate elsewhere).
+//!   panel (AVX-512 or AVX2 + FMA where the CPU has them); long segments are packed once per
+//!   item and run through our register-tiled GEMM (`tiles`: AVX2 + FMA; the `gemm` crate
+//!   elsewhere), or, in a bf16 computation with bf16 weights on a CPU with AVX-512 BF16,
+//!   through `vdpbf16ps` tiles on weights packed as k-pairs (`pairs`).
 //!   SwiGLU's gate and up products share the item and the activation is applied in place;
-//!   f32 accumulation throughout, f32 or bf16 weights.
+//!   f32 accumulation throughout, f32 or bf16 weights, f32 or bf16 rows ([`Compute`]).
 //! - [`combine`] — **unpermute + combine**: each token sums its k expert rows weighted, in
 //!   slot order: deterministic, whatever the number of threads.
 //!
@@ -78,10 +80,11 @@ pub enum Compute {
     #[default]
     F32,
     /// bf16 rows, as a bf16 model holds its activations: `x` and the hidden rows (after the
-    /// activation) are rounded to bf16 (nearest even) before the products read them. The
-    /// products of bf16 values are exact in f32 and every path sums them in f32, so all paths
-    /// compute the same values up to the order of the sums; with bf16 weights on a CPU with
-    /// AVX-512 BF16 the long segments run on `vdpbf16ps` (`pairs`).
+    /// activation) are rounded to bf16 (nearest even) before the products read them. With
+    /// bf16 weights the products of bf16 values are exact in f32 and every path sums them in
+    /// f32, so all paths compute the same values up to the order of the sums; on a CPU with
+    /// AVX-512 BF16 the long segments then run on `vdpbf16ps` (`pairs`). (With f32 weights
+    /// the products are rounded as in an f32 computation.)
     Bf16,
 }
 
@@ -396,8 +399,8 @@ pub fn recycle(buffer: Vec<f32>) {
     }
 }
 
-/// The sum of `values`, read once by the thread pool the kernels run on, each thread a
-/// contiguous share (16 running sums per thread, so the loads are not serialised on one
+/// The sum of `values`, read once by the thread pool the kernels run on, in 4 MiB shares the
+/// threads take as they go (16 running sums per share, so the loads are not serialised on one
 /// add): what the memory streams at the moment, for `moe bench --stream` to put the experts'
 /// weight bandwidth beside.
 pub fn stream_sum(values: &[f32]) -> f32 {
@@ -827,7 +830,8 @@ mod tests {
     #[test]
     fn every_long_segment_path_matches_a_f64_oracle() {
         use half::bf16;
-        let (e, h, f, k) = (4usize, 40usize, 56usize, 2usize);
+        // odd widths: both products have an odd K (the pair tiles' last half pair)
+        let (e, h, f, k) = (4usize, 41usize, 57usize, 2usize);
         let mut seed = 7u64;
         let mut next = || panel::tests::lcg(&mut seed);
         let t = 150;

@@ -7,7 +7,8 @@
 //! It runs only where the rows are already bf16 values (a bf16 computation: see
 //! [`super::Compute::Bf16`], which rounds the hidden rows before this product reads them), so
 //! converting them to bf16 loses nothing: the product is the exact products of the same
-//! values as every other path, summed in f32 in another order.
+//! values as every other path, summed in f32 in another order (and in the instruction's own
+//! rounding of each pair's sum, which the vendors define slightly differently).
 //!
 //! - **A, the rows**, packed once per item into strips of [`MR`] rows of k-pairs
 //!   (`[strip][K/2][MR]`, one `u32` holding the bf16 of `k = 2p` low and `2p + 1` high), from
@@ -337,6 +338,9 @@ mod tests {
         let mut packed = PackedPairs::default();
         for &(m, k, n, c0, cols) in &[
             (1, 1, 1, 0, 1),
+            // no rows, and rows of no values (the product then writes zeros)
+            (0, 5, 16, 0, 16),
+            (3, 0, 16, 0, 16),
             (9, 7, 33, 0, 33),
             (6, 2, 64, 0, 64),
             (7, 513, 300, 16, 270),
