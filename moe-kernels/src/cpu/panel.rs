@@ -126,11 +126,11 @@ pub(crate) unsafe fn panel(rows: &[&[f32]], w: Matrix<'_>, n: usize, c0: usize, 
                 Matrix::F32(w) if std::arch::is_x86_feature_detected!("avx512f") => {
                     panel_f32_avx512(rows, w, n, c0, out)
                 }
-                Matrix::F32(w) => panel_f32_avx2(rows, w, n, c0, out),
+                Matrix::F32(w) => panel_avx2(rows, w, n, c0, out),
                 Matrix::Bf16(w) if std::arch::is_x86_feature_detected!("avx512f") => {
                     panel_bf16_avx512(rows, w, n, c0, out)
                 }
-                Matrix::Bf16(w) => panel_bf16_avx2(rows, w, n, c0, out),
+                Matrix::Bf16(w) => panel_avx2(rows, w, n, c0, out),
             }
         }
         return;
@@ -181,32 +181,61 @@ pub(crate) unsafe fn panel_portable<T: Copy>(
     }
 }
 
-/// Widens 8 bf16 at `p` to f32.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn load_bf16x8(p: *const bf16) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller guarantees 8 readable values at `p` and AVX2.
-    unsafe {
-        let h = _mm_loadu_si128(p as *const __m128i);
-        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+/// A weight dtype the panels read: f32, or bf16 widened exactly.
+pub(crate) trait Weight: Copy {
+    /// Whether the panels prefetch the next block of these weights.
+    const PREFETCH: bool;
+    /// The value as f32.
+    fn widen(self) -> f32;
+    /// 8 values at `p` as f32.
+    ///
+    /// # Safety
+    /// 8 readable values at `p`; AVX2.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Weight for f32 {
+    /// No. Measured with `moe bench --stream` (OLMoE, 2 threads, two sets of three
+    /// alternations), against the memory's read rate at the same time: T = 1 f32 80–96%
+    /// without, 76–82% with (an f32 weight row is a whole 4 KiB page and the hardware
+    /// prefetchers follow it); T = 16 level.
+    const PREFETCH: bool = false;
+
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees 8 readable values at `p` and AVX.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
     }
 }
 
-/// Loads 8 f32 at `p`.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn load_f32x8(p: *const f32) -> std::arch::x86_64::__m256 {
-    // SAFETY: the caller guarantees 8 readable values at `p` and AVX.
-    unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
-}
+impl Weight for bf16 {
+    /// Yes: bf16 rows are half as long as f32 ones; T = 16 bf16 77–81% of the stream rate
+    /// with, 59–61% without (and T = 1 level).
+    const PREFETCH: bool = true;
 
-/// Whether the f32 panels prefetch the next block: no. Measured with `moe bench --stream`
-/// (OLMoE, 2 threads, two sets of three alternations), against the memory's read rate at the
-/// same time: T = 1 f32 80–96% without, 76–82% with (an f32 weight row is a whole 4 KiB page
-/// and the hardware prefetchers follow it); T = 16 level. bf16 rows are half as long and the
-/// bf16 panels do prefetch: T = 16 bf16 77–81% with, 59–61% without.
-const PREFETCH_F32: bool = false;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 readable values at `p` and AVX2.
+        unsafe {
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        }
+    }
+}
 
 /// Asks for the cache line at column `c` of the next block's weight rows (`K_BLOCK` rows
 /// below those of `p`, rows `n` apart) while this block's are multiplied: the panel reads 8
@@ -225,118 +254,172 @@ unsafe fn prefetch_next<T>(p: &[*const T; K_BLOCK], n: usize, c: usize) {
     }
 }
 
-/// The AVX2 + FMA [`panel`], for one weight dtype.
-macro_rules! avx2_panel {
-    ($name:ident, $elem:ty, $load:ident, $widen:expr, $prefetch:expr) => {
-        /// [`panel`] with AVX2 and FMA: 8 columns per vector, `K_BLOCK` weight rows per pass
-        /// (two partial sums, then one read-modify-write of the output).
-        ///
-        /// # Safety
-        /// AVX2 and FMA must be available; the block contract of [`panel`].
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn $name(rows: &[&[f32]], w: &[$elem], n: usize, c0: usize, out: OutBlock) {
-            use std::arch::x86_64::{
-                __m256, _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_mul_ps,
-                _mm256_set1_ps, _mm256_storeu_ps,
-            };
-            let widen = $widen;
-            let cols = out.cols;
-            let vec_cols = cols / 8 * 8;
-            debug_assert!(COL_CHUNK % 8 == 0);
-            let k_len = rows.first().map_or(0, |x| x.len());
-            // the rows share out the prefetches of a chunk (memory is busy while every row runs)
-            let m = rows.len().max(1);
-            assert!(rows.iter().all(|x| x.len() == k_len));
-            assert!(k_len == 0 || (k_len - 1) * n + c0 + cols <= w.len());
-            for r in 0..rows.len() {
-                // SAFETY: the caller's contract.
-                unsafe { out.row(r) }.fill(0.0);
-            }
-            let wp = w.as_ptr();
-            let line = 64 / std::mem::size_of::<$elem>();
-            let mut k0 = 0;
-            while k0 + K_BLOCK <= k_len {
-                let prefetch = $prefetch && k0 + 2 * K_BLOCK <= k_len;
-                // SAFETY: rows k0..k0 + 8, columns c0..c0 + cols lie inside `w` (checked
-                // above), the output block is the caller's.
-                unsafe {
-                    let p: [*const $elem; K_BLOCK] =
-                        std::array::from_fn(|i| wp.add((k0 + i) * n + c0));
-                    // Column chunks keep the 8 weight row pieces in L1 while every row of
-                    // the segment uses them.
-                    let mut c_start = 0;
-                    while c_start < cols {
-                        let c_end = (c_start + COL_CHUNK).min(cols);
-                        let vec_end = c_start + (c_end - c_start) / 8 * 8;
-                        for (r, x) in rows.iter().enumerate() {
-                            let b: [__m256; K_BLOCK] =
-                                std::array::from_fn(|i| _mm256_set1_ps(*x.get_unchecked(k0 + i)));
-                            let o = out.ptr.add(r * out.stride);
-                            let mut c = c_start;
-                            while c < vec_end {
-                                if prefetch
-                                    && (c - c_start) % line == 0
-                                    && ((c - c_start) / line) % m == r
-                                {
-                                    prefetch_next(&p, n, c);
-                                }
-                                let mut s0 = _mm256_mul_ps($load(p[0].add(c)), b[0]);
-                                let mut s1 = _mm256_mul_ps($load(p[1].add(c)), b[1]);
-                                s0 = _mm256_fmadd_ps($load(p[2].add(c)), b[2], s0);
-                                s1 = _mm256_fmadd_ps($load(p[3].add(c)), b[3], s1);
-                                s0 = _mm256_fmadd_ps($load(p[4].add(c)), b[4], s0);
-                                s1 = _mm256_fmadd_ps($load(p[5].add(c)), b[5], s1);
-                                s0 = _mm256_fmadd_ps($load(p[6].add(c)), b[6], s0);
-                                s1 = _mm256_fmadd_ps($load(p[7].add(c)), b[7], s1);
-                                let acc =
-                                    _mm256_add_ps(_mm256_loadu_ps(o.add(c)), _mm256_add_ps(s0, s1));
-                                _mm256_storeu_ps(o.add(c), acc);
-                                c += 8;
-                            }
-                            while c < c_end {
-                                let mut sum = 0.0f32;
-                                for i in 0..K_BLOCK {
-                                    sum += *x.get_unchecked(k0 + i) * widen(*p[i].add(c));
-                                }
-                                *o.add(c) += sum;
-                                c += 1;
-                            }
-                        }
-                        c_start = c_end;
-                    }
-                }
-                k0 += K_BLOCK;
-            }
-            while k0 < k_len {
-                // SAFETY: as above, one weight row.
-                unsafe {
-                    let p = wp.add(k0 * n + c0);
-                    for (r, x) in rows.iter().enumerate() {
-                        let xv = *x.get_unchecked(k0);
-                        let b = _mm256_set1_ps(xv);
-                        let o = out.ptr.add(r * out.stride);
-                        let mut c = 0;
-                        while c < vec_cols {
-                            let acc =
-                                _mm256_fmadd_ps($load(p.add(c)), b, _mm256_loadu_ps(o.add(c)));
-                            _mm256_storeu_ps(o.add(c), acc);
-                            c += 8;
-                        }
-                        while c < cols {
-                            *o.add(c) += xv * widen(*p.add(c));
-                            c += 1;
-                        }
-                    }
-                }
-                k0 += 1;
-            }
-        }
+/// Eight columns at `c` of one row over one 8-row block, the order every panel keeps: two
+/// partial sums (weight rows 0, 2, 4, 6 and 1, 3, 5, 7, the first product of each not
+/// fused), added together, then added to the output.
+///
+/// # Safety
+/// AVX2 and FMA; 8 readable values at `c` of every `p`, readable and writable at `o + c`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn step8<T: Weight>(
+    p: &[*const T; K_BLOCK],
+    b: &[std::arch::x86_64::__m256; K_BLOCK],
+    o: *mut f32,
+    c: usize,
+) {
+    use std::arch::x86_64::{
+        _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_storeu_ps,
     };
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut s0 = _mm256_mul_ps(T::load8(p[0].add(c)), b[0]);
+        let mut s1 = _mm256_mul_ps(T::load8(p[1].add(c)), b[1]);
+        for i in (2..K_BLOCK).step_by(2) {
+            s0 = _mm256_fmadd_ps(T::load8(p[i].add(c)), b[i], s0);
+            s1 = _mm256_fmadd_ps(T::load8(p[i + 1].add(c)), b[i + 1], s1);
+        }
+        let acc = _mm256_add_ps(_mm256_loadu_ps(o.add(c)), _mm256_add_ps(s0, s1));
+        _mm256_storeu_ps(o.add(c), acc);
+    }
 }
 
-avx2_panel!(panel_f32_avx2, f32, load_f32x8, |v: f32| v, PREFETCH_F32);
-avx2_panel!(panel_bf16_avx2, bf16, load_bf16x8, bf16::to_f32, true);
+/// Columns `c..end` of one row (factors `xs`) over one 8-row block, past its wide vectors:
+/// [`step8`] up to `vec_end`, then one column at a time (a plain sum over the 8 rows).
+///
+/// # Safety
+/// As [`step8`] for every column up to `end`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block_tail<T: Weight>(
+    p: &[*const T; K_BLOCK],
+    xs: &[f32; K_BLOCK],
+    o: *mut f32,
+    mut c: usize,
+    vec_end: usize,
+    end: usize,
+) {
+    use std::arch::x86_64::{__m256, _mm256_set1_ps};
+    // SAFETY: the caller's contract.
+    unsafe {
+        if c < vec_end {
+            let b: [__m256; K_BLOCK] = std::array::from_fn(|i| _mm256_set1_ps(xs[i]));
+            while c < vec_end {
+                step8(p, &b, o, c);
+                c += 8;
+            }
+        }
+        while c < end {
+            let mut sum = 0.0f32;
+            for i in 0..K_BLOCK {
+                sum += xs[i] * (*p[i].add(c)).widen();
+            }
+            *o.add(c) += sum;
+            c += 1;
+        }
+    }
+}
+
+/// Columns `c..end` of one row for one weight row `p` (the last rows of `K`, past the 8-row
+/// blocks), fused into the output: 8 at a time up to `vec_end`, then one at a time.
+///
+/// # Safety
+/// AVX2 and FMA; `p` readable and `o` readable and writable up to `end`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn row_tail<T: Weight>(
+    p: *const T,
+    xv: f32,
+    o: *mut f32,
+    mut c: usize,
+    vec_end: usize,
+    end: usize,
+) {
+    use std::arch::x86_64::{_mm256_fmadd_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_storeu_ps};
+    // SAFETY: the caller's contract.
+    unsafe {
+        let b = _mm256_set1_ps(xv);
+        while c < vec_end {
+            let acc = _mm256_fmadd_ps(T::load8(p.add(c)), b, _mm256_loadu_ps(o.add(c)));
+            _mm256_storeu_ps(o.add(c), acc);
+            c += 8;
+        }
+        while c < end {
+            *o.add(c) += xv * (*p.add(c)).widen();
+            c += 1;
+        }
+    }
+}
+
+/// [`panel`] with AVX2 and FMA: 8 columns per vector ([`step8`]), `K_BLOCK` weight rows per
+/// pass.
+///
+/// # Safety
+/// AVX2 and FMA must be available; the block contract of [`panel`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn panel_avx2<T: Weight>(rows: &[&[f32]], w: &[T], n: usize, c0: usize, out: OutBlock) {
+    use std::arch::x86_64::{__m256, _mm256_set1_ps};
+    let cols = out.cols;
+    let vec_cols = cols / 8 * 8;
+    debug_assert!(COL_CHUNK % 8 == 0);
+    let k_len = rows.first().map_or(0, |x| x.len());
+    // the rows share out the prefetches of a chunk (memory is busy while every row runs)
+    let m = rows.len().max(1);
+    assert!(rows.iter().all(|x| x.len() == k_len));
+    assert!(k_len == 0 || (k_len - 1) * n + c0 + cols <= w.len());
+    for r in 0..rows.len() {
+        // SAFETY: the caller's contract.
+        unsafe { out.row(r) }.fill(0.0);
+    }
+    let wp = w.as_ptr();
+    let line = 64 / std::mem::size_of::<T>();
+    let mut k0 = 0;
+    while k0 + K_BLOCK <= k_len {
+        let prefetch = T::PREFETCH && k0 + 2 * K_BLOCK <= k_len;
+        // SAFETY: rows k0..k0 + 8, columns c0..c0 + cols lie inside `w` (checked above), the
+        // output block is the caller's.
+        unsafe {
+            let p: [*const T; K_BLOCK] = std::array::from_fn(|i| wp.add((k0 + i) * n + c0));
+            // Column chunks keep the 8 weight row pieces in L1 while every row of the
+            // segment uses them.
+            let mut c_start = 0;
+            while c_start < cols {
+                let c_end = (c_start + COL_CHUNK).min(cols);
+                let vec_end = c_start + (c_end - c_start) / 8 * 8;
+                for (r, x) in rows.iter().enumerate() {
+                    let xs: [f32; K_BLOCK] = std::array::from_fn(|i| *x.get_unchecked(k0 + i));
+                    let b: [__m256; K_BLOCK] = std::array::from_fn(|i| _mm256_set1_ps(xs[i]));
+                    let o = out.ptr.add(r * out.stride);
+                    let mut c = c_start;
+                    while c < vec_end {
+                        if prefetch && (c - c_start) % line == 0 && ((c - c_start) / line) % m == r
+                        {
+                            prefetch_next(&p, n, c);
+                        }
+                        step8(&p, &b, o, c);
+                        c += 8;
+                    }
+                    block_tail(&p, &xs, o, c, c, c_end);
+                }
+                c_start = c_end;
+            }
+        }
+        k0 += K_BLOCK;
+    }
+    // the last weight rows one at a time, fused into the output
+    while k0 < k_len {
+        // SAFETY: as above, one weight row.
+        unsafe {
+            let p = wp.add(k0 * n + c0);
+            for (r, x) in rows.iter().enumerate() {
+                let o = out.ptr.add(r * out.stride);
+                row_tail(p, *x.get_unchecked(k0), o, 0, vec_cols, cols);
+            }
+        }
+        k0 += 1;
+    }
+}
 
 /// [`panel`] for f32 weights with AVX-512: the AVX2 panel's loop with 16 columns per vector,
 /// half the instructions per weight (decoding is bound by memory, and fewer instructions
@@ -347,10 +430,7 @@ avx2_panel!(panel_bf16_avx2, bf16, load_bf16x8, bf16::to_f32, true);
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn panel_f32_avx512(rows: &[&[f32]], w: &[f32], n: usize, c0: usize, out: OutBlock) {
-    use std::arch::x86_64::{
-        _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_storeu_ps, _mm512_fmadd_ps,
-        _mm512_loadu_ps, _mm512_set1_ps, _mm512_storeu_ps,
-    };
+    use std::arch::x86_64::{_mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_storeu_ps};
     let cols = out.cols;
     let k_len = rows.first().map_or(0, |x| x.len());
     assert!(rows.iter().all(|x| x.len() == k_len));
@@ -362,7 +442,7 @@ unsafe fn panel_f32_avx512(rows: &[&[f32]], w: &[f32], n: usize, c0: usize, out:
     let wp = w.as_ptr();
     let mut k0 = 0;
     while k0 + K_BLOCK <= k_len {
-        let prefetch = PREFETCH_F32 && k0 + 2 * K_BLOCK <= k_len;
+        let prefetch = f32::PREFETCH && k0 + 2 * K_BLOCK <= k_len;
         // SAFETY: rows k0..k0 + 8, columns c0..c0 + cols lie inside `w` (checked above), the
         // output block is the caller's.
         unsafe {
@@ -406,19 +486,7 @@ unsafe fn panel_f32_avx512(rows: &[&[f32]], w: &[f32], n: usize, c0: usize, out:
                     _mm512_storeu_ps(o.add(c), acc);
                     c += 16;
                 }
-                while c < vec_end {
-                    let acc = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(p.add(c)),
-                        _mm256_set1_ps(xv),
-                        _mm256_loadu_ps(o.add(c)),
-                    );
-                    _mm256_storeu_ps(o.add(c), acc);
-                    c += 8;
-                }
-                while c < cols {
-                    *o.add(c) += xv * *p.add(c);
-                    c += 1;
-                }
+                row_tail(p, xv, o, c, vec_end, cols);
             }
         }
         k0 += 1;
@@ -446,9 +514,8 @@ unsafe fn f32_rows<const R: usize>(
     n: usize,
 ) {
     use std::arch::x86_64::{
-        __m256, __m512, _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_mul_ps,
-        _mm256_set1_ps, _mm256_storeu_ps, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps,
-        _mm512_mul_ps, _mm512_set1_ps, _mm512_storeu_ps,
+        __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_set1_ps,
+        _mm512_storeu_ps,
     };
     let line = 64 / std::mem::size_of::<f32>();
     let (c_start, c_end) = (span.start, span.end);
@@ -483,28 +550,7 @@ unsafe fn f32_rows<const R: usize>(
             c += 16;
         }
         for j in 0..R {
-            let (xs, o) = (xs[j], o[j]);
-            let mut c = wide_end;
-            while c < vec_end {
-                let b8: [__m256; K_BLOCK] = std::array::from_fn(|i| _mm256_set1_ps(xs[i]));
-                let mut s0 = _mm256_mul_ps(_mm256_loadu_ps(p[0].add(c)), b8[0]);
-                let mut s1 = _mm256_mul_ps(_mm256_loadu_ps(p[1].add(c)), b8[1]);
-                for i in (2..K_BLOCK).step_by(2) {
-                    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(p[i].add(c)), b8[i], s0);
-                    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(p[i + 1].add(c)), b8[i + 1], s1);
-                }
-                let acc = _mm256_add_ps(_mm256_loadu_ps(o.add(c)), _mm256_add_ps(s0, s1));
-                _mm256_storeu_ps(o.add(c), acc);
-                c += 8;
-            }
-            while c < c_end {
-                let mut sum = 0.0f32;
-                for i in 0..K_BLOCK {
-                    sum += xs[i] * *p[i].add(c);
-                }
-                *o.add(c) += sum;
-                c += 1;
-            }
+            block_tail(p, &xs[j], o[j], wide_end, vec_end, c_end);
         }
     }
 }
@@ -522,11 +568,9 @@ unsafe fn f32_rows<const R: usize>(
 #[target_feature(enable = "avx512f")]
 unsafe fn panel_bf16_avx512(rows: &[&[f32]], w: &[bf16], n: usize, c0: usize, out: OutBlock) {
     use std::arch::x86_64::{
-        __m256, __m512, __m512i, _mm256_add_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_mul_ps,
-        _mm256_set1_ps, _mm256_storeu_ps, _mm512_add_ps, _mm512_and_si512, _mm512_castsi512_ps,
-        _mm512_fmadd_ps, _mm512_loadu_epi32, _mm512_loadu_ps, _mm512_mul_ps,
-        _mm512_permutex2var_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setr_epi32,
-        _mm512_slli_epi32, _mm512_storeu_ps,
+        __m512, __m512i, _mm512_add_ps, _mm512_and_si512, _mm512_castsi512_ps, _mm512_fmadd_ps,
+        _mm512_loadu_epi32, _mm512_loadu_ps, _mm512_mul_ps, _mm512_permutex2var_ps,
+        _mm512_set1_epi32, _mm512_set1_ps, _mm512_setr_epi32, _mm512_slli_epi32, _mm512_storeu_ps,
     };
     const GROUP: usize = 32;
     const { assert!(BF16_COL_CHUNK % GROUP == 0) };
@@ -592,26 +636,7 @@ unsafe fn panel_bf16_avx512(rows: &[&[f32]], w: &[bf16], n: usize, c0: usize, ou
                         );
                         c += GROUP;
                     }
-                    while c < vec_end {
-                        let b8: [__m256; K_BLOCK] = std::array::from_fn(|i| _mm256_set1_ps(xs[i]));
-                        let mut s0 = _mm256_mul_ps(load_bf16x8(p[0].add(c)), b8[0]);
-                        let mut s1 = _mm256_mul_ps(load_bf16x8(p[1].add(c)), b8[1]);
-                        for i in (2..K_BLOCK).step_by(2) {
-                            s0 = _mm256_fmadd_ps(load_bf16x8(p[i].add(c)), b8[i], s0);
-                            s1 = _mm256_fmadd_ps(load_bf16x8(p[i + 1].add(c)), b8[i + 1], s1);
-                        }
-                        let acc = _mm256_add_ps(_mm256_loadu_ps(o.add(c)), _mm256_add_ps(s0, s1));
-                        _mm256_storeu_ps(o.add(c), acc);
-                        c += 8;
-                    }
-                    while c < c_end {
-                        let mut sum = 0.0f32;
-                        for i in 0..K_BLOCK {
-                            sum += xs[i] * (*p[i].add(c)).to_f32();
-                        }
-                        *o.add(c) += sum;
-                        c += 1;
-                    }
+                    block_tail(&p, &xs, o, c, vec_end, c_end);
                 }
                 c_start = c_end;
             }
@@ -636,19 +661,7 @@ unsafe fn panel_bf16_avx512(rows: &[&[f32]], w: &[bf16], n: usize, c0: usize, ou
                     _mm512_storeu_ps(oo, _mm512_fmadd_ps(odd(v), b, _mm512_loadu_ps(oo)));
                     c += GROUP;
                 }
-                while c < vec_end {
-                    let acc = _mm256_fmadd_ps(
-                        load_bf16x8(p.add(c)),
-                        _mm256_set1_ps(xv),
-                        _mm256_loadu_ps(o.add(c)),
-                    );
-                    _mm256_storeu_ps(o.add(c), acc);
-                    c += 8;
-                }
-                while c < cols {
-                    *o.add(c) += xv * (*p.add(c)).to_f32();
-                    c += 1;
-                }
+                row_tail(p, xv, o, c, vec_end, cols);
             }
         }
         k0 += 1;
@@ -868,8 +881,8 @@ pub(super) mod tests {
             {
                 variants.push(("avx2", |rows, w, n, c0, out| unsafe {
                     match w {
-                        Matrix::F32(w) => panel_f32_avx2(rows, w, n, c0, out),
-                        Matrix::Bf16(w) => panel_bf16_avx2(rows, w, n, c0, out),
+                        Matrix::F32(w) => panel_avx2(rows, w, n, c0, out),
+                        Matrix::Bf16(w) => panel_avx2(rows, w, n, c0, out),
                     }
                 }));
             }
