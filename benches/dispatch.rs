@@ -328,51 +328,23 @@ fn bench(c: &mut Criterion) {
                         sync,
                     );
                 }
-                if let Some(layer) = layer
-                    .as_ref()
-                    .filter(|_| stages.iter().any(|s| s == "experts"))
-                {
-                    let experts = &layer.experts;
-                    if path == DispatchPath::HostKernels {
-                        // [T, H] tokens gathered through the plan inside the expert products
-                        let held = [&experts.gate.as_ref().unwrap(), &experts.up, &experts.down]
-                            .map(|p| HostTensor::new(p.val()).unwrap());
-                        let matrices = cpu::ExpertMatrices::new(
-                            held[0].matrix(),
-                            held[1].matrix().unwrap(),
-                            held[2].matrix().unwrap(),
-                            E,
-                            H,
-                            d_ff,
-                        )
-                        .unwrap();
-                        let x0 =
-                            Tensor::<2>::random([t, H], Distribution::Normal(0.0, 1.0), &device);
-                        stage(
-                            c,
-                            id(&wide("experts")),
-                            t,
-                            x0,
-                            |x| {
-                                let x = HostTensor::new(x).unwrap().to_f32_vec().unwrap();
-                                let rows = cpu::grouped_ffn(&x, &host_routing, &matrices).unwrap();
-                                Tensor::<2>::from_data(TensorData::new(rows, [t * K, H]), &device)
-                                    .narrow(0, 0, t)
-                                    .tanh()
-                            },
-                            sync,
-                        );
-                    }
-                }
-                if let Some(layer) = layer
-                    .as_ref()
-                    .filter(|_| stages.iter().any(|s| s == "experts-bf16"))
-                    .filter(|_| path == DispatchPath::HostKernels)
-                {
-                    // The same experts in a bf16 computation: bf16 weights, bf16 rows.
+                // The host kernels' experts: [T, H] tokens gathered through the plan inside the
+                // expert products; `experts-bf16` in a bf16 computation (bf16 weights, bf16 rows).
+                let host_stages = [
+                    ("experts", DType::F32, cpu::Compute::F32),
+                    ("experts-bf16", DType::BF16, cpu::Compute::Bf16),
+                ];
+                for (name, dtype, compute) in host_stages {
+                    let Some(layer) = layer
+                        .as_ref()
+                        .filter(|_| stages.iter().any(|s| s == name))
+                        .filter(|_| path == DispatchPath::HostKernels)
+                    else {
+                        continue;
+                    };
                     let experts = &layer.experts;
                     let held = [&experts.gate.as_ref().unwrap(), &experts.up, &experts.down]
-                        .map(|p| HostTensor::new(p.val().cast(DType::BF16)).unwrap());
+                        .map(|p| HostTensor::new(p.val().cast(dtype)).unwrap());
                     let matrices = cpu::ExpertMatrices::new(
                         held[0].matrix(),
                         held[1].matrix().unwrap(),
@@ -383,25 +355,20 @@ fn bench(c: &mut Criterion) {
                     )
                     .unwrap();
                     let x0 = Tensor::<2>::random([t, H], Distribution::Normal(0.0, 1.0), &device)
-                        .cast(DType::BF16);
+                        .cast(dtype);
                     stage(
                         c,
-                        id(&wide("experts-bf16")),
+                        id(&wide(name)),
                         t,
                         x0,
                         |x| {
                             let x = HostTensor::new(x).unwrap().to_f32_vec().unwrap();
-                            let rows = cpu::grouped_ffn_in(
-                                &x,
-                                &host_routing,
-                                &matrices,
-                                cpu::Compute::Bf16,
-                            )
-                            .unwrap();
+                            let rows =
+                                cpu::grouped_ffn_in(&x, &host_routing, &matrices, compute).unwrap();
                             Tensor::<2>::from_data(TensorData::new(rows, [t * K, H]), &device)
                                 .narrow(0, 0, t)
                                 .tanh()
-                                .cast(DType::BF16)
+                                .cast(dtype)
                         },
                         sync,
                     );
