@@ -27,6 +27,8 @@
 use half::bf16;
 
 use super::panel::OutBlock;
+#[cfg(target_arch = "x86_64")]
+use super::tiles::{NextBlock, store_corner};
 
 /// Rows of the register tile.
 pub(crate) const MR: usize = 6;
@@ -199,11 +201,9 @@ unsafe fn pack_block(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn product_avx512(rows: &mut PackedPairs, w: &[bf16], n: usize, c0: usize, out: OutBlock) {
-    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
     let (m, k, cols) = (rows.m, rows.k, out.cols);
     let kp = k.div_ceil(2);
     let row_strips = m.div_ceil(MR);
-    let line = 64 / std::mem::size_of::<bf16>();
     let mut tile_buf = [0.0f32; MR * NR];
     let mut jb = 0;
     while jb < cols {
@@ -216,32 +216,18 @@ unsafe fn product_avx512(rows: &mut PackedPairs, w: &[bf16], n: usize, c0: usize
             rows.b.resize(col_strips * kcp * NR, 0);
             // SAFETY: the block lies inside `w` (checked by the caller), `b` was just sized.
             unsafe { pack_block(&mut rows.b, w, n, c0 + jb, pc, kc, nc) };
-            // the block after this one, prefetched an even share of its cache lines before
-            // every tile
-            let (next_pc, next_jb) = match pc + kc < k {
-                true => (pc + kc, jb),
-                false => (0, jb + nc),
-            };
-            let (next_kc, next_nc) = match next_jb < cols {
-                true => (KC.min(k - next_pc), NC.min(cols - next_jb)),
-                false => (0, 0),
-            };
-            let lines_per_row = next_nc.div_ceil(line);
-            let next_lines = next_kc * lines_per_row;
-            let per_tile = next_lines.div_ceil(col_strips * row_strips);
-            let mut cursor = 0;
+            let mut next = NextBlock::new(
+                (pc, kc, k, KC),
+                (jb, nc, cols, NC),
+                std::mem::size_of::<bf16>(),
+                col_strips * row_strips,
+            );
             for s0 in (0..row_strips).step_by(MC_STRIPS) {
                 for st in 0..col_strips {
                     let strip_cols = NR.min(nc - st * NR);
                     let b = &rows.b[st * kcp * NR..(st + 1) * kcp * NR];
                     for s in s0..(s0 + MC_STRIPS).min(row_strips) {
-                        let stop = (cursor + per_tile).min(next_lines);
-                        while cursor < stop {
-                            let (r, l) = (cursor / lines_per_row, cursor % lines_per_row);
-                            let at = &w[(next_pc + r) * n + c0 + next_jb + l * line];
-                            _mm_prefetch(at as *const bf16 as *const i8, _MM_HINT_T0);
-                            cursor += 1;
-                        }
+                        next.share(w, n, c0);
                         let strip_rows = MR.min(m - s * MR);
                         let a = &rows.a[(s * kp + pc / 2) * MR..(s * kp + pc / 2 + kcp) * MR];
                         let first = pc == 0;
@@ -253,16 +239,8 @@ unsafe fn product_avx512(rows: &mut PackedPairs, w: &[bf16], n: usize, c0: usize
                                 tile(kcp, a, b, dst, out.stride, first);
                             } else {
                                 tile(kcp, a, b, tile_buf.as_mut_ptr(), NR, true);
-                                for i in 0..strip_rows {
-                                    let o = std::slice::from_raw_parts_mut(
-                                        dst.add(i * out.stride),
-                                        strip_cols,
-                                    );
-                                    let t = &tile_buf[i * NR..i * NR + strip_cols];
-                                    for (o, &t) in o.iter_mut().zip(t) {
-                                        *o = if first { t } else { *o + t };
-                                    }
-                                }
+                                let corner = (strip_rows, strip_cols);
+                                store_corner(&tile_buf, NR, dst, out.stride, corner, first);
                             }
                         }
                     }

@@ -137,10 +137,8 @@ unsafe fn product_avx2<T: Copy>(
     out: OutBlock,
     widen: impl Fn(T) -> f32,
 ) {
-    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
     let (m, k, cols) = (rows.m, rows.k, out.cols);
     let row_strips = m.div_ceil(MR);
-    let line = (64 / std::mem::size_of::<T>()).max(1);
     let mut tile_buf = [0.0f32; MR * NR];
     let mut jb = 0;
     while jb < cols {
@@ -173,32 +171,18 @@ unsafe fn product_avx2<T: Copy>(
                     }
                 }
             }
-            // the block after this one, prefetched an even share of its cache lines before
-            // every tile (bursts of a whole strip's share stall on the miss buffers)
-            let (next_pc, next_jb) = match pc + kc < k {
-                true => (pc + kc, jb),
-                false => (0, jb + nc),
-            };
-            let (next_kc, next_nc) = match next_jb < cols {
-                true => (KC.min(k - next_pc), NC.min(cols - next_jb)),
-                false => (0, 0),
-            };
-            let lines_per_row = next_nc.div_ceil(line);
-            let next_lines = next_kc * lines_per_row;
-            let per_tile = next_lines.div_ceil(col_strips * row_strips);
-            let mut cursor = 0;
+            let mut next = NextBlock::new(
+                (pc, kc, k, KC),
+                (jb, nc, cols, NC),
+                std::mem::size_of::<T>(),
+                col_strips * row_strips,
+            );
             for s0 in (0..row_strips).step_by(MC_STRIPS) {
                 for st in 0..col_strips {
                     let strip_cols = NR.min(nc - st * NR);
                     let b = &rows.b[st * kc * NR..(st + 1) * kc * NR];
                     for s in s0..(s0 + MC_STRIPS).min(row_strips) {
-                        let stop = (cursor + per_tile).min(next_lines);
-                        while cursor < stop {
-                            let (r, l) = (cursor / lines_per_row, cursor % lines_per_row);
-                            let at = &w[(next_pc + r) * n + c0 + next_jb + l * line];
-                            _mm_prefetch(at as *const T as *const i8, _MM_HINT_T0);
-                            cursor += 1;
-                        }
+                        next.share(w, n, c0);
                         let strip_rows = MR.min(m - s * MR);
                         let a = &rows.a[(s * k + pc) * MR..(s * k + pc + kc) * MR];
                         let first = pc == 0;
@@ -210,16 +194,8 @@ unsafe fn product_avx2<T: Copy>(
                                 tile(kc, a, b, dst, out.stride, first);
                             } else {
                                 tile(kc, a, b, tile_buf.as_mut_ptr(), NR, true);
-                                for i in 0..strip_rows {
-                                    let o = std::slice::from_raw_parts_mut(
-                                        dst.add(i * out.stride),
-                                        strip_cols,
-                                    );
-                                    let t = &tile_buf[i * NR..i * NR + strip_cols];
-                                    for (o, &t) in o.iter_mut().zip(t) {
-                                        *o = if first { t } else { *o + t };
-                                    }
-                                }
+                                let corner = (strip_rows, strip_cols);
+                                store_corner(&tile_buf, NR, dst, out.stride, corner, first);
                             }
                         }
                     }
@@ -228,6 +204,100 @@ unsafe fn product_avx2<T: Copy>(
             pc += kc;
         }
         jb += nc;
+    }
+}
+
+/// The weight block after the current one (the next `KC` rows of this column block, else the
+/// first rows of the next column block), prefetched an even share of its cache lines before
+/// every tile of the current block (see the module docs). Shared by the f32 tiles and the
+/// bf16 pair tiles.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct NextBlock {
+    /// First weight row and column (within the item's columns) of the next block.
+    pc: usize,
+    jb: usize,
+    /// Elements per cache line.
+    line: usize,
+    lines_per_row: usize,
+    lines: usize,
+    per_tile: usize,
+    cursor: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl NextBlock {
+    /// The block after rows `pc..pc + kc`, columns `jb..jb + nc` of a `k × cols` product cut
+    /// into blocks of `kc_max × nc_max`, spread over `tiles` tiles; `elem_bytes` per weight.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        (pc, kc, k, kc_max): (usize, usize, usize, usize),
+        (jb, nc, cols, nc_max): (usize, usize, usize, usize),
+        elem_bytes: usize,
+        tiles: usize,
+    ) -> Self {
+        let (next_pc, next_jb) = match pc + kc < k {
+            true => (pc + kc, jb),
+            false => (0, jb + nc),
+        };
+        let (next_kc, next_nc) = match next_jb < cols {
+            true => (kc_max.min(k - next_pc), nc_max.min(cols - next_jb)),
+            false => (0, 0),
+        };
+        let line = (64 / elem_bytes.max(1)).max(1);
+        let lines_per_row = next_nc.div_ceil(line);
+        let lines = next_kc * lines_per_row;
+        Self {
+            pc: next_pc,
+            jb: next_jb,
+            line,
+            lines_per_row,
+            lines,
+            per_tile: lines.div_ceil(tiles.max(1)),
+            cursor: 0,
+        }
+    }
+
+    /// Prefetches the next share of lines of `w` (row-major `[K, n]`, the item's columns from
+    /// `c0`), before one tile.
+    #[inline(always)]
+    pub(crate) fn share<T>(&mut self, w: &[T], n: usize, c0: usize) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let stop = (self.cursor + self.per_tile).min(self.lines);
+        while self.cursor < stop {
+            let (r, l) = (
+                self.cursor / self.lines_per_row,
+                self.cursor % self.lines_per_row,
+            );
+            let at = &w[(self.pc + r) * n + c0 + self.jb + l * self.line];
+            // SAFETY: `at` is an element of `w`; a prefetch reads nothing.
+            unsafe { _mm_prefetch(at as *const T as *const i8, _MM_HINT_T0) };
+            self.cursor += 1;
+        }
+    }
+}
+
+/// Writes the `rows × cols` corner of a tile computed into `tile` (rows `nr` apart) to `dst`
+/// (rows `ldc` apart): overwritten when `first`, else added to what is there. The tiles of a
+/// block's right and bottom edges go through here.
+///
+/// # Safety
+/// `dst` points to `rows` rows of `cols` writable values, `ldc` apart, no one else touches.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn store_corner(
+    tile: &[f32],
+    nr: usize,
+    dst: *mut f32,
+    ldc: usize,
+    (rows, cols): (usize, usize),
+    first: bool,
+) {
+    for i in 0..rows {
+        // SAFETY: the caller's contract.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.add(i * ldc), cols) };
+        for (o, &t) in o.iter_mut().zip(&tile[i * nr..i * nr + cols]) {
+            *o = if first { t } else { *o + t };
+        }
     }
 }
 
