@@ -144,6 +144,23 @@ pub(crate) unsafe fn panel(rows: &[&[f32]], w: Matrix<'_>, n: usize, c0: usize, 
     }
 }
 
+/// The start of every panel: checks that the rows are all `K` long and that columns
+/// `c0..c0 + out.cols` of `K` weight rows (`n` apart) fit in `w_len` values (panics, a bug in
+/// the caller, when not), zeroes the output block, and returns `K`.
+///
+/// # Safety
+/// `out` must point to `rows.len()` rows of `out.cols` writable values no one else touches.
+unsafe fn begin(rows: &[&[f32]], w_len: usize, n: usize, c0: usize, out: OutBlock) -> usize {
+    let k_len = rows.first().map_or(0, |x| x.len());
+    assert!(rows.iter().all(|x| x.len() == k_len));
+    assert!(k_len == 0 || (k_len - 1) * n + c0 + out.cols <= w_len);
+    for r in 0..rows.len() {
+        // SAFETY: the caller's contract.
+        unsafe { out.row(r) }.fill(0.0);
+    }
+    k_len
+}
+
 /// The portable [`panel`]: the same loop order in plain Rust (what runs off x86-64 or without
 /// AVX2, and what the tests compare the vector code with).
 ///
@@ -158,11 +175,8 @@ pub(crate) unsafe fn panel_portable<T: Copy>(
     widen: impl Fn(T) -> f32,
 ) {
     let cols = out.cols;
-    for r in 0..rows.len() {
-        // SAFETY: the caller's contract.
-        unsafe { out.row(r) }.fill(0.0);
-    }
-    let k_len = rows.first().map_or(0, |x| x.len());
+    // SAFETY: the caller's contract.
+    let k_len = unsafe { begin(rows, w.len(), n, c0, out) };
     let mut k0 = 0;
     while k0 < k_len {
         let kb = K_BLOCK.min(k_len - k0);
@@ -363,15 +377,10 @@ unsafe fn panel_avx2<T: Weight>(rows: &[&[f32]], w: &[T], n: usize, c0: usize, o
     let cols = out.cols;
     let vec_cols = cols / 8 * 8;
     debug_assert!(COL_CHUNK % 8 == 0);
-    let k_len = rows.first().map_or(0, |x| x.len());
+    // SAFETY: the caller's contract.
+    let k_len = unsafe { begin(rows, w.len(), n, c0, out) };
     // the rows share out the prefetches of a chunk (memory is busy while every row runs)
     let m = rows.len().max(1);
-    assert!(rows.iter().all(|x| x.len() == k_len));
-    assert!(k_len == 0 || (k_len - 1) * n + c0 + cols <= w.len());
-    for r in 0..rows.len() {
-        // SAFETY: the caller's contract.
-        unsafe { out.row(r) }.fill(0.0);
-    }
     let wp = w.as_ptr();
     let line = 64 / std::mem::size_of::<T>();
     let mut k0 = 0;
@@ -432,13 +441,8 @@ unsafe fn panel_avx2<T: Weight>(rows: &[&[f32]], w: &[T], n: usize, c0: usize, o
 unsafe fn panel_f32_avx512(rows: &[&[f32]], w: &[f32], n: usize, c0: usize, out: OutBlock) {
     use std::arch::x86_64::{_mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_storeu_ps};
     let cols = out.cols;
-    let k_len = rows.first().map_or(0, |x| x.len());
-    assert!(rows.iter().all(|x| x.len() == k_len));
-    assert!(k_len == 0 || (k_len - 1) * n + c0 + cols <= w.len());
-    for r in 0..rows.len() {
-        // SAFETY: the caller's contract.
-        unsafe { out.row(r) }.fill(0.0);
-    }
+    // SAFETY: the caller's contract.
+    let k_len = unsafe { begin(rows, w.len(), n, c0, out) };
     let wp = w.as_ptr();
     let mut k0 = 0;
     while k0 + K_BLOCK <= k_len {
@@ -577,15 +581,10 @@ unsafe fn panel_bf16_avx512(rows: &[&[f32]], w: &[bf16], n: usize, c0: usize, ou
     let cols = out.cols;
     // the whole groups: column-permuted while the sums run
     let grouped = cols / GROUP * GROUP;
-    let k_len = rows.first().map_or(0, |x| x.len());
+    // SAFETY: the caller's contract.
+    let k_len = unsafe { begin(rows, w.len(), n, c0, out) };
     // the rows share out the prefetches of a chunk (memory is busy while every row runs)
     let m = rows.len().max(1);
-    assert!(rows.iter().all(|x| x.len() == k_len));
-    assert!(k_len == 0 || (k_len - 1) * n + c0 + cols <= w.len());
-    for r in 0..rows.len() {
-        // SAFETY: the caller's contract.
-        unsafe { out.row(r) }.fill(0.0);
-    }
     let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     let even = |v: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
     let odd = |v: __m512i| _mm512_castsi512_ps(_mm512_and_si512(v, high));
