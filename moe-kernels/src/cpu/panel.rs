@@ -138,8 +138,8 @@ pub(crate) unsafe fn panel(rows: &[&[f32]], w: Matrix<'_>, n: usize, c0: usize, 
     // SAFETY: the caller's contract.
     unsafe {
         match w {
-            Matrix::F32(w) => panel_portable(rows, w, n, c0, out, |v| v),
-            Matrix::Bf16(w) => panel_portable(rows, w, n, c0, out, bf16::to_f32),
+            Matrix::F32(w) => panel_portable(rows, w, n, c0, out),
+            Matrix::Bf16(w) => panel_portable(rows, w, n, c0, out),
         }
     }
 }
@@ -166,13 +166,12 @@ unsafe fn begin(rows: &[&[f32]], w_len: usize, n: usize, c0: usize, out: OutBloc
 ///
 /// # Safety
 /// As [`panel`].
-pub(crate) unsafe fn panel_portable<T: Copy>(
+pub(crate) unsafe fn panel_portable<T: Weight>(
     rows: &[&[f32]],
     w: &[T],
     n: usize,
     c0: usize,
     out: OutBlock,
-    widen: impl Fn(T) -> f32,
 ) {
     let cols = out.cols;
     // SAFETY: the caller's contract.
@@ -186,7 +185,7 @@ pub(crate) unsafe fn panel_portable<T: Copy>(
             for (c, o) in o.iter_mut().enumerate().take(cols) {
                 let mut sum = 0.0f32;
                 for i in 0..kb {
-                    sum += x[k0 + i] * widen(w[(k0 + i) * n + c0 + c]);
+                    sum += x[k0 + i] * w[(k0 + i) * n + c0 + c].widen();
                 }
                 *o += sum;
             }
@@ -445,8 +444,8 @@ unsafe fn panel_f32_avx512(rows: &[&[f32]], w: &[f32], n: usize, c0: usize, out:
     let k_len = unsafe { begin(rows, w.len(), n, c0, out) };
     let wp = w.as_ptr();
     let mut k0 = 0;
+    // no software prefetch: the hardware prefetchers follow f32 weight rows (`Weight::PREFETCH`)
     while k0 + K_BLOCK <= k_len {
-        let prefetch = f32::PREFETCH && k0 + 2 * K_BLOCK <= k_len;
         // SAFETY: rows k0..k0 + 8, columns c0..c0 + cols lie inside `w` (checked above), the
         // output block is the caller's.
         unsafe {
@@ -457,22 +456,13 @@ unsafe fn panel_f32_avx512(rows: &[&[f32]], w: &[f32], n: usize, c0: usize, out:
                 // rows up to four at a time: each weight vector is loaded once for all of them
                 let mut r = 0;
                 while r < rows.len() {
-                    let (span, prefetch) = (c_start..c_end, prefetch && r == 0);
+                    let span = c_start..c_end;
                     let x = |j: usize| rows[r + j];
                     r += match rows.len() - r {
-                        1 => f32_rows::<1>(&p, [x(0)], out, r, k0, span, prefetch, n),
-                        2 => f32_rows::<2>(&p, [x(0), x(1)], out, r, k0, span, prefetch, n),
-                        3 => f32_rows::<3>(&p, [x(0), x(1), x(2)], out, r, k0, span, prefetch, n),
-                        _ => f32_rows::<4>(
-                            &p,
-                            [x(0), x(1), x(2), x(3)],
-                            out,
-                            r,
-                            k0,
-                            span,
-                            prefetch,
-                            n,
-                        ),
+                        1 => f32_rows::<1>(&p, [x(0)], out, r, k0, span),
+                        2 => f32_rows::<2>(&p, [x(0), x(1)], out, r, k0, span),
+                        3 => f32_rows::<3>(&p, [x(0), x(1), x(2)], out, r, k0, span),
+                        _ => f32_rows::<4>(&p, [x(0), x(1), x(2), x(3)], out, r, k0, span),
                     };
                 }
                 c_start = c_end;
@@ -522,7 +512,6 @@ unsafe fn panel_f32_avx512(rows: &[&[f32]], w: &[f32], n: usize, c0: usize, out:
 /// caller's.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn f32_rows<const R: usize>(
     p: &[*const f32; K_BLOCK],
     x: [&[f32]; R],
@@ -530,14 +519,11 @@ unsafe fn f32_rows<const R: usize>(
     r: usize,
     k0: usize,
     span: Range<usize>,
-    prefetch: bool,
-    n: usize,
 ) -> usize {
     use std::arch::x86_64::{
         __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mul_ps, _mm512_set1_ps,
         _mm512_storeu_ps,
     };
-    let line = 64 / std::mem::size_of::<f32>();
     let (c_start, c_end) = (span.start, span.end);
     let wide_end = c_start + (c_end - c_start) / 16 * 16;
     let vec_end = c_start + (c_end - c_start) / 8 * 8;
@@ -550,9 +536,6 @@ unsafe fn f32_rows<const R: usize>(
         let o: [*mut f32; R] = std::array::from_fn(|j| out.ptr.add((r + j) * out.stride));
         let mut c = c_start;
         while c < wide_end {
-            if prefetch && (c - c_start) % line == 0 {
-                prefetch_next(p, n, c);
-            }
             let w: [__m512; K_BLOCK] = std::array::from_fn(|i| _mm512_loadu_ps(p[i].add(c)));
             let mut s0: [__m512; R] = std::array::from_fn(|j| _mm512_mul_ps(w[0], b[j][0]));
             let mut s1: [__m512; R] = std::array::from_fn(|j| _mm512_mul_ps(w[1], b[j][1]));
@@ -819,10 +802,8 @@ pub(super) mod tests {
                 unsafe {
                     match (method, matrix) {
                         (0, _) => panel(&rows, matrix, n, c0, block),
-                        (1, Matrix::F32(w)) => panel_portable(&rows, w, n, c0, block, |v| v),
-                        (1, Matrix::Bf16(w)) => {
-                            panel_portable(&rows, w, n, c0, block, bf16::to_f32)
-                        }
+                        (1, Matrix::F32(w)) => panel_portable(&rows, w, n, c0, block),
+                        (1, Matrix::Bf16(w)) => panel_portable(&rows, w, n, c0, block),
                         (2, _) => gemm(&flat, m, matrix, n, c0, block, &mut scratch),
                         _ => {
                             packed.pack(&rows);
