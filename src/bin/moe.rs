@@ -306,8 +306,15 @@ fn time_layer(
         }
         touched += seen.iter().filter(|&&s| s).count();
     }
-    times.sort_by(f64::total_cmp);
-    Ok((times[runs / 2], touched as f64 / runs as f64))
+    let median = median_of(&mut times).expect("at least one timed call");
+    Ok((median, touched as f64 / runs as f64))
+}
+
+/// The middle value of `values` (sorted in place; the upper one of an even count), or `None`
+/// when there are none.
+fn median_of(values: &mut [f64]) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
 }
 
 /// Times `config` at each token count and prints one line (or JSON object) per case.
@@ -399,9 +406,7 @@ fn bench(
     let path_name = path.name();
     for &t in tokens {
         let (median, touched) = time_layer(&layer, t, float, runs, &mut rng, &mut read_stream)?;
-        let mut rates = stream_rates.take();
-        rates.sort_by(f64::total_cmp);
-        let stream_gbps = rates.get(rates.len() / 2).map(|r| r / 1e9);
+        let stream_gbps = median_of(&mut stream_rates.take()).map(|r| r / 1e9);
         let flops = t as f64 * (2.0 * (h * e) as f64 + matrices * 2.0 * (k * h * i) as f64);
         let weight_bytes = touched * matrices * (h * i) as f64 * bytes + (h * e) as f64 * bytes;
         let weight_gbps = weight_bytes / median / 1e9;

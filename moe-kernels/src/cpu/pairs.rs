@@ -108,15 +108,10 @@ impl PackedPairs {
         let (k, cols) = (self.k, out.cols);
         assert!(k == 0 || ((k - 1) * n + c0 + cols <= w.len() && c0 + cols <= n));
         assert!(self.a.len() == self.m.div_ceil(MR) * k.div_ceil(2) * MR);
-        if self.m == 0 || cols == 0 {
-            return;
-        }
-        if k == 0 {
-            for r in 0..self.m {
-                // SAFETY: the caller's contract.
-                unsafe { std::slice::from_raw_parts_mut(out.ptr.add(r * out.stride), cols) }
-                    .fill(0.0);
-            }
+        if self.m == 0 || cols == 0 || k == 0 {
+            // nothing to multiply: a product over no weight rows is zero
+            // SAFETY: the caller's contract.
+            unsafe { out.zero(self.m) };
             return;
         }
         #[cfg(target_arch = "x86_64")]

@@ -95,6 +95,17 @@ impl OutBlock {
         // SAFETY: the caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r * self.stride), self.cols) }
     }
+
+    /// Zeroes the block's first `rows` rows.
+    ///
+    /// # Safety
+    /// The block must have `rows` rows no one else touches.
+    pub(crate) unsafe fn zero(&self, rows: usize) {
+        for r in 0..rows {
+            // SAFETY: the caller's contract.
+            unsafe { self.row(r) }.fill(0.0);
+        }
+    }
 }
 
 /// Weight rows streamed together by [`panel`] (8 pieces in flight per row of output: tried
@@ -154,10 +165,8 @@ unsafe fn begin(rows: &[&[f32]], w_len: usize, n: usize, c0: usize, out: OutBloc
     let k_len = rows.first().map_or(0, |x| x.len());
     assert!(rows.iter().all(|x| x.len() == k_len));
     assert!(k_len == 0 || (k_len - 1) * n + c0 + out.cols <= w_len);
-    for r in 0..rows.len() {
-        // SAFETY: the caller's contract.
-        unsafe { out.row(r) }.fill(0.0);
-    }
+    // SAFETY: the caller's contract.
+    unsafe { out.zero(rows.len()) };
     k_len
 }
 
@@ -375,7 +384,7 @@ unsafe fn panel_avx2<T: Weight>(rows: &[&[f32]], w: &[T], n: usize, c0: usize, o
     use std::arch::x86_64::{__m256, _mm256_set1_ps};
     let cols = out.cols;
     let vec_cols = cols / 8 * 8;
-    debug_assert!(COL_CHUNK % 8 == 0);
+    const { assert!(COL_CHUNK.is_multiple_of(8)) };
     // SAFETY: the caller's contract.
     let k_len = unsafe { begin(rows, w.len(), n, c0, out) };
     // the rows share out the prefetches of a chunk (memory is busy while every row runs)
@@ -577,7 +586,7 @@ unsafe fn panel_bf16_avx512(rows: &[&[f32]], w: &[bf16], n: usize, c0: usize, ou
         _mm512_set1_epi32, _mm512_set1_ps, _mm512_setr_epi32, _mm512_slli_epi32, _mm512_storeu_ps,
     };
     const GROUP: usize = 32;
-    const { assert!(BF16_COL_CHUNK % GROUP == 0) };
+    const { assert!(BF16_COL_CHUNK.is_multiple_of(GROUP)) };
     let cols = out.cols;
     // the whole groups: column-permuted while the sums run
     let grouped = cols / GROUP * GROUP;

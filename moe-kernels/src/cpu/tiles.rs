@@ -25,9 +25,7 @@
 //! The summation order is fixed by the shapes (k in blocks of `KC`, each block in order), so
 //! results do not depend on the thread count.
 
-use half::bf16;
-
-use super::panel::{Matrix, OutBlock};
+use super::panel::{Matrix, OutBlock, Weight};
 
 /// Rows of the register tile.
 pub(crate) const MR: usize = 6;
@@ -95,15 +93,10 @@ impl PackedRows {
         let (k, cols) = (self.k, out.cols);
         assert!(k == 0 || ((k - 1) * n + c0 + cols <= w.len() && c0 + cols <= n));
         assert!(self.a.len() == self.m.div_ceil(MR) * k * MR);
-        if self.m == 0 || cols == 0 {
-            return;
-        }
-        if k == 0 {
-            for r in 0..self.m {
-                // SAFETY: the caller's contract.
-                unsafe { std::slice::from_raw_parts_mut(out.ptr.add(r * out.stride), cols) }
-                    .fill(0.0);
-            }
+        if self.m == 0 || cols == 0 || k == 0 {
+            // nothing to multiply: a product over no weight rows is zero
+            // SAFETY: the caller's contract.
+            unsafe { out.zero(self.m) };
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -112,8 +105,8 @@ impl PackedRows {
             // SAFETY: the features were just checked; bounds above; the block is the caller's.
             unsafe {
                 match w {
-                    Matrix::F32(w) => product_avx2(self, w, n, c0, out, |v| v),
-                    Matrix::Bf16(w) => product_avx2(self, w, n, c0, out, bf16::to_f32),
+                    Matrix::F32(w) => product_avx2(self, w, n, c0, out),
+                    Matrix::Bf16(w) => product_avx2(self, w, n, c0, out),
                 }
             }
         }
@@ -129,13 +122,12 @@ impl PackedRows {
 /// AVX2 and FMA; the bounds checked by [`PackedRows::product`]; `out` the caller's.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn product_avx2<T: Copy>(
+unsafe fn product_avx2<T: Weight>(
     rows: &mut PackedRows,
     w: &[T],
     n: usize,
     c0: usize,
     out: OutBlock,
-    widen: impl Fn(T) -> f32,
 ) {
     let (m, k, cols) = (rows.m, rows.k, out.cols);
     let row_strips = m.div_ceil(MR);
@@ -161,13 +153,13 @@ unsafe fn product_avx2<T: Copy>(
                         .try_into()
                         .expect("NR values");
                     for (d, &s) in dst.iter_mut().zip(piece) {
-                        *d = widen(s);
+                        *d = s.widen();
                     }
                 }
                 if !tail.is_empty() {
                     let dst = &mut rows.b[(full.len() * kc + kk) * NR..][..tail.len()];
                     for (d, &s) in dst.iter_mut().zip(tail) {
-                        *d = widen(s);
+                        *d = s.widen();
                     }
                 }
             }
