@@ -40,10 +40,6 @@ fn reference(model: &str) -> TensorSource {
     TensorSource::open(&dir(model).join("reference.safetensors")).unwrap()
 }
 
-fn prompt(r: &TensorSource, p: usize) -> Vec<i64> {
-    common::reference_prompt(r, p)
-}
-
 fn close(name: &str, got: Vec<f32>, want: Vec<f32>) {
     let err = common::max_abs_diff(&got, &want);
     assert!(err <= TOLERANCE, "{name}: off by {err:e}");
@@ -80,7 +76,7 @@ fn check_prompts(model_name: &str, sparse_layers: &[usize], name: &str, device: 
         config.num_experts_per_tok,
     );
     for p in 0..2 {
-        let ids = prompt(&r, p);
+        let ids = common::reference_prompt(&r, p);
         let l = ids.len();
         let mut cache = KvCache::new(model.layers.len(), 1);
         let out = model
@@ -163,44 +159,6 @@ fn greedy_continuations_match_with_and_without_cache() {
     }
 }
 
-/// Writes `model` (a folder under tests/data) as `shards` safetensors files with an index, the
-/// side files copied; returns the new folder.
-fn sharded_copy(model: &str, shards: usize) -> PathBuf {
-    use safetensors::tensor::TensorView;
-    let src = dir(model);
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{model}-sharded"));
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).unwrap();
-    for side in ["config.json", "generation_config.json", "tokenizer.json"] {
-        std::fs::copy(src.join(side), out.join(side)).unwrap();
-    }
-    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
-    let all = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut names: Vec<String> = all.names().into_iter().map(String::from).collect();
-    names.sort();
-    let mut weight_map = serde_json::Map::new();
-    for s in 0..shards {
-        let file = format!("model-{:05}-of-{shards:05}.safetensors", s + 1);
-        let views: Vec<(String, TensorView)> = names
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| i % shards == s)
-            .map(|(_, n)| (n.clone(), all.tensor(n).unwrap()))
-            .collect();
-        for (n, _) in &views {
-            weight_map.insert(n.clone(), serde_json::Value::from(file.clone()));
-        }
-        std::fs::write(
-            out.join(&file),
-            safetensors::serialize(views, None).unwrap(),
-        )
-        .unwrap();
-    }
-    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
-    std::fs::write(out.join("model.safetensors.index.json"), index.to_string()).unwrap();
-    out
-}
-
 #[test]
 fn sharded_checkpoints_and_bf16_compute_load_through_the_same_loader() {
     use burn::tensor::FloatDType;
@@ -208,7 +166,7 @@ fn sharded_checkpoints_and_bf16_compute_load_through_the_same_loader() {
     let device = moe::backend::Backend::default().device();
     for (model_name, _) in MODELS {
         let r = reference(model_name);
-        let ids = prompt(&r, 1);
+        let ids = common::reference_prompt(&r, 1);
         let l = ids.len();
         let logits_of = |model: &OlmoeModel| {
             let mut cache = KvCache::new(model.layers.len(), 1);
@@ -225,7 +183,15 @@ fn sharded_checkpoints_and_bf16_compute_load_through_the_same_loader() {
         };
         let (single, _, _) = OlmoeModel::load(&dir(model_name), &device).unwrap();
         let want = logits_of(&single);
-        let (sharded, _, report) = OlmoeModel::load(&sharded_copy(model_name, 3), &device).unwrap();
+        let (sharded, _, report) = OlmoeModel::load(
+            &common::checkpoints::sharded_from(
+                &dir(model_name),
+                &format!("{model_name}-sharded"),
+                3,
+            ),
+            &device,
+        )
+        .unwrap();
         assert!(
             report.unused.is_empty(),
             "{model_name}: {:?}",

@@ -20,10 +20,6 @@ fn reference() -> TensorSource {
     TensorSource::open(&dir().join("reference.safetensors")).unwrap()
 }
 
-fn prompt(r: &TensorSource, p: usize) -> Vec<i64> {
-    common::reference_prompt(r, p)
-}
-
 fn check_prompts(name: &str, device: &Device) {
     let (model, config, report) = OlmoeModel::load(&dir(), device).unwrap();
     assert!(
@@ -43,7 +39,7 @@ fn check_prompts(name: &str, device: &Device) {
         config.num_experts_per_tok,
     );
     for p in 0..2 {
-        let ids = prompt(&r, p);
+        let ids = common::reference_prompt(&r, p);
         let l = ids.len();
         let mut cache = KvCache::new(model.layers.len(), 1);
         let out = model

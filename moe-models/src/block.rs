@@ -11,6 +11,7 @@
 //! | packed gate+up | `experts.gate_up_proj` `[E, 2I, H]`, gate rows first | — |
 //! | packed down | `experts.down_proj` `[E, H, I]` | — |
 //! | shared expert (Qwen2-MoE) | `shared_expert.{gate,up,down}_proj.weight` | — |
+//! | shared experts (DeepSeek-V3) | `shared_experts.{gate,up,down}_proj.weight` | — |
 //! | shared gate (Qwen2-MoE) | `shared_expert_gate.weight` `[1, H]` | — |
 //! | selection bias (DeepSeek-V3) | `gate.e_score_correction_bias` `[E]` | — |
 //!
@@ -156,8 +157,8 @@ pub(crate) fn load_dense(
 /// Loads one MoE block whose weights are named `{prefix}…` in `source`, for `config`, in f32.
 ///
 /// The router reads `gate.weight` (and `gate.e_score_correction_bias` when the config asks for
-/// a selection bias); a shared expert reads `shared_expert.*` and, when gated,
-/// `shared_expert_gate.weight`.
+/// a selection bias); a shared expert reads `shared_experts.*` where the checkpoint has them
+/// (DeepSeek-V3), else `shared_expert.*` and, when gated, `shared_expert_gate.weight`.
 pub fn load_block(
     source: &dyn ReadTensors,
     prefix: &str,
@@ -175,28 +176,6 @@ pub fn load_block_as(
     source: &dyn ReadTensors,
     prefix: &str,
     naming: ExpertNaming,
-    config: &MoeLayerConfig,
-    device: &Device,
-    dtype: DType,
-) -> Result<MoeLayer, LoadError> {
-    load_block_named(
-        source,
-        prefix,
-        naming,
-        "shared_expert.",
-        config,
-        device,
-        dtype,
-    )
-}
-
-/// [`load_block_as`] with the shared expert's tensors under `{prefix}{shared}` (Qwen2-MoE:
-/// `shared_expert.`, DeepSeek-V3: `shared_experts.`).
-pub fn load_block_named(
-    source: &dyn ReadTensors,
-    prefix: &str,
-    naming: ExpertNaming,
-    shared: &str,
     config: &MoeLayerConfig,
     device: &Device,
     dtype: DType,
@@ -223,6 +202,11 @@ pub fn load_block_named(
     let shared = match &config.shared_expert {
         None => None,
         Some(s) => {
+            let shared = match source.contains(&format!("{prefix}shared_experts.gate_proj.weight"))
+            {
+                true => "shared_experts.",
+                false => "shared_expert.",
+            };
             let ffn = load_dense(
                 source,
                 &format!("{prefix}{shared}"),

@@ -13,7 +13,7 @@ pub mod io;
 pub mod olmoe;
 pub mod tensors;
 
-pub use block::{ExpertNaming, load_block, load_block_as, load_block_named};
+pub use block::{ExpertNaming, load_block, load_block_as};
 pub use checkpoint::Checkpoint;
 pub use error::{LoadError, RunError};
 pub use olmoe::{

@@ -51,7 +51,12 @@ impl Stored {
 
 /// Every tensor of the tiny checkpoint, by name.
 pub fn tiny_tensors() -> BTreeMap<String, Stored> {
-    let bytes = std::fs::read(tiny_dir().join("model.safetensors")).unwrap();
+    tensors_in(&tiny_dir())
+}
+
+/// Every tensor of `dir/model.safetensors`, by name.
+pub fn tensors_in(dir: &Path) -> BTreeMap<String, Stored> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
         .into_iter()
@@ -80,8 +85,18 @@ pub fn write_tensors(path: &Path, tensors: &BTreeMap<String, Stored>) {
 
 /// Copies config.json and tokenizer.json of the tiny checkpoint into `dir`.
 pub fn copy_side_files(dir: &Path) {
+    copy_side_files_from(&tiny_dir(), dir);
+}
+
+/// Copies config.json, tokenizer.json and (where `src` has one) generation_config.json from
+/// `src` into `dir`.
+pub fn copy_side_files_from(src: &Path, dir: &Path) {
     for file in ["config.json", "tokenizer.json"] {
-        std::fs::copy(tiny_dir().join(file), dir.join(file)).unwrap();
+        std::fs::copy(src.join(file), dir.join(file)).unwrap();
+    }
+    if src.join("generation_config.json").exists() {
+        let file = "generation_config.json";
+        std::fs::copy(src.join(file), dir.join(file)).unwrap();
     }
 }
 
@@ -96,11 +111,16 @@ pub fn single(name: &str, tensors: &BTreeMap<String, Stored>) -> PathBuf {
 /// The tiny checkpoint split into `shards` files with a `model.safetensors.index.json`, the
 /// tensors dealt round-robin so every shard holds parts of several layers.
 pub fn sharded(name: &str, shards: usize) -> PathBuf {
+    sharded_from(&tiny_dir(), name, shards)
+}
+
+/// [`sharded`] for the single-file checkpoint in `src` (its side files copied along).
+pub fn sharded_from(src: &Path, name: &str, shards: usize) -> PathBuf {
     let dir = scratch(name);
-    copy_side_files(&dir);
+    copy_side_files_from(src, &dir);
     let mut parts = vec![BTreeMap::new(); shards];
     let mut weight_map = serde_json::Map::new();
-    for (i, (tensor, stored)) in tiny_tensors().into_iter().enumerate() {
+    for (i, (tensor, stored)) in tensors_in(src).into_iter().enumerate() {
         let file = format!("model-{:05}-of-{shards:05}.safetensors", i % shards + 1);
         weight_map.insert(tensor.clone(), serde_json::Value::from(file));
         parts[i % shards].insert(tensor, stored);

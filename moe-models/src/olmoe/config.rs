@@ -359,15 +359,6 @@ impl OlmoeConfig {
         })
     }
 
-    /// Where a sparse block keeps its shared expert: `shared_expert.` (Qwen2-MoE) or
-    /// `shared_experts.` (DeepSeek-V3).
-    pub fn shared_expert_prefix(&self) -> &'static str {
-        match self.is_deepseek_v3() {
-            true => "shared_experts.",
-            false => "shared_expert.",
-        }
-    }
-
     /// Whether this is a Mixtral config.
     pub fn is_mixtral(&self) -> bool {
         self.model_type.as_deref() == Some("mixtral")
@@ -553,19 +544,21 @@ impl OlmoeConfig {
         if self.is_deepseek_v3() {
             let groups =
                 moe_core::GroupLimit::new(self.n_group.unwrap_or(1), self.topk_group.unwrap_or(1));
-            return MoeLayerConfig::deepseek_v3(
+            let shared = self.deepseek_shared_size();
+            let config = MoeLayerConfig::deepseek_v3(
                 self.hidden_size,
                 self.expert_size(),
                 self.num_experts,
                 self.num_experts_per_tok,
                 groups,
                 self.routed_scaling_factor.unwrap_or(1.0),
-                self.expert_size() * self.n_shared_experts.unwrap_or(1),
+                shared,
             )
-            .with_normalize_top_k(self.norm_topk_prob)
-            .with_shared_expert(self.n_shared_experts.filter(|&n| n > 0).map(|n| {
-                moe_core::SharedExpertConfig::new(self.hidden_size, self.expert_size() * n)
-            }));
+            .with_normalize_top_k(self.norm_topk_prob);
+            return match shared {
+                0 => config.with_shared_expert(None),
+                _ => config,
+            };
         }
         MoeLayerConfig::olmoe(
             self.hidden_size,
@@ -581,6 +574,12 @@ impl OlmoeConfig {
         )
     }
 
+    /// Width of DeepSeek-V3's ungated shared experts together (`n_shared_experts` experts of
+    /// `moe_intermediate_size`; none when the config names none).
+    fn deepseek_shared_size(&self) -> usize {
+        self.expert_size() * self.n_shared_experts.unwrap_or(0)
+    }
+
     /// Width of the gated shared expert (Qwen2-MoE), if the blocks have one.
     pub fn shared_expert_size(&self) -> Option<usize> {
         self.shared_expert_intermediate_size
@@ -590,12 +589,11 @@ impl OlmoeConfig {
     /// Parameters in total and those one token uses (`k` of `E` experts).
     pub fn parameter_counts(&self) -> (u64, u64) {
         let (h, v) = (self.hidden_size as u64, self.vocab_size as u64);
-        let q = (self.num_attention_heads * self.head_dim()) as u64;
-        let kv = (self.kv_heads() * self.head_dim()) as u64;
-        let qk_norms = match (self.has_qk_norm(), self.per_head_qk_norm()) {
-            (false, _) => 0,
-            (true, true) => 2 * self.head_dim() as u64,
-            (true, false) => q + kv,
+        let (q, kv, q_norm, k_norm) = self.attention_widths();
+        let (q, kv) = (q as u64, kv as u64);
+        let qk_norms = match self.has_qk_norm() {
+            true => (q_norm + k_norm) as u64,
+            false => 0,
         };
         let biases = if self.has_qkv_bias() { q + 2 * kv } else { 0 };
         let attention = match self.mla() {
@@ -616,10 +614,7 @@ impl OlmoeConfig {
         };
         let shared = match self.is_deepseek_v3() {
             // ungated shared experts, and the selection bias
-            true => {
-                3 * h * (self.expert_size() * self.n_shared_experts.unwrap_or(0)) as u64
-                    + self.num_experts as u64
-            }
+            true => 3 * h * self.deepseek_shared_size() as u64 + self.num_experts as u64,
             false => self
                 .shared_expert_size()
                 .map_or(0, |s| 3 * h * s as u64 + h), // shared expert and its gate

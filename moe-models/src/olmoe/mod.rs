@@ -23,7 +23,7 @@ use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use moe_core::SharedExpert;
 
-use crate::block::{load_block_named, load_dense, matrix_transposed};
+use crate::block::{load_block_as, load_dense, matrix_transposed};
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
 
@@ -411,11 +411,10 @@ impl OlmoeModel {
                     to,
                 )?,
                 mlp: match config.is_sparse(i) {
-                    true => DecoderMlp::Sparse(load_block_named(
+                    true => DecoderMlp::Sparse(load_block_as(
                         ckpt,
                         &format!("{p}{moe_prefix}"),
                         naming,
-                        config.shared_expert_prefix(),
                         &moe_config,
                         device,
                         to.dtype,

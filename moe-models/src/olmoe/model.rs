@@ -80,6 +80,11 @@ fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4>, scale: f64
     probs.matmul(v).swap_dims(1, 2)
 }
 
+/// Rotate-half RoPE: `x · cos + rotate_half(x) · sin`.
+fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    x.clone() * cos.clone() + rotate_half(x) * sin.clone()
+}
+
 fn rotate_half(x: Tensor<4>) -> Tensor<4> {
     let [b, h, l, d] = x.dims();
     let first = x.clone().narrow(3, 0, d / 2);
@@ -120,8 +125,8 @@ impl OlmoeAttention {
         let q = split(q, self.heads);
         let k = split(k, self.kv_heads);
         let v = split(v, self.kv_heads);
-        let q = q.clone() * cos.clone() + rotate_half(q) * sin.clone();
-        let k = k.clone() * cos.clone() + rotate_half(k) * sin.clone();
+        let q = apply_rope(q, cos, sin);
+        let k = apply_rope(k, cos, sin);
 
         let (k, v) = cache.append(k, v);
         let repeat = self.heads / self.kv_heads;
@@ -228,9 +233,8 @@ impl LatentAttention {
             q_rot = deinterleave(q_rot);
             k_rot = deinterleave(k_rot);
         }
-        let q_rot = q_rot.clone() * cos.clone() + rotate_half(q_rot) * sin.clone();
-        let k_rot = (k_rot.clone() * cos.clone() + rotate_half(k_rot) * sin.clone())
-            .expand([b, heads, l, rope]);
+        let q_rot = apply_rope(q_rot, cos, sin);
+        let k_rot = apply_rope(k_rot, cos, sin).expand([b, heads, l, rope]);
         let q = Tensor::cat(vec![q_pass, q_rot], 3);
         let k = Tensor::cat(vec![k_pass, k_rot], 3);
 
@@ -580,7 +584,8 @@ impl OlmoeModel {
         })
     }
 
-    /// `cos` and `sin` tables, `[B, 1, L, head_dim]`, for the given positions (rotate-half RoPE).
+    /// `cos` and `sin` tables, `[B, 1, L, rope_dim]`, for the given positions (rotate-half RoPE;
+    /// `rope_dim` is the head size of standard attention).
     fn rope(
         &self,
         positions: &[f32],
