@@ -19,7 +19,7 @@ use std::path::Path;
 
 use burn::module::Param;
 use burn::nn::{Linear, RmsNorm};
-use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use moe_core::SharedExpert;
 
@@ -207,17 +207,26 @@ fn latent_attention(
         ),
     };
     let kvl = mla.kv_lora_rank;
+    let kv_a_proj_with_mqa = linear(
+        ckpt,
+        &format!("{a}kv_a_proj_with_mqa.weight"),
+        kvl + mla.rope,
+        h,
+        to,
+    )?;
+    // interleaved rotary pairs put into the halves layout once, here, rather than every call
+    let (q_b_proj, kv_a_proj_with_mqa) = match mla.interleave {
+        true => (
+            rope_columns_to_halves(q_b_proj, (0..heads).map(|i| i * qk + mla.nope), mla.rope),
+            rope_columns_to_halves(kv_a_proj_with_mqa, [kvl], mla.rope),
+        ),
+        false => (q_b_proj, kv_a_proj_with_mqa),
+    };
     Ok(LatentAttention {
         q_a_proj,
         q_a_layernorm,
         q_b_proj,
-        kv_a_proj_with_mqa: linear(
-            ckpt,
-            &format!("{a}kv_a_proj_with_mqa.weight"),
-            kvl + mla.rope,
-            h,
-            to,
-        )?,
+        kv_a_proj_with_mqa,
         kv_a_layernorm: norm(
             ckpt,
             &format!("{a}kv_a_layernorm.weight"),
@@ -238,8 +247,33 @@ fn latent_attention(
         rope_dim: mla.rope,
         v_dim: mla.v,
         kv_lora_rank: kvl,
-        interleave: mla.interleave,
     })
+}
+
+/// `layer` (no bias) with each block of `rope` output columns starting at `starts`, stored as
+/// interleaved pairs `(x0, x1), (x2, x3), …`, reordered to the halves layout
+/// `[x0, x2, …, x1, x3, …]` that rotate-half RoPE reads. A permutation of output columns: the
+/// products are the same values, in the order the attention wants them.
+fn rope_columns_to_halves(
+    layer: Linear,
+    starts: impl IntoIterator<Item = usize>,
+    rope: usize,
+) -> Linear {
+    let weight = layer.weight.val();
+    let [_, out] = weight.dims();
+    let mut order: Vec<i64> = (0..out as i64).collect();
+    for start in starts {
+        for j in 0..rope / 2 {
+            order[start + j] = (start + 2 * j) as i64;
+            order[start + rope / 2 + j] = (start + 2 * j + 1) as i64;
+        }
+    }
+    let device = weight.device();
+    let order = Tensor::<1, Int>::from_data(TensorData::new(order, [out]), &device);
+    Linear {
+        weight: Param::from_tensor(weight.select(1, order)),
+        bias: layer.bias,
+    }
 }
 
 /// [`linear`] plus its bias (`….bias` beside `….weight`) when `bias` is set.

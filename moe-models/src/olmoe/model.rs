@@ -148,7 +148,8 @@ impl OlmoeAttention {
 
 /// DeepSeek-V3's multi-head latent attention: queries through a low-rank projection (or a
 /// plain one), keys and values from one compressed latent plus a decoupled rotary part shared
-/// by every head.
+/// by every head. The rotary columns of `q_b_proj` and `kv_a_proj_with_mqa` are held in the
+/// halves layout rotate-half RoPE reads (a checkpoint's interleaved pairs are reordered at load).
 #[derive(Module, Debug)]
 pub struct LatentAttention {
     /// `[H, q_lora_rank]` (absent without a query LoRA).
@@ -180,18 +181,6 @@ pub struct LatentAttention {
     /// Size of the key/value latent (`kv_lora_rank`).
     #[module(skip)]
     pub kv_lora_rank: usize,
-    /// The rotary part is stored in interleaved pairs (`rope_interleave`).
-    #[module(skip)]
-    pub interleave: bool,
-}
-
-/// `[…, d]` stored as interleaved pairs `(x0, x1), (x2, x3), …` → `[x0, x2, …, x1, x3, …]`,
-/// the halves layout `rotate_half` expects.
-fn deinterleave(x: Tensor<4>) -> Tensor<4> {
-    let [b, h, l, d] = x.dims();
-    x.reshape([b * h * l, d / 2, 2])
-        .swap_dims(1, 2)
-        .reshape([b, h, l, d])
 }
 
 impl LatentAttention {
@@ -213,7 +202,7 @@ impl LatentAttention {
         };
         let q = q.reshape([b, l, heads, nope + rope]).swap_dims(1, 2);
         let q_pass = q.clone().narrow(3, 0, nope);
-        let mut q_rot = q.narrow(3, nope, rope);
+        let q_rot = q.narrow(3, nope, rope);
 
         let latent = self.kv_a_proj_with_mqa.forward(x);
         let kv = self
@@ -226,13 +215,9 @@ impl LatentAttention {
             .swap_dims(1, 2);
         let k_pass = kv.clone().narrow(3, 0, nope);
         let value = kv.narrow(3, nope, v_dim);
-        let mut k_rot = latent
+        let k_rot = latent
             .narrow(2, self.kv_lora_rank, rope)
             .reshape([b, 1, l, rope]);
-        if self.interleave {
-            q_rot = deinterleave(q_rot);
-            k_rot = deinterleave(k_rot);
-        }
         let q_rot = apply_rope(q_rot, cos, sin);
         let k_rot = apply_rope(k_rot, cos, sin).expand([b, heads, l, rope]);
         let q = Tensor::cat(vec![q_pass, q_rot], 3);
