@@ -116,25 +116,28 @@ fn architecture_runs_through_the_same_commands(
         "moe-cli-logits-{folder}-{}.safetensors",
         std::process::id()
     ));
+    let reference = moe::moe_models::TensorSource::open(std::path::Path::new(&format!(
+        "{dir}/reference.safetensors"
+    )))
+    .unwrap();
+    let prompt = common::reference_prompt(&reference, 0);
+    let ids: Vec<String> = prompt.iter().map(|i| i.to_string()).collect();
     let (ok, _, stderr) = moe(&[
         "logits",
         "--model",
         &dir,
         "--ids",
-        "285,283,452,283,500,350,15",
+        &ids.join(","),
         "--out",
         out.to_str().unwrap(),
     ]);
     assert!(ok, "{folder}: {stderr}");
+    let l = prompt.len();
     let got = moe::moe_models::TensorSource::open(&out)
         .unwrap()
-        .read_f32("logits", &[7, 512])
+        .read_f32("logits", &[l, 512])
         .unwrap();
-    let reference = moe::moe_models::TensorSource::open(std::path::Path::new(&format!(
-        "{dir}/reference.safetensors"
-    )))
-    .unwrap();
-    let want = reference.read_f32("prompt0.logits", &[1, 7, 512]).unwrap();
+    let want = reference.read_f32("prompt0.logits", &[1, l, 512]).unwrap();
     let err = common::max_abs_diff(&got, &want);
     assert!(err <= 1e-4, "{folder}: logits off by {err:e}");
     std::fs::remove_file(&out).unwrap();
@@ -386,8 +389,11 @@ fn logits_match_the_reference() {
     let r =
         moe::moe_models::TensorSource::open(&checkpoints::tiny_dir().join("reference.safetensors"))
             .unwrap();
-    let ids = r.read_i64("prompt1.input_ids", &[1, 13]).unwrap();
-    let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    let ids: Vec<String> = common::reference_prompt(&r, 1)
+        .iter()
+        .map(|i| i.to_string())
+        .collect();
+    let l = ids.len();
     let ids = ids.join(",");
     let (ok, _, stderr) = moe(&[
         "logits",
@@ -401,9 +407,9 @@ fn logits_match_the_reference() {
     assert!(ok, "{stderr}");
     let got = moe::moe_models::TensorSource::open(&out)
         .unwrap()
-        .read_f32("logits", &[13, 512])
+        .read_f32("logits", &[l, 512])
         .unwrap();
-    let want = r.read_f32("prompt1.logits", &[1, 13, 512]).unwrap();
+    let want = r.read_f32("prompt1.logits", &[1, l, 512]).unwrap();
     let err = common::max_abs_diff(&got, &want);
     assert!(err <= 1e-4, "{err:e}");
     std::fs::remove_file(&out).unwrap();
