@@ -218,8 +218,9 @@ pub(crate) trait Weight: Copy {
 }
 
 impl Weight for f32 {
-    /// No. Measured with `moe bench --stream` (OLMoE, 2 threads, two sets of three
-    /// alternations), against the memory's read rate at the same time: T = 1 f32 80–96%
+    /// No (the AVX-512 panel's passes of several rows prefetch all the same: see
+    /// `panel_f32_avx512`). Measured with `moe bench --stream` (OLMoE, 2 threads, two sets of
+    /// three alternations), against the memory's read rate at the same time: T = 1 f32 80–96%
     /// without, 76–82% with (an f32 weight row is a whole 4 KiB page and the hardware
     /// prefetchers follow it); T = 16 level.
     const PREFETCH: bool = false;
