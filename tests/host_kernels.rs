@@ -271,3 +271,88 @@ fn bf16_compute_matches_alone_and_in_a_batch() {
         }
     }
 }
+
+/// bf16 expert weights moved out-major by `Experts::with_host_layout` (where the CPU has the
+/// AVX-512 path; elsewhere they stay as they are) keep their shapes and values, and give the
+/// row-major layer's outputs on every path: f32 and bf16 computations, segments from one row
+/// (the `dots` product) to 300 (the packed tiles), the host kernels and the tensor ops.
+#[test]
+fn out_major_bf16_weights_give_the_row_major_results() {
+    let Some(device) = flex() else { return };
+    let (h, f, e, k) = (40usize, 72usize, 4usize, 2usize);
+    let layer = common::seeded_layer(&MoeLayerConfig::olmoe(h, f, e, k), 33, &device);
+    let cast = |p: &Param<Tensor<3>>| p.val().cast(DType::BF16);
+    let mut row_major = layer.clone();
+    row_major.experts = moe::Experts::from_tensors(
+        layer.experts.gate.as_ref().map(cast),
+        cast(&layer.experts.up),
+        cast(&layer.experts.down),
+    )
+    .unwrap();
+    let mut out_major = row_major.clone();
+    out_major.experts = out_major.experts.with_host_layout();
+    let moved = cpu::bf16_out_major_preferred();
+    for (a, b) in [
+        (&row_major.experts.up, &out_major.experts.up),
+        (&row_major.experts.down, &out_major.experts.down),
+    ] {
+        assert_eq!(a.dims(), b.dims());
+        let stored = cpu::HostTensor::new(b.val()).unwrap();
+        match moved {
+            true => assert!(matches!(stored.matrix(), Some(cpu::Matrix::Bf16T(_)))),
+            false => assert!(matches!(stored.matrix(), Some(cpu::Matrix::Bf16(_)))),
+        }
+        assert_eq!(
+            common::host(a.val().cast(DType::F32)),
+            common::host(b.val().cast(DType::F32)),
+            "the values move, not change"
+        );
+    }
+    // a second call leaves out-major weights as they are
+    let again = out_major.experts.clone().with_host_layout();
+    let stored = cpu::HostTensor::new(again.up.val()).unwrap();
+    assert_eq!(
+        matches!(stored.matrix(), Some(cpu::Matrix::Bf16T(_))),
+        moved
+    );
+    let forward = |layer: &MoeLayer, x: &[f32], t: usize, dtype: DType, strategy| {
+        let layer = layer.clone().with_dispatch(strategy);
+        let x = common::upload(x.to_vec(), [t, h], &device).cast(dtype);
+        common::host(
+            layer
+                .try_forward(x, &TopK::Fixed(k))
+                .unwrap()
+                .hidden
+                .cast(DType::F32),
+        )
+    };
+    for t in [1, 3, 2 * PANEL_MAX_ROWS + 5, 300] {
+        let x = common::normal(t * h, 1.0, 500 + t as u64);
+        for dtype in [DType::F32, DType::BF16] {
+            // (the tensor ops multiply in one dtype: f32 rows with bf16 weights are the host
+            // kernels' own case)
+            let strategies = match dtype {
+                DType::F32 => vec![DispatchStrategy::Kernels],
+                _ => vec![DispatchStrategy::Kernels, DispatchStrategy::TensorOps],
+            };
+            for strategy in strategies {
+                let want = forward(&row_major, &x, t, dtype, strategy);
+                let scale = largest(&want).max(1e-3);
+                let got = forward(&out_major, &x, t, dtype, strategy);
+                for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
+                    // f32: the same exact products summed in another order; bf16: a hidden
+                    // value may round the other way (about 2^-8 of one term), and the output
+                    // is cast to bf16 (one step of the larger)
+                    let tol = match dtype {
+                        DType::F32 => 1e-5 * scale,
+                        _ => a.abs().max(b.abs()) / 128.0 + 2e-3 * scale,
+                    };
+                    assert!(
+                        (a - b).abs() <= tol,
+                        "T={t} {dtype:?} {strategy:?} [{i}]: out-major {a} row-major {b}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -88,6 +88,34 @@ pub struct Experts {
     pub down: Param<Tensor<3>>,
 }
 
+/// Whether [`Experts::with_host_layout`] moves `t` (see [`Experts::prefers_out_major`]; not
+/// out-major already).
+fn out_major_wanted(t: &Tensor<3>) -> bool {
+    Experts::prefers_out_major(&t.device(), t.dtype()) && !is_out_major(t)
+}
+
+/// Whether the host kernels read `t` as out-major weights.
+fn is_out_major(t: &Tensor<3>) -> bool {
+    #[cfg(feature = "flex")]
+    {
+        moe_kernels::cpu::HostTensor::new(t.clone())
+            .is_ok_and(|h| matches!(h.matrix(), Some(moe_kernels::cpu::Matrix::Bf16T(_))))
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = t;
+        false
+    }
+}
+
+/// `t` (`[E, K, N]`) as the `swap_dims(1, 2)` view of a contiguous `[E, N, K]` copy.
+fn out_major(t: Tensor<3>) -> Tensor<3> {
+    let (device, dtype) = (t.device(), t.dtype());
+    // the view's values read out in its own order are the contiguous [E, N, K] tensor
+    let data = t.swap_dims(1, 2).into_data();
+    Tensor::<3>::from_data(data, (&device, dtype)).swap_dims(1, 2)
+}
+
 impl Experts {
     /// Builds experts from existing stacked tensors, checking that their shapes agree.
     ///
@@ -127,6 +155,42 @@ impl Experts {
             up: Param::from_tensor(up),
             down: Param::from_tensor(down),
         })
+    }
+
+    /// The same experts with their bf16 weights stored **out-major** where the host kernels
+    /// decode faster from that layout (a flex device, and
+    /// [`moe_kernels::cpu::bf16_out_major_preferred`]: x86-64 with AVX-512): each tensor keeps
+    /// its shape (`[E, K, N]`) and values, but becomes the `swap_dims(1, 2)` view of a
+    /// contiguous `[E, N, K]` copy, each output's weights side by side (the Hugging Face
+    /// `[out, in]` order; one copy of the weights, made once). Everything else (f32 weights,
+    /// other devices, weights already out-major) is returned as it is.
+    ///
+    /// Decoding (a few tokens per expert) then streams bf16 weights at the f32 panel's rate;
+    /// the tensor-op paths read the view as any other.
+    pub fn with_host_layout(self) -> Self {
+        let relayout = |p: Param<Tensor<3>>| -> Param<Tensor<3>> {
+            let t = p.val();
+            match out_major_wanted(&t) {
+                true => Param::from_tensor(out_major(t)),
+                false => p,
+            }
+        };
+        Experts {
+            gate: self.gate.map(relayout),
+            up: relayout(self.up),
+            down: relayout(self.down),
+        }
+    }
+
+    /// Whether expert weights of `dtype` on `device` are best stored out-major (see
+    /// [`Experts::with_host_layout`]): bf16, on a device the host kernels run on (flex), on a
+    /// CPU where they decode faster from that layout
+    /// ([`moe_kernels::cpu::bf16_out_major_preferred`]). Checkpoint loaders ask this to build
+    /// the out-major tensors directly (Hugging Face stores `[out, in]` already).
+    pub fn prefers_out_major(device: &Device, dtype: burn::tensor::DType) -> bool {
+        dtype == burn::tensor::DType::BF16
+            && moe_kernels::cpu::host_available(device)
+            && moe_kernels::cpu::bf16_out_major_preferred()
     }
 
     /// Number of experts `E`.

@@ -15,7 +15,9 @@
 //! | shared gate (Qwen2-MoE) | `shared_expert_gate.weight` `[1, H]` | — |
 //! | selection bias (DeepSeek-V3) | `gate.e_score_correction_bias` `[E]` | — |
 //!
-//! Every matrix is transposed once, at load, into the layer's `[in, out]` layout.
+//! Every matrix is transposed once, at load, into the layer's `[in, out]` layout — except
+//! bf16 routed experts on the host kernels, which keep the checkpoint's `[out, in]` order as
+//! an `[in, out]` view (see `Experts::with_host_layout`).
 
 use burn::module::Param;
 use burn::tensor::{DType, Device, Tensor, TensorData};
@@ -40,6 +42,20 @@ impl ExpertNaming {
             ExpertNaming::Mixtral => ["w1", "w3", "w2"],
         }
     }
+}
+
+/// Reads `[out, in]` matrices and returns them stacked as they are: `[n, out, in]`.
+fn stacked(
+    source: &dyn ReadTensors,
+    names: &[String],
+    out_dim: usize,
+    in_dim: usize,
+) -> Result<TensorData, LoadError> {
+    let mut stacked = Vec::with_capacity(names.len() * in_dim * out_dim);
+    for name in names {
+        stacked.extend(source.read_f32(name, &[out_dim, in_dim])?);
+    }
+    Ok(TensorData::new(stacked, [names.len(), out_dim, in_dim]))
 }
 
 /// Reads `[out, in]` matrices and returns them transposed and stacked: `[n, in, out]`.
@@ -74,9 +90,32 @@ fn load_experts(
 ) -> Result<Experts, LoadError> {
     let (e, h, i) = (config.num_experts, config.d_model, config.d_ff);
     let upload = |data: TensorData| Tensor::<3>::from_data(data, (device, dtype));
+    // bf16 on the host kernels: the out-major layout (`Experts::with_host_layout`), which is
+    // the checkpoint's own `[out, in]` order, as the `swap_dims` view the layer reads as
+    // `[in, out]`; otherwise transposed once into `[in, out]`
+    let out_major = Experts::prefers_out_major(device, dtype);
     let packed = format!("{prefix}experts.gate_up_proj");
     if source.contains(&packed) {
         let gate_up = source.read_f32(&packed, &[e, 2 * i, h])?;
+        let down_names = [format!("{prefix}experts.down_proj")];
+        let down = source.read_f32(&down_names[0], &[e, h, i])?;
+        if out_major {
+            // gate_up is [E, 2I, H]: each expert's gate rows, then its up rows
+            let half = |second: usize| -> Vec<f32> {
+                gate_up
+                    .chunks_exact(2 * i * h)
+                    .flat_map(|x| x[second * i * h..(second + 1) * i * h].iter().copied())
+                    .collect()
+            };
+            let view = |data: Vec<f32>, shape: [usize; 3]| {
+                upload(TensorData::new(data, shape)).swap_dims(1, 2)
+            };
+            return Ok(Experts::from_tensors(
+                Some(view(half(0), [e, i, h])),
+                view(half(1), [e, i, h]),
+                view(down, [e, h, i]),
+            )?);
+        }
         let mut gate = vec![0f32; e * h * i];
         let mut up = vec![0f32; e * h * i];
         for x in 0..e {
@@ -91,8 +130,6 @@ fn load_experts(
                 }
             }
         }
-        let down_names = [format!("{prefix}experts.down_proj")];
-        let down = source.read_f32(&down_names[0], &[e, h, i])?;
         let mut down_t = vec![0f32; e * i * h];
         for x in 0..e {
             for r in 0..h {
@@ -113,10 +150,16 @@ fn load_experts(
             .map(|j| format!("{prefix}experts.{j}.{part}.weight"))
             .collect()
     };
+    let load = |part: &str, out_dim: usize, in_dim: usize| -> Result<Tensor<3>, LoadError> {
+        Ok(match out_major {
+            true => upload(stacked(source, &names(part), out_dim, in_dim)?).swap_dims(1, 2),
+            false => upload(stacked_transposed(source, &names(part), out_dim, in_dim)?),
+        })
+    };
     Ok(Experts::from_tensors(
-        Some(upload(stacked_transposed(source, &names(gate), i, h)?)),
-        upload(stacked_transposed(source, &names(up), i, h)?),
-        upload(stacked_transposed(source, &names(down), h, i)?),
+        Some(load(gate, i, h)?),
+        load(up, i, h)?,
+        load(down, h, i)?,
     )?)
 }
 

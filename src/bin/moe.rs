@@ -251,7 +251,8 @@ fn bench_layer(
         layer.experts.gate.as_ref().map(cast),
         cast(&layer.experts.up),
         cast(&layer.experts.down),
-    )?;
+    )?
+    .with_host_layout();
     Ok(layer)
 }
 

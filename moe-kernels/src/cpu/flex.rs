@@ -52,25 +52,26 @@ impl HostTensor {
         self.inner.dtype()
     }
 
-    /// The values as a [`Matrix`] slice in row-major order, when the storage is contiguous
-    /// and f32 or bf16; `None` otherwise (a strided view, another dtype).
+    /// The values as a [`Matrix`] slice: row-major when the storage is contiguous (f32 or
+    /// bf16); [`Matrix::Bf16T`] when a bf16 tensor `[…, K, N]` is the `swap_dims` of its last
+    /// two dims of a contiguous `[…, N, K]` one (the out-major layout); `None` otherwise
+    /// (another view, another dtype).
     pub fn matrix(&self) -> Option<Matrix<'_>> {
         let layout = self.inner.layout();
-        if !layout.is_contiguous() {
-            return None;
-        }
         let (start, n) = (layout.start_offset(), layout.num_elements());
         let bytes = self.inner.bytes();
-        match self.inner.dtype() {
-            DType::F32 => {
+        let bf16s = || -> Option<&[bf16]> {
+            bytemuck::try_cast_slice::<u8, bf16>(bytes.get(start * 2..(start + n) * 2)?).ok()
+        };
+        match (layout.is_contiguous(), self.inner.dtype()) {
+            (true, DType::F32) => {
                 bytemuck::try_cast_slice::<u8, f32>(bytes.get(start * 4..(start + n) * 4)?)
                     .ok()
                     .map(Matrix::F32)
             }
-            DType::BF16 => {
-                bytemuck::try_cast_slice::<u8, bf16>(bytes.get(start * 2..(start + n) * 2)?)
-                    .ok()
-                    .map(Matrix::Bf16)
+            (true, DType::BF16) => bf16s().map(Matrix::Bf16),
+            (false, DType::BF16) if last_two_swapped(&self.dims, layout.strides()) => {
+                bf16s().map(Matrix::Bf16T)
             }
             _ => None,
         }
@@ -84,7 +85,8 @@ impl HostTensor {
         Ok(match self.matrix() {
             Some(Matrix::F32(v)) => v.to_vec(),
             Some(Matrix::Bf16(v)) => v.iter().map(|v| v.to_f32()).collect(),
-            None => self
+            // not in row-major order: the backend reads it out
+            Some(Matrix::Bf16T(_)) | None => self
                 .inner
                 .clone()
                 .into_data()
@@ -96,5 +98,42 @@ impl HostTensor {
                     second: DType::F32,
                 })?,
         })
+    }
+}
+
+/// Whether `strides` make a tensor of `dims` `[…, K, N]` the view, with its last two dims
+/// swapped, of a contiguous `[…, N, K]` tensor: stride 1 along K, K along N, and the leading
+/// dims contiguous over the `N · K` blocks.
+fn last_two_swapped(dims: &[usize], strides: &[isize]) -> bool {
+    let d = dims.len();
+    if d < 2 || strides.len() != d {
+        return false;
+    }
+    let (k, n) = (dims[d - 2], dims[d - 1]);
+    let mut expected = (n * k) as isize;
+    for i in (0..d - 2).rev() {
+        if dims[i] > 1 && strides[i] != expected {
+            return false;
+        }
+        expected *= dims[i] as isize;
+    }
+    (k <= 1 || strides[d - 2] == 1) && (n <= 1 || strides[d - 1] == k as isize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_two_swapped;
+
+    #[test]
+    fn out_major_views_are_recognised_and_nothing_else() {
+        // [2, 3, 4] as the swap of a contiguous [2, 4, 3]
+        assert!(last_two_swapped(&[2, 3, 4], &[12, 1, 3]));
+        assert!(last_two_swapped(&[3, 4], &[1, 3]));
+        // contiguous, a swap of other dims, a strided slice, a lone leading dim
+        assert!(!last_two_swapped(&[2, 3, 4], &[12, 4, 1]));
+        assert!(!last_two_swapped(&[2, 3, 4], &[1, 8, 2]));
+        assert!(!last_two_swapped(&[2, 3, 4], &[24, 1, 3]));
+        assert!(last_two_swapped(&[1, 3, 4], &[99, 1, 3]));
+        assert!(!last_two_swapped(&[4], &[1]));
     }
 }

@@ -26,7 +26,7 @@
 
 use half::bf16;
 
-use super::panel::OutBlock;
+use super::panel::{Order, OutBlock};
 #[cfg(target_arch = "x86_64")]
 use super::tiles::{NextBlock, store_corner};
 
@@ -97,16 +97,20 @@ impl PackedPairs {
         self.k = k;
     }
 
-    /// `out = rows · w[:, c0..c0 + out.cols]`, `w` row-major `[K, n]`. Overwrites the block.
-    /// Panics (a bug in the caller) when columns `c0..c0 + out.cols` of `K` rows do not fit in
-    /// `w`, or when AVX-512 BF16 is missing (see [`available`]).
+    /// `out = rows · w[:, c0..c0 + out.cols]`, `w` `[K, n]` laid out in `order` (row-major,
+    /// or out-major `[n, K]`). Overwrites the block. Panics (a bug in the caller) when columns
+    /// `c0..c0 + out.cols` of `K` rows do not fit in `w`, or when AVX-512 BF16 is missing (see
+    /// [`available`]).
     ///
     /// # Safety
     /// `out` must point to as many rows as were packed, of `out.cols` writable values no one
     /// else touches.
-    pub(crate) unsafe fn product(&mut self, w: &[bf16], n: usize, c0: usize, out: OutBlock) {
+    pub(crate) unsafe fn product(&mut self, w: &[bf16], order: Order, c0: usize, out: OutBlock) {
         let (k, cols) = (self.k, out.cols);
-        assert!(k == 0 || ((k - 1) * n + c0 + cols <= w.len() && c0 + cols <= n));
+        assert!(order.fits(w.len(), k, c0 + cols));
+        if let (Order::OutMajor { k: len }, true) = (order, self.m > 0) {
+            assert!(len == k, "out-major weights of {len} rows for rows of {k}");
+        }
         assert!(self.a.len() == self.m.div_ceil(MR) * k.div_ceil(2) * MR);
         if self.m == 0 || cols == 0 || k == 0 {
             // nothing to multiply: a product over no weight rows is zero
@@ -118,7 +122,7 @@ impl PackedPairs {
         {
             assert!(available(), "pairs::product needs AVX-512 F and BF16");
             // SAFETY: the features were just checked; bounds above; the block is the caller's.
-            unsafe { product_avx512(self, w, n, c0, out) }
+            unsafe { product_avx512(self, w, order, c0, out) }
         }
         #[cfg(not(target_arch = "x86_64"))]
         panic!("pairs::product needs x86-64 (AVX-512 F and BF16)");
@@ -188,6 +192,33 @@ unsafe fn pack_block(
     }
 }
 
+/// [`pack_block`] from out-major weights (`[n, K]`, output `c + j`'s rows `pc..pc + kc`
+/// contiguous): the pairs are already side by side, so packing is a transpose of `u32`s.
+fn pack_block_out_major(
+    b: &mut [u32],
+    w: &[bf16],
+    k: usize,
+    c: usize,
+    pc: usize,
+    kc: usize,
+    nc: usize,
+) {
+    let kcp = kc.div_ceil(2);
+    assert!(b.len() >= nc.div_ceil(NR) * kcp * NR);
+    for j in 0..nc {
+        let src = &w[(c + j) * k + pc..][..kc];
+        let strip = &mut b[(j / NR) * kcp * NR..][..kcp * NR];
+        let (pairs, tail) = src.as_chunks::<2>();
+        for (p, pair) in pairs.iter().enumerate() {
+            strip[p * NR + j % NR] =
+                u32::from(pair[0].to_bits()) | (u32::from(pair[1].to_bits()) << 16);
+        }
+        if let [last] = tail {
+            strip[pairs.len() * NR + j % NR] = u32::from(last.to_bits());
+        }
+    }
+}
+
 /// The blocked product: column blocks of [`NC`], then weight-row blocks of [`KC`] (packed
 /// into `rows.b`), then [`NR`]-column strips × [`MR`]-row strips through [`tile`].
 ///
@@ -195,7 +226,13 @@ unsafe fn pack_block(
 /// AVX-512 F and BF16; the bounds checked by [`PackedPairs::product`]; `out` the caller's.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn product_avx512(rows: &mut PackedPairs, w: &[bf16], n: usize, c0: usize, out: OutBlock) {
+unsafe fn product_avx512(
+    rows: &mut PackedPairs,
+    w: &[bf16],
+    order: Order,
+    c0: usize,
+    out: OutBlock,
+) {
     let (m, k, cols) = (rows.m, rows.k, out.cols);
     let kp = k.div_ceil(2);
     let row_strips = m.div_ceil(MR);
@@ -209,20 +246,28 @@ unsafe fn product_avx512(rows: &mut PackedPairs, w: &[bf16], n: usize, c0: usize
             let kc = KC.min(k - pc);
             let kcp = kc.div_ceil(2);
             rows.b.resize(col_strips * kcp * NR, 0);
-            // SAFETY: the block lies inside `w` (checked by the caller), `b` was just sized.
-            unsafe { pack_block(&mut rows.b, w, n, c0 + jb, pc, kc, nc) };
+            match order {
+                // SAFETY: the block lies inside `w` (checked by the caller), `b` was just sized.
+                Order::KMajor { n } => unsafe {
+                    pack_block(&mut rows.b, w, n, c0 + jb, pc, kc, nc)
+                },
+                Order::OutMajor { .. } => {
+                    pack_block_out_major(&mut rows.b, w, k, c0 + jb, pc, kc, nc)
+                }
+            }
             let mut next = NextBlock::new(
                 (pc, kc, k, KC),
                 (jb, nc, cols, NC),
                 std::mem::size_of::<bf16>(),
                 col_strips * row_strips,
+                order,
             );
             for s0 in (0..row_strips).step_by(MC_STRIPS) {
                 for st in 0..col_strips {
                     let strip_cols = NR.min(nc - st * NR);
                     let b = &rows.b[st * kcp * NR..(st + 1) * kcp * NR];
                     for s in s0..(s0 + MC_STRIPS).min(row_strips) {
-                        next.share(w, n, c0);
+                        next.share(w, c0);
                         let strip_rows = MR.min(m - s * MR);
                         let a = &rows.a[(s * kp + pc / 2) * MR..(s * kp + pc / 2 + kcp) * MR];
                         let first = pc == 0;
@@ -330,35 +375,39 @@ mod tests {
                 })
                 .collect();
             let w: Vec<bf16> = (0..k * n).map(|_| bf16::from_f32(lcg(&mut seed))).collect();
+            // the same weights out-major: [n, k]
+            let w_t: Vec<bf16> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
             let rows: Vec<&[f32]> = x.iter().map(|r| r.as_slice()).collect();
             let stride = cols + 3;
-            let mut out = vec![7.0f32; m * stride];
-            let block = OutBlock {
-                ptr: out.as_mut_ptr(),
-                stride,
-                cols,
-            };
             packed.pack(&rows);
-            // SAFETY: the block is `out`, m rows of `cols` values `stride` apart.
-            unsafe {
-                packed.product(&w, n, c0, block);
-                // a second product reuses the packing (SwiGLU's gate and up)
-                packed.product(&w, n, c0, block);
-            }
-            let tol = 1e-5 * (k as f32).sqrt().max(1.0);
-            for r in 0..m {
-                for c in 0..cols {
-                    let want: f64 = (0..k)
-                        .map(|i| x[r][i] as f64 * w[i * n + c0 + c].to_f64())
-                        .sum();
-                    let got = out[r * stride + c];
-                    assert!(
-                        (got as f64 - want).abs() <= tol as f64,
-                        "m={m} k={k} n={n} c0={c0}: [{r},{c}] {got} vs {want}"
-                    );
+            for (weights, order) in [(&w, Order::KMajor { n }), (&w_t, Order::OutMajor { k })] {
+                let mut out = vec![7.0f32; m * stride];
+                let block = OutBlock {
+                    ptr: out.as_mut_ptr(),
+                    stride,
+                    cols,
+                };
+                // SAFETY: the block is `out`, m rows of `cols` values `stride` apart.
+                unsafe {
+                    packed.product(weights, order, c0, block);
+                    // a second product reuses the packing (SwiGLU's gate and up)
+                    packed.product(weights, order, c0, block);
                 }
-                for pad in cols..stride {
-                    assert_eq!(out[r * stride + pad], 7.0, "write past the block");
+                let tol = 1e-5 * (k as f32).sqrt().max(1.0);
+                for r in 0..m {
+                    for c in 0..cols {
+                        let want: f64 = (0..k)
+                            .map(|i| x[r][i] as f64 * w[i * n + c0 + c].to_f64())
+                            .sum();
+                        let got = out[r * stride + c];
+                        assert!(
+                            (got as f64 - want).abs() <= tol as f64,
+                            "m={m} k={k} n={n} c0={c0} {order:?}: [{r},{c}] {got} vs {want}"
+                        );
+                    }
+                    for pad in cols..stride {
+                        assert_eq!(out[r * stride + pad], 7.0, "write past the block");
+                    }
                 }
             }
         }

@@ -25,7 +25,7 @@
 //! The summation order is fixed by the shapes (k in blocks of `KC`, each block in order), so
 //! results do not depend on the thread count.
 
-use super::panel::{Matrix, OutBlock, Weight};
+use super::panel::{Matrix, Order, OutBlock, Weight};
 
 /// Rows of the register tile.
 pub(crate) const MR: usize = 6;
@@ -82,16 +82,18 @@ impl PackedRows {
         self.k = k;
     }
 
-    /// `out = rows · w[:, c0..c0 + out.cols]`, `w` row-major `[K, n]`. Overwrites the block.
-    /// Panics (a bug in the caller) when columns `c0..c0 + out.cols` of `K` rows do not fit in
-    /// `w`, or when AVX2 and FMA are missing (see [`available`]).
+    /// `out = rows · w[:, c0..c0 + out.cols]`, `w` `[K, n]` (row-major, or out-major `[n, K]`
+    /// for [`Matrix::Bf16T`]). Overwrites the block. Panics (a bug in the caller) when columns
+    /// `c0..c0 + out.cols` of `K` rows do not fit in `w`, or when AVX2 and FMA are missing
+    /// (see [`available`]).
     ///
     /// # Safety
     /// `out` must point to as many rows as were packed, of `out.cols` writable values no one
     /// else touches.
     pub(crate) unsafe fn product(&mut self, w: Matrix<'_>, n: usize, c0: usize, out: OutBlock) {
         let (k, cols) = (self.k, out.cols);
-        assert!(k == 0 || ((k - 1) * n + c0 + cols <= w.len() && c0 + cols <= n));
+        let order = Order::of(w, n, k);
+        assert!(order.fits(w.len(), k, c0 + cols) && c0 + cols <= n);
         assert!(self.a.len() == self.m.div_ceil(MR) * k * MR);
         if self.m == 0 || cols == 0 || k == 0 {
             // nothing to multiply: a product over no weight rows is zero
@@ -105,8 +107,8 @@ impl PackedRows {
             // SAFETY: the features were just checked; bounds above; the block is the caller's.
             unsafe {
                 match w {
-                    Matrix::F32(w) => product_avx2(self, w, n, c0, out),
-                    Matrix::Bf16(w) => product_avx2(self, w, n, c0, out),
+                    Matrix::F32(w) => product_avx2(self, w, order, c0, out),
+                    Matrix::Bf16(w) | Matrix::Bf16T(w) => product_avx2(self, w, order, c0, out),
                 }
             }
         }
@@ -125,7 +127,7 @@ impl PackedRows {
 unsafe fn product_avx2<T: Weight>(
     rows: &mut PackedRows,
     w: &[T],
-    n: usize,
+    order: Order,
     c0: usize,
     out: OutBlock,
 ) {
@@ -144,22 +146,36 @@ unsafe fn product_avx2<T: Weight>(
             // strip's padding columns (whatever they hold) only feed tile columns that are
             // never stored
             rows.b.resize(col_strips * kc * NR, 0.0);
-            for kk in 0..kc {
-                let src = &w[(pc + kk) * n + c0 + jb..][..nc];
-                let (full, tail) = src.as_chunks::<NR>();
-                for (st, piece) in full.iter().enumerate() {
-                    // fixed-size pieces: vector moves inline, not a memcpy call per piece
-                    let dst: &mut [f32; NR] = (&mut rows.b[(st * kc + kk) * NR..][..NR])
-                        .try_into()
-                        .expect("NR values");
-                    for (d, &s) in dst.iter_mut().zip(piece) {
-                        *d = s.widen();
+            match order {
+                Order::KMajor { n } => {
+                    for kk in 0..kc {
+                        let src = &w[(pc + kk) * n + c0 + jb..][..nc];
+                        let (full, tail) = src.as_chunks::<NR>();
+                        for (st, piece) in full.iter().enumerate() {
+                            // fixed-size pieces: vector moves inline, not a memcpy call each
+                            let dst: &mut [f32; NR] = (&mut rows.b[(st * kc + kk) * NR..][..NR])
+                                .try_into()
+                                .expect("NR values");
+                            for (d, &s) in dst.iter_mut().zip(piece) {
+                                *d = s.widen();
+                            }
+                        }
+                        if !tail.is_empty() {
+                            let dst = &mut rows.b[(full.len() * kc + kk) * NR..][..tail.len()];
+                            for (d, &s) in dst.iter_mut().zip(tail) {
+                                *d = s.widen();
+                            }
+                        }
                     }
                 }
-                if !tail.is_empty() {
-                    let dst = &mut rows.b[(full.len() * kc + kk) * NR..][..tail.len()];
-                    for (d, &s) in dst.iter_mut().zip(tail) {
-                        *d = s.widen();
+                Order::OutMajor { k } => {
+                    // each column's weights are contiguous: read down them, write across
+                    for j in 0..nc {
+                        let src = &w[(c0 + jb + j) * k + pc..][..kc];
+                        let strip = &mut rows.b[(j / NR) * kc * NR..][..kc * NR];
+                        for (kk, &s) in src.iter().enumerate() {
+                            strip[kk * NR + j % NR] = s.widen();
+                        }
                     }
                 }
             }
@@ -168,13 +184,14 @@ unsafe fn product_avx2<T: Weight>(
                 (jb, nc, cols, NC),
                 std::mem::size_of::<T>(),
                 col_strips * row_strips,
+                order,
             );
             for s0 in (0..row_strips).step_by(MC_STRIPS) {
                 for st in 0..col_strips {
                     let strip_cols = NR.min(nc - st * NR);
                     let b = &rows.b[st * kc * NR..(st + 1) * kc * NR];
                     for s in s0..(s0 + MC_STRIPS).min(row_strips) {
-                        next.share(w, n, c0);
+                        next.share(w, c0);
                         let strip_rows = MR.min(m - s * MR);
                         let a = &rows.a[(s * k + pc) * MR..(s * k + pc + kc) * MR];
                         let first = pc == 0;
@@ -208,6 +225,9 @@ pub(crate) struct NextBlock {
     /// First weight row and column (within the item's columns) of the next block.
     pc: usize,
     jb: usize,
+    /// How the weights lie: a row-major block is read along its rows, an out-major one down
+    /// its columns.
+    order: Order,
     /// Elements per cache line.
     line: usize,
     lines_per_row: usize,
@@ -219,13 +239,14 @@ pub(crate) struct NextBlock {
 #[cfg(target_arch = "x86_64")]
 impl NextBlock {
     /// The block after rows `pc..pc + kc`, columns `jb..jb + nc` of a `k × cols` product cut
-    /// into blocks of `kc_max × nc_max`, spread over `tiles` tiles; `elem_bytes` per weight.
-    #[allow(clippy::too_many_arguments)]
+    /// into blocks of `kc_max × nc_max`, spread over `tiles` tiles; `elem_bytes` per weight,
+    /// laid out in `order`.
     pub(crate) fn new(
         (pc, kc, k, kc_max): (usize, usize, usize, usize),
         (jb, nc, cols, nc_max): (usize, usize, usize, usize),
         elem_bytes: usize,
         tiles: usize,
+        order: Order,
     ) -> Self {
         let (next_pc, next_jb) = match pc + kc < k {
             true => (pc + kc, jb),
@@ -236,11 +257,17 @@ impl NextBlock {
             false => (0, 0),
         };
         let line = (64 / elem_bytes.max(1)).max(1);
-        let lines_per_row = next_nc.div_ceil(line);
-        let lines = next_kc * lines_per_row;
+        // a "row" is what lies contiguous: a weight row's columns, or a column's weight rows
+        let (runs, run) = match order {
+            Order::KMajor { .. } => (next_kc, next_nc),
+            Order::OutMajor { .. } => (next_nc, next_kc),
+        };
+        let lines_per_row = run.div_ceil(line);
+        let lines = runs * lines_per_row;
         Self {
             pc: next_pc,
             jb: next_jb,
+            order,
             line,
             lines_per_row,
             lines,
@@ -249,10 +276,10 @@ impl NextBlock {
         }
     }
 
-    /// Prefetches the next share of lines of `w` (row-major `[K, n]`, the item's columns from
-    /// `c0`), before one tile.
+    /// Prefetches the next share of lines of `w` (the item's columns from `c0`), before one
+    /// tile.
     #[inline(always)]
-    pub(crate) fn share<T>(&mut self, w: &[T], n: usize, c0: usize) {
+    pub(crate) fn share<T>(&mut self, w: &[T], c0: usize) {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
         let stop = (self.cursor + self.per_tile).min(self.lines);
         while self.cursor < stop {
@@ -260,7 +287,10 @@ impl NextBlock {
                 self.cursor / self.lines_per_row,
                 self.cursor % self.lines_per_row,
             );
-            let at = &w[(self.pc + r) * n + c0 + self.jb + l * self.line];
+            let at = &w[match self.order {
+                Order::KMajor { .. } => self.order.at(self.pc + r, c0 + self.jb + l * self.line),
+                Order::OutMajor { .. } => self.order.at(self.pc + l * self.line, c0 + self.jb + r),
+            }];
             // SAFETY: `at` is an element of `w`; a prefetch reads nothing.
             unsafe { _mm_prefetch(at as *const T as *const i8, _MM_HINT_T0) };
             self.cursor += 1;

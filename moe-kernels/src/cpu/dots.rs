@@ -1,0 +1,416 @@
+//! The short-segment product on bf16 weights stored **out-major** ([`Matrix::Bf16T`]: each
+//! expert `[N, K]` row-major, every output's K weights contiguous, as Hugging Face stores a
+//! linear layer): `out[r, c] = Σ_k x_r[k] · W[c0 + c, k]`, each output a dot product.
+//!
+//! Why a second layout: decoding streams every selected expert's weights once and is bound by
+//! how fast one core keeps memory reads in flight. The `[K, N]` panel must widen each bf16
+//! line into two f32 vectors (a shift and a mask) and spend two FMAs on it; out-major weights
+//! hold consecutive k in one 32-bit lane, so with bf16 rows ([`super::Compute::Bf16`]) one
+//! `vdpbf16ps` consumes a whole 64-byte line — the same one instruction per line as the f32
+//! panel, which streams at the memory's rate. Measured on one thread of this 2-core Zen 5
+//! (64 cold 4 MiB bf16 matrices, a C copy of each loop, medians of 21 alternations): the
+//! `[K, N]` panel 34 GB/s, this product 41, the f32 panel over the same bytes 43.
+//!
+//! - **bf16 rows, AVX-512 BF16**: each row is packed once per call into k-pairs (`u32`: bf16
+//!   of `k = 2p` low, `2p + 1` high, zero-padded to a whole line); four outputs at a time,
+//!   two sums each (even and odd lines, so the adds overlap), one `vdpbf16ps` per weight line,
+//!   the sums reduced at the end. The rows after the first read the four outputs' weights
+//!   (4 × K bf16, 16 KiB at K = 2048) from L1.
+//! - **f32 rows, AVX-512 F**: the rows split once into even-k and odd-k halves; a weight line
+//!   widens into its even and odd k (a shift and a mask) and meets each half with one FMA.
+//! - **Elsewhere**: the same sums in plain Rust, one output at a time.
+//!
+//! Every product is exact in f32 (bf16 × bf16, or a bf16 weight widened exactly), the sums are
+//! f32 in an order fixed by the shapes: results do not depend on the thread count.
+//! `vdpbf16ps` treats subnormal inputs as zero (below 1.2e-38, far from any weight or
+//! activation).
+
+use half::bf16;
+
+use super::panel::OutBlock;
+
+/// Outputs per pass (their weights stay in L1 while the segment's rows go by).
+const OUTS: usize = 4;
+
+/// bf16 values per 64-byte line.
+const LINE: usize = 32;
+
+/// `out[r, c] = Σ_k rows[r][k] · w[(c0 + c) · K + k]` for `c < out.cols`, with
+/// `K = rows[r].len()` and `w` out-major `[n, K]`. Overwrites the block. `bf16_rows`: every
+/// value of the rows is a bf16 (a bf16 computation), which lets AVX-512 BF16 multiply them
+/// as they are. Panics (a bug in the caller) when the rows differ in length or outputs
+/// `c0..c0 + out.cols` do not fit in `w`.
+///
+/// # Safety
+/// `out` must point to `rows.len()` rows of `out.cols` writable values no one else touches.
+pub(crate) unsafe fn dots(rows: &[&[f32]], w: &[bf16], c0: usize, out: OutBlock, bf16_rows: bool) {
+    let k = rows.first().map_or(0, |x| x.len());
+    assert!(rows.iter().all(|x| x.len() == k));
+    assert!((c0 + out.cols) * k <= w.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+    {
+        // SAFETY: the features were just detected; the bounds above; the block is the caller's.
+        unsafe {
+            match bf16_rows && std::arch::is_x86_feature_detected!("avx512bf16") {
+                true => dots_bf16_avx512(rows, w, k, c0, out),
+                false => dots_f32_avx512(rows, w, k, c0, out),
+            }
+        }
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe { dots_portable(rows, w, k, c0, out) };
+}
+
+/// Whether [`dots`] has a vector path here (x86-64 with AVX-512 F and BW): where it does not,
+/// the `[K, N]` layout's panel is the faster one.
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The portable [`dots`]: one output at a time, the sum in k order.
+///
+/// # Safety
+/// As [`dots`], with `k` the rows' length and the bounds checked.
+pub(crate) unsafe fn dots_portable(
+    rows: &[&[f32]],
+    w: &[bf16],
+    k: usize,
+    c0: usize,
+    out: OutBlock,
+) {
+    for (r, x) in rows.iter().enumerate() {
+        // SAFETY: row r of the caller's block.
+        let o = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(r * out.stride), out.cols) };
+        for (c, o) in o.iter_mut().enumerate() {
+            let wc = &w[(c0 + c) * k..(c0 + c + 1) * k];
+            *o = x.iter().zip(wc).map(|(&x, w)| x * w.to_f32()).sum();
+        }
+    }
+}
+
+/// Rows padded to whole lines of k: `⌈K / 32⌉ · 32` values of k, so every line of weights
+/// (the last one read through a mask) meets a whole line of the row.
+fn padded_k(k: usize) -> usize {
+    k.div_ceil(LINE) * LINE
+}
+
+/// The mask of the `k % 32` values of a row's last, partial line (all ones for a whole one).
+#[cfg(target_arch = "x86_64")]
+fn tail_mask(k: usize) -> u32 {
+    match k % LINE {
+        0 => u32::MAX,
+        t => (1u32 << t) - 1,
+    }
+}
+
+/// The weights a pass of [`dots`] reads: outputs from the block's first, `k` values apart,
+/// in `lines` lines of 32 (the last one read through `mask`).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Lines {
+    w: *const bf16,
+    k: usize,
+    lines: usize,
+    mask: u32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lines {
+    /// Line `l` of output `c` (relative to `w`), the last one through the mask.
+    ///
+    /// # Safety
+    /// AVX-512 BW; output `c` lies inside the weights, `l < lines`.
+    #[inline(always)]
+    unsafe fn load(&self, c: usize, l: usize) -> std::arch::x86_64::__m512i {
+        let m = if l + 1 == self.lines {
+            self.mask
+        } else {
+            u32::MAX
+        };
+        // SAFETY: the caller's contract; the mask keeps the read inside output c's K values.
+        unsafe {
+            std::arch::x86_64::_mm512_maskz_loadu_epi16(
+                m,
+                self.w.add(c * self.k + l * LINE) as *const i16,
+            )
+        }
+    }
+}
+
+/// [`dots`] on bf16 rows with `vdpbf16ps`.
+///
+/// # Safety
+/// AVX-512 F, BW and BF16; as [`dots`], with `k` the rows' length and the bounds checked.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn dots_bf16_avx512(rows: &[&[f32]], w: &[bf16], k: usize, c0: usize, out: OutBlock) {
+    let kp = padded_k(k) / 2;
+    // the rows as k-pairs, the last line padded with zeros
+    let mut pairs = vec![0u32; rows.len() * kp];
+    for (x, p) in rows.iter().zip(pairs.chunks_exact_mut(kp.max(1))) {
+        for (i, v) in x.iter().enumerate() {
+            p[i / 2] |= u32::from(bf16::from_f32(*v).to_bits()) << (16 * (i % 2));
+        }
+    }
+    let lines = Lines {
+        // SAFETY: output c0 lies inside `w` (the caller's bounds; at its end when no output
+        // is asked for)
+        w: unsafe { w.as_ptr().add(c0 * k) },
+        k,
+        lines: padded_k(k) / LINE,
+        mask: tail_mask(k),
+    };
+    let whole = out.cols / OUTS * OUTS;
+    for r in 0..rows.len() {
+        let x = &pairs[r * kp..(r + 1) * kp];
+        // SAFETY: row r of the caller's block; outputs c..c + O lie inside the weights.
+        unsafe {
+            let o = out.ptr.add(r * out.stride);
+            for c in (0..whole).step_by(OUTS) {
+                pair_pass::<OUTS>(lines, x, c, o.add(c));
+            }
+            for c in whole..out.cols {
+                pair_pass::<1>(lines, x, c, o.add(c));
+            }
+        }
+    }
+}
+
+/// `o[i] = Σ_k x[k] · w[c + i, k]` for `i < O`, one `vdpbf16ps` per weight line, even and
+/// odd lines into two sums per output.
+///
+/// # Safety
+/// AVX-512 F, BW and BF16; outputs `c..c + O` lie inside the weights; `x` holds `16 · lines`
+/// pairs; `o` points to `O` writable values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pair_pass<const O: usize>(lines: Lines, x: &[u32], c: usize, o: *mut f32) {
+    use std::arch::x86_64::{
+        __m512bh, _mm512_add_ps, _mm512_dpbf16_ps, _mm512_loadu_epi32, _mm512_reduce_add_ps,
+        _mm512_setzero_ps,
+    };
+    assert!(x.len() >= 16 * lines.lines);
+    // SAFETY: the caller's contract and the assert (16 pairs per line of `x`).
+    unsafe {
+        let xl = |l: usize| -> __m512bh {
+            std::mem::transmute(_mm512_loadu_epi32(x.as_ptr().add(l * 16) as *const i32))
+        };
+        let wl = |i: usize, l: usize| -> __m512bh { std::mem::transmute(lines.load(c + i, l)) };
+        let mut even = [_mm512_setzero_ps(); O];
+        let mut odd = [_mm512_setzero_ps(); O];
+        let mut l = 0;
+        while l + 1 < lines.lines {
+            let (x0, x1) = (xl(l), xl(l + 1));
+            for i in 0..O {
+                even[i] = _mm512_dpbf16_ps(even[i], wl(i, l), x0);
+                odd[i] = _mm512_dpbf16_ps(odd[i], wl(i, l + 1), x1);
+            }
+            l += 2;
+        }
+        if l < lines.lines {
+            let x0 = xl(l);
+            for (i, even) in even.iter_mut().enumerate() {
+                *even = _mm512_dpbf16_ps(*even, wl(i, l), x0);
+            }
+        }
+        for i in 0..O {
+            *o.add(i) = _mm512_reduce_add_ps(_mm512_add_ps(even[i], odd[i]));
+        }
+    }
+}
+
+/// [`dots`] on f32 rows: each weight line widened to its even and odd k.
+///
+/// # Safety
+/// AVX-512 F and BW; as [`dots`], with `k` the rows' length and the bounds checked.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn dots_f32_avx512(rows: &[&[f32]], w: &[bf16], k: usize, c0: usize, out: OutBlock) {
+    let half = padded_k(k) / 2;
+    // each row's even-k then odd-k values, zero past K: [row][even half, odd half]
+    let mut split = vec![0f32; rows.len() * 2 * half];
+    for (x, s) in rows.iter().zip(split.chunks_exact_mut((2 * half).max(1))) {
+        for (i, &v) in x.iter().enumerate() {
+            s[(i % 2) * half + i / 2] = v;
+        }
+    }
+    let lines = Lines {
+        // SAFETY: as in `dots_bf16_avx512`.
+        w: unsafe { w.as_ptr().add(c0 * k) },
+        k,
+        lines: padded_k(k) / LINE,
+        mask: tail_mask(k),
+    };
+    let whole = out.cols / OUTS * OUTS;
+    for r in 0..rows.len() {
+        let (xe, xo) = split[r * 2 * half..(r + 1) * 2 * half].split_at(half);
+        // SAFETY: row r of the caller's block; outputs c..c + O lie inside the weights.
+        unsafe {
+            let o = out.ptr.add(r * out.stride);
+            for c in (0..whole).step_by(OUTS) {
+                widen_pass::<OUTS>(lines, xe, xo, c, o.add(c));
+            }
+            for c in whole..out.cols {
+                widen_pass::<1>(lines, xe, xo, c, o.add(c));
+            }
+        }
+    }
+}
+
+/// `o[i] = Σ_k x[k] · w[c + i, k]` for `i < O`: each weight line widened to its even and odd
+/// k, each meeting its half of the row (`xe`, `xo`) in one FMA, into two sums per output.
+///
+/// # Safety
+/// AVX-512 F and BW; outputs `c..c + O` lie inside the weights; `xe` and `xo` hold
+/// `16 · lines` values; `o` points to `O` writable values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn widen_pass<const O: usize>(lines: Lines, xe: &[f32], xo: &[f32], c: usize, o: *mut f32) {
+    use std::arch::x86_64::{
+        _mm512_add_ps, _mm512_and_si512, _mm512_castsi512_ps, _mm512_fmadd_ps, _mm512_loadu_ps,
+        _mm512_reduce_add_ps, _mm512_set1_epi32, _mm512_setzero_ps, _mm512_slli_epi32,
+    };
+    assert!(xe.len() >= 16 * lines.lines && xo.len() >= 16 * lines.lines);
+    // SAFETY: the caller's contract and the assert.
+    unsafe {
+        let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        let mut even = [_mm512_setzero_ps(); O];
+        let mut odd = [_mm512_setzero_ps(); O];
+        for l in 0..lines.lines {
+            let (e, od) = (
+                _mm512_loadu_ps(xe.as_ptr().add(l * 16)),
+                _mm512_loadu_ps(xo.as_ptr().add(l * 16)),
+            );
+            for i in 0..O {
+                let v = lines.load(c + i, l);
+                let we = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                let wo = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+                even[i] = _mm512_fmadd_ps(we, e, even[i]);
+                odd[i] = _mm512_fmadd_ps(wo, od, odd[i]);
+            }
+        }
+        for i in 0..O {
+            *o.add(i) = _mm512_reduce_add_ps(_mm512_add_ps(even[i], odd[i]));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::panel::tests::lcg;
+
+    type Variant = unsafe fn(&[&[f32]], &[bf16], usize, usize, OutBlock);
+
+    /// Every variant this CPU runs (and the portable one), on bf16 and on f32 rows, against
+    /// an f64 oracle on edge shapes: K from 0 to past two lines (the masked last line, odd K,
+    /// an odd number of lines), outputs not a multiple of 4, an offset first output, 1 to 8
+    /// rows, an empty block; nothing written past the block.
+    #[test]
+    fn dots_match_a_f64_oracle_on_edge_shapes() {
+        let mut variants: Vec<(&str, bool, Variant)> = vec![("portable", false, dots_portable)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let has = |f: &str| match f {
+                "bw" => std::arch::is_x86_feature_detected!("avx512bw"),
+                "bf16" => std::arch::is_x86_feature_detected!("avx512bf16"),
+                _ => std::arch::is_x86_feature_detected!("avx512f"),
+            };
+            if has("f") && has("bw") {
+                variants.push(("f32 avx512", false, |r, w, k, c0, o| unsafe {
+                    dots_f32_avx512(r, w, k, c0, o)
+                }));
+                if has("bf16") {
+                    variants.push(("bf16 avx512", true, |r, w, k, c0, o| unsafe {
+                        dots_bf16_avx512(r, w, k, c0, o)
+                    }));
+                }
+            }
+        }
+        for (m, k, n, c0, cols) in [
+            (1, 0, 4, 0, 4),
+            (1, 1, 1, 0, 1),
+            (1, 31, 5, 0, 5),
+            (2, 32, 9, 1, 7),
+            (3, 33, 8, 0, 8),
+            (1, 64, 4, 0, 4),
+            (8, 65, 13, 2, 11),
+            (5, 100, 6, 3, 3),
+            (2, 2048, 9, 0, 9),
+            (4, 63, 4, 0, 0),
+        ] {
+            let mut seed = (m * 31 + k * 7 + n) as u64;
+            let w: Vec<bf16> = (0..n * k).map(|_| bf16::from_f32(lcg(&mut seed))).collect();
+            let x: Vec<Vec<f32>> = (0..m)
+                .map(|_| (0..k).map(|_| lcg(&mut seed)).collect())
+                .collect();
+            let x_b: Vec<Vec<f32>> = x
+                .iter()
+                .map(|r| r.iter().map(|&v| bf16::from_f32(v).to_f32()).collect())
+                .collect();
+            for (name, bf16_only, variant) in &variants {
+                for bf16_rows in [false, true] {
+                    if *bf16_only && !bf16_rows {
+                        continue;
+                    }
+                    let x = if bf16_rows { &x_b } else { &x };
+                    let rows: Vec<&[f32]> = x.iter().map(|r| r.as_slice()).collect();
+                    let stride = cols + 3;
+                    let mut out = vec![7.0f32; m * stride];
+                    let block = OutBlock {
+                        ptr: out.as_mut_ptr(),
+                        stride,
+                        cols,
+                    };
+                    // SAFETY: the block is `out`, m rows of `cols` values `stride` apart;
+                    // outputs c0..c0 + cols of K weights lie inside `w`.
+                    unsafe { variant(&rows, &w, k, c0, block) };
+                    let mut dispatched = vec![7.0f32; m * stride];
+                    let block = OutBlock {
+                        ptr: dispatched.as_mut_ptr(),
+                        ..block
+                    };
+                    // SAFETY: as above.
+                    unsafe { dots(&rows, &w, c0, block, bf16_rows) };
+                    for r in 0..m {
+                        for c in 0..cols {
+                            let terms =
+                                (0..k).map(|i| x[r][i] as f64 * w[(c0 + c) * k + i].to_f64());
+                            let want: f64 = terms.clone().sum();
+                            let scale: f64 = terms.map(f64::abs).sum::<f64>() + 1e-30;
+                            let tol = 1e-6 * (k as f64).sqrt().max(1.0) * scale;
+                            for (what, got) in [
+                                (*name, out[r * stride + c]),
+                                ("dots", dispatched[r * stride + c]),
+                            ] {
+                                assert!(
+                                    (got as f64 - want).abs() <= tol,
+                                    "{what} bf16 rows {bf16_rows} m={m} k={k} n={n} c0={c0}: [{r},{c}] {got} vs {want}"
+                                );
+                            }
+                        }
+                        for pad in cols..stride {
+                            assert_eq!(out[r * stride + pad], 7.0, "{name}: write past the block");
+                            assert_eq!(
+                                dispatched[r * stride + pad],
+                                7.0,
+                                "dots: write past the block"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
