@@ -105,46 +105,89 @@ fn padded_k(k: usize) -> usize {
     k.div_ceil(LINE) * LINE
 }
 
-/// The mask of the `k % 32` values of a row's last, partial line (all ones for a whole one).
-#[cfg(target_arch = "x86_64")]
-fn tail_mask(k: usize) -> u32 {
-    match k % LINE {
-        0 => u32::MAX,
-        t => (1u32 << t) - 1,
-    }
-}
-
 /// The weights a pass of [`dots`] reads: outputs from the block's first, `k` values apart,
-/// in `lines` lines of 32 (the last one read through `mask`).
+/// in `lines` lines of 32: the first `whole` read as they are, a last partial one through
+/// `mask`.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct Lines {
     w: *const bf16,
     k: usize,
     lines: usize,
+    whole: usize,
     mask: u32,
+    /// Outputs in the block (the prefetches stay inside them).
+    outs: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
 impl Lines {
-    /// Line `l` of output `c` (relative to `w`), the last one through the mask.
+    /// The weights for `k` values in lines of 32 from `w`, `outs` outputs.
+    fn new(w: *const bf16, k: usize, outs: usize) -> Self {
+        Lines {
+            w,
+            k,
+            lines: k.div_ceil(LINE),
+            whole: k / LINE,
+            mask: match k % LINE {
+                0 => u32::MAX,
+                t => (1u32 << t) - 1,
+            },
+            outs,
+        }
+    }
+
+    /// Line `l` of output `c` (relative to `w`): a whole one as it is, the last partial one
+    /// through the mask (zeros past K).
     ///
     /// # Safety
     /// AVX-512 BW; output `c` lies inside the weights, `l < lines`.
     #[inline(always)]
     unsafe fn load(&self, c: usize, l: usize) -> std::arch::x86_64::__m512i {
-        let m = if l + 1 == self.lines {
-            self.mask
-        } else {
-            u32::MAX
-        };
-        // SAFETY: the caller's contract; the mask keeps the read inside output c's K values.
+        use std::arch::x86_64::{_mm512_loadu_si512, _mm512_maskz_loadu_epi16};
+        let p = self.w.wrapping_add(c * self.k + l * LINE);
+        // SAFETY: the caller's contract; the mask keeps the last read inside output c's K
+        // values.
         unsafe {
-            std::arch::x86_64::_mm512_maskz_loadu_epi16(
-                m,
-                self.w.add(c * self.k + l * LINE) as *const i16,
-            )
+            match l < self.whole {
+                true => _mm512_loadu_si512(p.cast()),
+                false => _mm512_maskz_loadu_epi16(self.mask, p.cast()),
+            }
         }
+    }
+
+    /// Asks for line `l` of output `c` when that output is in the block.
+    #[inline(always)]
+    fn prefetch(&self, c: usize, l: usize) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        if c < self.outs {
+            // SAFETY: output c lies inside the weights (line l < lines of it); a prefetch
+            // reads nothing.
+            unsafe { _mm_prefetch(self.w.add(c * self.k + l * LINE) as *const i8, _MM_HINT_T0) };
+        }
+    }
+}
+
+/// Rows per pass: each weight line loaded once meets both (the second row no longer re-reads
+/// the outputs' weights from L1). Every (row, output) sum runs the same instructions in the
+/// same order in a pass of one or two rows, so a row's results do not depend on its segment.
+const ROWS: usize = 2;
+
+/// Runs `pass::<O, R>` over the block: outputs in fours (then one), and for each, the rows in
+/// pairs (then one), so that every row meets the outputs' weights while they are in L1 (read
+/// from memory once per segment). `pass(r, c, rows, outs)` is called with the first row and
+/// output of each pass.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn for_passes(m: usize, cols: usize, mut pass: impl FnMut(usize, usize, usize, usize)) {
+    let (whole_rows, whole_cols) = (m / ROWS * ROWS, cols / OUTS * OUTS);
+    let mut c = 0;
+    while c < cols {
+        let outs = if c < whole_cols { OUTS } else { 1 };
+        for r in (0..m).step_by(ROWS) {
+            pass(r, c, if r < whole_rows { ROWS } else { 1 }, outs);
+        }
+        c += outs;
     }
 }
 
@@ -163,69 +206,103 @@ unsafe fn dots_bf16_avx512(rows: &[&[f32]], w: &[bf16], k: usize, c0: usize, out
             p[i / 2] |= u32::from(bf16::from_f32(*v).to_bits()) << (16 * (i % 2));
         }
     }
-    let lines = Lines {
-        // SAFETY: output c0 lies inside `w` (the caller's bounds; at its end when no output
-        // is asked for)
-        w: unsafe { w.as_ptr().add(c0 * k) },
-        k,
-        lines: padded_k(k) / LINE,
-        mask: tail_mask(k),
+    // SAFETY: output c0 lies inside `w` (the caller's bounds; at its end when no output is
+    // asked for)
+    let lines = Lines::new(unsafe { w.as_ptr().add(c0 * k) }, k, out.cols);
+    let x = |r: usize| &pairs[r * kp..(r + 1) * kp];
+    let o = |r: usize, c: usize| {
+        // SAFETY: row r, output c of the caller's block.
+        unsafe { out.ptr.add(r * out.stride + c) }
     };
-    let whole = out.cols / OUTS * OUTS;
-    for r in 0..rows.len() {
-        let x = &pairs[r * kp..(r + 1) * kp];
-        // SAFETY: row r of the caller's block; outputs c..c + O lie inside the weights.
+    for_passes(rows.len(), out.cols, |r, c, m, outs| {
+        // a segment of several rows asks for the next outputs' lines on its first pass (one
+        // row streams on the hardware prefetchers alone)
+        // SAFETY: rows r..r + m and outputs c..c + outs of the block; the outputs lie inside
+        // the weights; the features are this function's.
         unsafe {
-            let o = out.ptr.add(r * out.stride);
-            for c in (0..whole).step_by(OUTS) {
-                pair_pass::<OUTS>(lines, x, c, o.add(c));
-            }
-            for c in whole..out.cols {
-                pair_pass::<1>(lines, x, c, o.add(c));
+            match (m, outs, r == 0) {
+                (1, 1, _) => pair_pass::<1, 1, false>(lines, [x(r)], c, [o(r, c)]),
+                (1, _, _) => pair_pass::<OUTS, 1, false>(lines, [x(r)], c, [o(r, c)]),
+                (_, 1, _) => {
+                    pair_pass::<1, ROWS, false>(lines, [x(r), x(r + 1)], c, [o(r, c), o(r + 1, c)])
+                }
+                (_, _, false) => pair_pass::<OUTS, ROWS, false>(
+                    lines,
+                    [x(r), x(r + 1)],
+                    c,
+                    [o(r, c), o(r + 1, c)],
+                ),
+                (_, _, true) => pair_pass::<OUTS, ROWS, true>(
+                    lines,
+                    [x(r), x(r + 1)],
+                    c,
+                    [o(r, c), o(r + 1, c)],
+                ),
             }
         }
-    }
+    });
 }
 
-/// `o[i] = Σ_k x[k] · w[c + i, k]` for `i < O`, one `vdpbf16ps` per weight line, even and
-/// odd lines into two sums per output.
+/// `o[j][i] = Σ_k x[j][k] · w[c + i, k]` for `i < O`, `j < R`: one `vdpbf16ps` per weight
+/// line and row, even and odd lines into two sums per row and output.
 ///
 /// # Safety
-/// AVX-512 F, BW and BF16; outputs `c..c + O` lie inside the weights; `x` holds `16 · lines`
-/// pairs; `o` points to `O` writable values.
+/// AVX-512 F, BW and BF16; outputs `c..c + O` lie inside the weights; every `x` holds
+/// `16 · lines` pairs; every `o` points to `O` writable values.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn pair_pass<const O: usize>(lines: Lines, x: &[u32], c: usize, o: *mut f32) {
+unsafe fn pair_pass<const O: usize, const R: usize, const PREFETCH: bool>(
+    lines: Lines,
+    x: [&[u32]; R],
+    c: usize,
+    o: [*mut f32; R],
+) {
     use std::arch::x86_64::{
         __m512bh, _mm512_add_ps, _mm512_dpbf16_ps, _mm512_loadu_epi32, _mm512_reduce_add_ps,
         _mm512_setzero_ps,
     };
-    assert!(x.len() >= 16 * lines.lines);
-    // SAFETY: the caller's contract and the assert (16 pairs per line of `x`).
+    assert!(x.iter().all(|x| x.len() >= 16 * lines.lines));
+    // SAFETY: the caller's contract and the assert (16 pairs per line of each `x`).
     unsafe {
-        let xl = |l: usize| -> __m512bh {
-            std::mem::transmute(_mm512_loadu_epi32(x.as_ptr().add(l * 16) as *const i32))
+        let xl = |j: usize, l: usize| -> __m512bh {
+            std::mem::transmute(_mm512_loadu_epi32(x[j].as_ptr().add(l * 16) as *const i32))
         };
         let wl = |i: usize, l: usize| -> __m512bh { std::mem::transmute(lines.load(c + i, l)) };
-        let mut even = [_mm512_setzero_ps(); O];
-        let mut odd = [_mm512_setzero_ps(); O];
+        let mut even = [[_mm512_setzero_ps(); O]; R];
+        let mut odd = [[_mm512_setzero_ps(); O]; R];
+        // whole lines two at a time (no mask to pick per line), then what is left
         let mut l = 0;
-        while l + 1 < lines.lines {
-            let (x0, x1) = (xl(l), xl(l + 1));
+        while l + 1 < lines.whole {
+            let x0: [__m512bh; R] = std::array::from_fn(|j| xl(j, l));
+            let x1: [__m512bh; R] = std::array::from_fn(|j| xl(j, l + 1));
             for i in 0..O {
-                even[i] = _mm512_dpbf16_ps(even[i], wl(i, l), x0);
-                odd[i] = _mm512_dpbf16_ps(odd[i], wl(i, l + 1), x1);
+                if PREFETCH {
+                    lines.prefetch(c + O + i, l);
+                    lines.prefetch(c + O + i, l + 1);
+                }
+                let (w0, w1) = (wl(i, l), wl(i, l + 1));
+                for j in 0..R {
+                    even[j][i] = _mm512_dpbf16_ps(even[j][i], w0, x0[j]);
+                    odd[j][i] = _mm512_dpbf16_ps(odd[j][i], w1, x1[j]);
+                }
             }
             l += 2;
         }
-        if l < lines.lines {
-            let x0 = xl(l);
-            for (i, even) in even.iter_mut().enumerate() {
-                *even = _mm512_dpbf16_ps(*even, wl(i, l), x0);
+        while l < lines.lines {
+            let x0: [__m512bh; R] = std::array::from_fn(|j| xl(j, l));
+            let sums = if l % 2 == 0 { &mut even } else { &mut odd };
+            for i in 0..O {
+                let w0 = wl(i, l);
+                for j in 0..R {
+                    sums[j][i] = _mm512_dpbf16_ps(sums[j][i], w0, x0[j]);
+                }
             }
+            l += 1;
         }
-        for i in 0..O {
-            *o.add(i) = _mm512_reduce_add_ps(_mm512_add_ps(even[i], odd[i]));
+        for j in 0..R {
+            for i in 0..O {
+                *o[j].add(i) = _mm512_reduce_add_ps(_mm512_add_ps(even[j][i], odd[j][i]));
+            }
         }
     }
 }
@@ -245,63 +322,94 @@ unsafe fn dots_f32_avx512(rows: &[&[f32]], w: &[bf16], k: usize, c0: usize, out:
             s[(i % 2) * half + i / 2] = v;
         }
     }
-    let lines = Lines {
-        // SAFETY: as in `dots_bf16_avx512`.
-        w: unsafe { w.as_ptr().add(c0 * k) },
-        k,
-        lines: padded_k(k) / LINE,
-        mask: tail_mask(k),
+    // SAFETY: output c0 lies inside `w` (the caller's bounds; at its end when no output is
+    // asked for)
+    let lines = Lines::new(unsafe { w.as_ptr().add(c0 * k) }, k, out.cols);
+    let x = |r: usize| split[r * 2 * half..(r + 1) * 2 * half].split_at(half);
+    let o = |r: usize, c: usize| {
+        // SAFETY: row r, output c of the caller's block.
+        unsafe { out.ptr.add(r * out.stride + c) }
     };
-    let whole = out.cols / OUTS * OUTS;
-    for r in 0..rows.len() {
-        let (xe, xo) = split[r * 2 * half..(r + 1) * 2 * half].split_at(half);
-        // SAFETY: row r of the caller's block; outputs c..c + O lie inside the weights.
+    for_passes(rows.len(), out.cols, |r, c, m, outs| {
+        // a segment of several rows asks for the next outputs' lines on its first pass (one
+        // row streams on the hardware prefetchers alone)
+        // SAFETY: as in `dots_bf16_avx512`.
         unsafe {
-            let o = out.ptr.add(r * out.stride);
-            for c in (0..whole).step_by(OUTS) {
-                widen_pass::<OUTS>(lines, xe, xo, c, o.add(c));
-            }
-            for c in whole..out.cols {
-                widen_pass::<1>(lines, xe, xo, c, o.add(c));
+            match (m, outs, r == 0) {
+                (1, 1, _) => widen_pass::<1, 1, false>(lines, [x(r)], c, [o(r, c)]),
+                (1, _, _) => widen_pass::<OUTS, 1, false>(lines, [x(r)], c, [o(r, c)]),
+                (_, 1, _) => {
+                    widen_pass::<1, ROWS, false>(lines, [x(r), x(r + 1)], c, [o(r, c), o(r + 1, c)])
+                }
+                (_, _, false) => widen_pass::<OUTS, ROWS, false>(
+                    lines,
+                    [x(r), x(r + 1)],
+                    c,
+                    [o(r, c), o(r + 1, c)],
+                ),
+                (_, _, true) => widen_pass::<OUTS, ROWS, true>(
+                    lines,
+                    [x(r), x(r + 1)],
+                    c,
+                    [o(r, c), o(r + 1, c)],
+                ),
             }
         }
-    }
+    });
 }
 
-/// `o[i] = Σ_k x[k] · w[c + i, k]` for `i < O`: each weight line widened to its even and odd
-/// k, each meeting its half of the row (`xe`, `xo`) in one FMA, into two sums per output.
+/// `o[j][i] = Σ_k x[j][k] · w[c + i, k]` for `i < O`, `j < R`: each weight line widened to its
+/// even and odd k, each meeting its half of a row (`x[j] = (even, odd)`) in one FMA, into
+/// two sums per row and output.
 ///
 /// # Safety
-/// AVX-512 F and BW; outputs `c..c + O` lie inside the weights; `xe` and `xo` hold
-/// `16 · lines` values; `o` points to `O` writable values.
+/// AVX-512 F and BW; outputs `c..c + O` lie inside the weights; every half holds
+/// `16 · lines` values; every `o` points to `O` writable values.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn widen_pass<const O: usize>(lines: Lines, xe: &[f32], xo: &[f32], c: usize, o: *mut f32) {
+unsafe fn widen_pass<const O: usize, const R: usize, const PREFETCH: bool>(
+    lines: Lines,
+    x: [(&[f32], &[f32]); R],
+    c: usize,
+    o: [*mut f32; R],
+) {
     use std::arch::x86_64::{
-        _mm512_add_ps, _mm512_and_si512, _mm512_castsi512_ps, _mm512_fmadd_ps, _mm512_loadu_ps,
-        _mm512_reduce_add_ps, _mm512_set1_epi32, _mm512_setzero_ps, _mm512_slli_epi32,
+        __m512, _mm512_add_ps, _mm512_and_si512, _mm512_castsi512_ps, _mm512_fmadd_ps,
+        _mm512_loadu_ps, _mm512_reduce_add_ps, _mm512_set1_epi32, _mm512_setzero_ps,
+        _mm512_slli_epi32,
     };
-    assert!(xe.len() >= 16 * lines.lines && xo.len() >= 16 * lines.lines);
+    let n = 16 * lines.lines;
+    assert!(x.iter().all(|(e, od)| e.len() >= n && od.len() >= n));
     // SAFETY: the caller's contract and the assert.
     unsafe {
         let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-        let mut even = [_mm512_setzero_ps(); O];
-        let mut odd = [_mm512_setzero_ps(); O];
-        for l in 0..lines.lines {
-            let (e, od) = (
-                _mm512_loadu_ps(xe.as_ptr().add(l * 16)),
-                _mm512_loadu_ps(xo.as_ptr().add(l * 16)),
-            );
+        let mut even = [[_mm512_setzero_ps(); O]; R];
+        let mut odd = [[_mm512_setzero_ps(); O]; R];
+        let mut line = |l: usize| {
+            let xe: [__m512; R] =
+                std::array::from_fn(|j| _mm512_loadu_ps(x[j].0.as_ptr().add(l * 16)));
+            let xo: [__m512; R] =
+                std::array::from_fn(|j| _mm512_loadu_ps(x[j].1.as_ptr().add(l * 16)));
             for i in 0..O {
+                if PREFETCH {
+                    lines.prefetch(c + O + i, l);
+                }
                 let v = lines.load(c + i, l);
                 let we = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
                 let wo = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-                even[i] = _mm512_fmadd_ps(we, e, even[i]);
-                odd[i] = _mm512_fmadd_ps(wo, od, odd[i]);
+                for j in 0..R {
+                    even[j][i] = _mm512_fmadd_ps(we, xe[j], even[j][i]);
+                    odd[j][i] = _mm512_fmadd_ps(wo, xo[j], odd[j][i]);
+                }
             }
-        }
-        for i in 0..O {
-            *o.add(i) = _mm512_reduce_add_ps(_mm512_add_ps(even[i], odd[i]));
+        };
+        // whole lines, then the masked last one (each loop with its own kind of load)
+        (0..lines.whole).for_each(&mut line);
+        (lines.whole..lines.lines).for_each(&mut line);
+        for j in 0..R {
+            for i in 0..O {
+                *o[j].add(i) = _mm512_reduce_add_ps(_mm512_add_ps(even[j][i], odd[j][i]));
+            }
         }
     }
 }
@@ -383,6 +491,25 @@ mod tests {
                     };
                     // SAFETY: as above.
                     unsafe { dots(&rows, &w, c0, block, bf16_rows) };
+                    // each row alone gives the same bits as in the segment
+                    for (r, row) in rows.iter().enumerate() {
+                        let mut alone = vec![0f32; cols];
+                        let block = OutBlock {
+                            ptr: alone.as_mut_ptr(),
+                            stride: cols,
+                            cols,
+                        };
+                        // SAFETY: `alone` is one row of `cols` values.
+                        unsafe { variant(&[row], &w, k, c0, block) };
+                        let within = &out[r * stride..r * stride + cols];
+                        assert!(
+                            alone
+                                .iter()
+                                .zip(within)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{name} m={m} k={k} n={n}: row {r} alone differs"
+                        );
+                    }
                     for r in 0..m {
                         for c in 0..cols {
                             let terms =

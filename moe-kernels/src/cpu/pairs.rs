@@ -193,8 +193,14 @@ unsafe fn pack_block(
 }
 
 /// [`pack_block`] from out-major weights (`[n, K]`, output `c + j`'s rows `pc..pc + kc`
-/// contiguous): the pairs are already side by side, so packing is a transpose of `u32`s.
-fn pack_block_out_major(
+/// contiguous): the pairs are already side by side, so packing is a transpose of `u32`s,
+/// 16 × 16 at a time in registers.
+///
+/// # Safety
+/// AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_block_out_major(
     b: &mut [u32],
     w: &[bf16],
     k: usize,
@@ -205,18 +211,94 @@ fn pack_block_out_major(
 ) {
     let kcp = kc.div_ceil(2);
     assert!(b.len() >= nc.div_ceil(NR) * kcp * NR);
-    for j in 0..nc {
-        let src = &w[(c + j) * k + pc..][..kc];
-        let strip = &mut b[(j / NR) * kcp * NR..][..kcp * NR];
-        let (pairs, tail) = src.as_chunks::<2>();
-        for (p, pair) in pairs.iter().enumerate() {
-            strip[p * NR + j % NR] =
-                u32::from(pair[0].to_bits()) | (u32::from(pair[1].to_bits()) << 16);
-        }
-        if let [last] = tail {
-            strip[pairs.len() * NR + j % NR] = u32::from(last.to_bits());
+    assert!(kc == 0 || (c + nc - 1) * k + pc + kc <= w.len());
+    // the whole pairs of whole 16-column groups in the vector loop, the rest one by one
+    let (cols16, pairs16) = (nc / 16 * 16, kc / 2 / 16 * 16);
+    for j0 in (0..cols16).step_by(16) {
+        let strip = (j0 / NR) * kcp * NR + j0 % NR;
+        for p0 in (0..pairs16).step_by(16) {
+            let src: [*const u32; 16] = std::array::from_fn(|j| {
+                // SAFETY: pairs p0..p0 + 16 of output c + j0 + j lie inside its rows pc..pc + kc
+                unsafe { w.as_ptr().add((c + j0 + j) * k + pc + 2 * p0) as *const u32 }
+            });
+            // SAFETY: AVX-512 F (this function's); 16 readable u32 (unaligned) at every `src`, and
+            // rows p0..p0 + 16 of the strip, 16 values from `strip`, inside `b` (asserted).
+            unsafe {
+                let rows = transpose16(src);
+                for (pp, row) in rows.iter().enumerate() {
+                    let at = strip + (p0 + pp) * NR;
+                    std::arch::x86_64::_mm512_storeu_si512(
+                        b[at..at + 16].as_mut_ptr().cast(),
+                        *row,
+                    );
+                }
+            }
         }
     }
+    let one = |b: &mut [u32], j: usize, p: usize| {
+        let src = &w[(c + j) * k + pc..][..kc];
+        let hi = src
+            .get(2 * p + 1)
+            .map_or(0, |v| u32::from(v.to_bits()) << 16);
+        b[((j / NR) * kcp + p) * NR + j % NR] = u32::from(src[2 * p].to_bits()) | hi;
+    };
+    for j in 0..nc {
+        let first = if j < cols16 { pairs16 } else { 0 };
+        for p in first..kcp {
+            one(b, j, p);
+        }
+    }
+}
+
+/// The 16 × 16 transpose of `u32`s: `src[j]` points to 16 values of line `j`; returns the 16
+/// lines `out[p] = (src[0][p], …, src[15][p])`. Interleaves 32-bit, then 64-bit values inside
+/// 128-bit lanes, then transposes the 4 × 4 lanes of every fourth register.
+///
+/// # Safety
+/// AVX-512 F; 16 readable `u32` (unaligned) at every `src[j]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn transpose16(src: [*const u32; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::{
+        __m512i, _mm512_loadu_si512, _mm512_shuffle_i32x4, _mm512_unpackhi_epi32,
+        _mm512_unpackhi_epi64, _mm512_unpacklo_epi32, _mm512_unpacklo_epi64,
+    };
+    // SAFETY: the caller's contract.
+    let r: [__m512i; 16] = std::array::from_fn(|j| unsafe { _mm512_loadu_si512(src[j].cast()) });
+    // a[2i], a[2i + 1]: lines 2i and 2i + 1 interleaved (positions 4L, 4L + 1 and 4L + 2, 4L + 3
+    // of each lane L)
+    let a: [__m512i; 16] = std::array::from_fn(|i| {
+        let (x, y) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_epi32(x, y)
+        } else {
+            _mm512_unpackhi_epi32(x, y)
+        }
+    });
+    // b[4g + q]: lines 4g..4g + 4 at position 4L + q of each lane L
+    let b: [__m512i; 16] = std::array::from_fn(|i| {
+        let (g, q) = (i / 4, i % 4);
+        let (x, y) = (a[4 * g + q / 2], a[4 * g + q / 2 + 2]);
+        if q % 2 == 0 {
+            _mm512_unpacklo_epi64(x, y)
+        } else {
+            _mm512_unpackhi_epi64(x, y)
+        }
+    });
+    // out[4L + q], lane g = b[4g + q], lane L: a 4 × 4 transpose of lanes per q
+    let mut out = r;
+    for q in 0..4 {
+        let (x0, x1, x2, x3) = (b[q], b[4 + q], b[8 + q], b[12 + q]);
+        let c0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(x0, x1);
+        let c1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(x0, x1);
+        let c2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(x2, x3);
+        let c3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(x2, x3);
+        out[q] = _mm512_shuffle_i32x4::<0b10_00_10_00>(c0, c2);
+        out[4 + q] = _mm512_shuffle_i32x4::<0b11_01_11_01>(c0, c2);
+        out[8 + q] = _mm512_shuffle_i32x4::<0b10_00_10_00>(c1, c3);
+        out[12 + q] = _mm512_shuffle_i32x4::<0b11_01_11_01>(c1, c3);
+    }
+    out
 }
 
 /// The blocked product: column blocks of [`NC`], then weight-row blocks of [`KC`] (packed
@@ -251,9 +333,10 @@ unsafe fn product_avx512(
                 Order::KMajor { n } => unsafe {
                     pack_block(&mut rows.b, w, n, c0 + jb, pc, kc, nc)
                 },
-                Order::OutMajor { .. } => {
+                // SAFETY: AVX-512 F (this function's); the block lies inside `w`.
+                Order::OutMajor { .. } => unsafe {
                     pack_block_out_major(&mut rows.b, w, k, c0 + jb, pc, kc, nc)
-                }
+                },
             }
             let mut next = NextBlock::new(
                 (pc, kc, k, KC),
@@ -410,6 +493,28 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn transpose16_is_a_transpose() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        // 16 lines of 16 values, 17 apart (unaligned, not contiguous)
+        let src: Vec<u32> = (0..16 * 17)
+            .map(|i: u32| i.wrapping_mul(2654435761))
+            .collect();
+        let lines: [*const u32; 16] = std::array::from_fn(|j| src[j * 17..].as_ptr());
+        // SAFETY: AVX-512 F (checked); 16 values at every line.
+        let out = unsafe { transpose16(lines) };
+        for (p, row) in out.iter().enumerate() {
+            let mut got = [0u32; 16];
+            // SAFETY: 16 writable values.
+            unsafe { std::arch::x86_64::_mm512_storeu_si512(got.as_mut_ptr().cast(), *row) };
+            let want: [u32; 16] = std::array::from_fn(|j| src[j * 17 + p]);
+            assert_eq!(got, want, "line {p}");
         }
     }
 }
