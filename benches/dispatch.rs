@@ -11,7 +11,8 @@
 //! - `experts`: the SwiGLU experts on `[T·k, H]` expert-sorted rows — the grouped-GEMM kernels
 //!   (two launches, counts read on the device) against one matmul chain per expert after a
 //!   host read of the counts;
-//! - `experts-bf16`: the host kernels' experts in a bf16 computation (bf16 weights and rows);
+//! - `experts-bf16`: the host kernels' experts in a bf16 computation (bf16 weights, stored as
+//!   `Experts::with_host_layout` stores them, and bf16 rows);
 //! - `layer`: the whole MoE layer (route, plan, permute, experts, combine).
 //!
 //! Every timed chain feeds each call's output into the next call's input (lavapipe and lazy
@@ -342,9 +343,18 @@ fn bench(c: &mut Criterion) {
                     else {
                         continue;
                     };
+                    // stored as the library stores them (bf16: out-major where preferred)
                     let experts = &layer.experts;
-                    let held = [&experts.gate.as_ref().unwrap(), &experts.up, &experts.down]
-                        .map(|p| HostTensor::new(p.val().cast(dtype)).unwrap());
+                    let cast = |p: &burn::module::Param<Tensor<3>>| p.val().cast(dtype);
+                    let stored = moe::Experts::from_tensors(
+                        experts.gate.as_ref().map(cast),
+                        cast(&experts.up),
+                        cast(&experts.down),
+                    )
+                    .unwrap()
+                    .with_host_layout();
+                    let held = [stored.gate.as_ref().unwrap(), &stored.up, &stored.down]
+                        .map(|p| HostTensor::new(p.val()).unwrap());
                     let matrices = cpu::ExpertMatrices::new(
                         held[0].matrix(),
                         held[1].matrix().unwrap(),

@@ -5,7 +5,7 @@
 mod common;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use moe::moe_models::{ExpertNaming, TensorSource, load_block};
+use moe::moe_models::{ExpertNaming, TensorSource, load_block, load_block_as};
 use moe::{MoeLayerConfig, TopK};
 
 /// transformers reproduces itself within ~4e-6; the engine must stay within 1e-5.
@@ -252,6 +252,7 @@ fn packed_expert_layout_loads_identically() {
     ];
     let packed_bytes = safetensors::serialize(views, None).unwrap();
     let packed = TensorSource::from_bytes(packed_bytes, "packed").unwrap();
+    let packed_source = &packed;
 
     let config = MoeLayerConfig::olmoe(h, i, e, 2);
     for (name, device) in common::devices() {
@@ -274,5 +275,36 @@ fn packed_expert_layout_loads_identically() {
         let want = source.read_f32("output", &[37, h]).unwrap();
         let err = common::max_abs_diff(&common::host(packed.forward(x)), &want);
         assert!(err <= TOLERANCE, "{name}: packed layout off by {err:e}");
+    }
+    // bf16 on the host kernels: both forms load out-major where that is preferred, holding
+    // the f32 load's values rounded
+    use burn::tensor::DType;
+    use moe::moe_kernels::cpu;
+    let Some((_, flex)) = common::devices().into_iter().find(|(n, _)| *n == "flex") else {
+        return;
+    };
+    let full = load_block(&source, "", ExpertNaming::Proj, &config, &flex).unwrap();
+    for from in [&source, packed_source] {
+        let half =
+            load_block_as(from, "", ExpertNaming::Proj, &config, &flex, DType::BF16).unwrap();
+        for (a, b) in [
+            (
+                full.experts.gate.as_ref().unwrap().val(),
+                half.experts.gate.as_ref().unwrap().val(),
+            ),
+            (full.experts.up.val(), half.experts.up.val()),
+            (full.experts.down.val(), half.experts.down.val()),
+        ] {
+            assert_eq!(a.dims(), b.dims());
+            let out_major = matches!(
+                cpu::HostTensor::new(b.clone()).unwrap().matrix(),
+                Some(cpu::Matrix::Bf16T(_))
+            );
+            assert_eq!(out_major, cpu::bf16_out_major_preferred());
+            assert_eq!(
+                common::host(b.cast(DType::F32)),
+                common::host(a.cast(DType::BF16).cast(DType::F32))
+            );
+        }
     }
 }

@@ -122,19 +122,109 @@ fn bf16_weights_are_widened_exactly() {
 fn results_do_not_depend_on_the_thread_count() {
     let Some(device) = flex() else { return };
     let layer = common::seeded_layer(&MoeLayerConfig::olmoe(64, 256, 8, 2), 9, &device);
-    for t in [1, 9, 200] {
-        let x = common::normal(t * 64, 1.0, t as u64);
-        let with = |threads: usize| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(|| run(&layer, &x, t, 2, DispatchStrategy::Kernels))
-        };
-        let one = with(1);
-        assert_eq!(one, with(2), "T={t}");
-        assert_eq!(one, with(5), "T={t}");
+    // and bf16 weights as `with_host_layout` stores them, in a bf16 computation
+    let cast = |p: &Param<Tensor<3>>| p.val().cast(DType::BF16);
+    let mut bf16 = layer.clone();
+    bf16.experts = moe::Experts::from_tensors(
+        layer.experts.gate.as_ref().map(cast),
+        cast(&layer.experts.up),
+        cast(&layer.experts.down),
+    )
+    .unwrap()
+    .with_host_layout();
+    for (layer, dtype) in [(&layer, DType::F32), (&bf16, DType::BF16)] {
+        for t in [1, 9, 200] {
+            let x = common::normal(t * 64, 1.0, t as u64);
+            let with = |threads: usize| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+                    .install(|| {
+                        let layer = layer.clone().with_dispatch(DispatchStrategy::Kernels);
+                        let x = common::upload(x.clone(), [t, 64], &device).cast(dtype);
+                        let out = layer.try_forward(x, &TopK::Fixed(2)).unwrap().hidden;
+                        common::host(out.cast(DType::F32))
+                    })
+            };
+            let one = with(1);
+            assert_eq!(one, with(2), "{dtype:?} T={t}");
+            assert_eq!(one, with(5), "{dtype:?} T={t}");
+        }
     }
+}
+
+/// `HostTensor::matrix` takes a view as out-major weights only when it is one: experts sliced
+/// off an out-major stack (an offset start) or its outputs narrowed with one expert, but not
+/// its rows narrowed nor its outputs narrowed across experts (no longer one block per expert).
+#[test]
+fn out_major_views_are_read_only_where_they_are_out_major() {
+    let Some(device) = flex() else { return };
+    let (e, k, n) = (3usize, 5usize, 4usize);
+    // stored [E, N, K]: value = 100 e + 10 c + kk at (e, kk, c) of the [E, K, N] view
+    let stored: Vec<f32> = (0..e * n * k)
+        .map(|i| (100 * (i / (n * k)) + 10 * ((i / k) % n) + i % k) as f32)
+        .collect();
+    let view = Tensor::<3>::from_data(TensorData::new(stored, [e, n, k]), (&device, DType::BF16))
+        .swap_dims(1, 2);
+    let kind = |t: Tensor<3>| match cpu::HostTensor::new(t).unwrap().matrix() {
+        Some(cpu::Matrix::Bf16T(w)) => Some(w.iter().map(|v| v.to_f32()).collect::<Vec<_>>()),
+        _ => None,
+    };
+    // expert 1 alone: its [N, K] block
+    let one = kind(view.clone().narrow(0, 1, 1)).expect("an expert of an out-major stack");
+    let want: Vec<f32> = (0..n * k)
+        .map(|i| (100 + 10 * (i / k) + i % k) as f32)
+        .collect();
+    assert_eq!(one, want);
+    // outputs 1..3 of expert 2
+    let outs = kind(view.clone().narrow(0, 2, 1).narrow(2, 1, 2)).expect("outputs of one expert");
+    let want: Vec<f32> = (0..2 * k)
+        .map(|i| (200 + 10 * (1 + i / k) + i % k) as f32)
+        .collect();
+    assert_eq!(outs, want);
+    assert!(
+        kind(view.clone().narrow(1, 0, k - 1)).is_none(),
+        "rows narrowed"
+    );
+    assert!(
+        kind(view.clone().narrow(2, 0, n - 1)).is_none(),
+        "outputs across experts"
+    );
+    assert!(
+        kind(view.swap_dims(1, 2)).is_none(),
+        "contiguous: row-major, not out-major"
+    );
+}
+
+/// `with_host_layout` moves only bf16 weights: f32 experts come back as they are, and GELU
+/// experts (no gate) move their two matrices.
+#[test]
+fn with_host_layout_moves_only_bf16_weights() {
+    let Some(device) = flex() else { return };
+    let config = MoeLayerConfig::olmoe(32, 48, 4, 2).with_activation(ExpertActivation::Gelu);
+    let layer = common::seeded_layer(&config, 3, &device);
+    let f32_experts = layer.experts.clone().with_host_layout();
+    assert!(matches!(
+        cpu::HostTensor::new(f32_experts.up.val()).unwrap().matrix(),
+        Some(cpu::Matrix::F32(_))
+    ));
+    let cast = |p: &Param<Tensor<3>>| p.val().cast(DType::BF16);
+    let gelu = moe::Experts::from_tensors(None, cast(&layer.experts.up), cast(&layer.experts.down))
+        .unwrap()
+        .with_host_layout();
+    assert!(gelu.gate.is_none());
+    for p in [&gelu.up, &gelu.down] {
+        let moved = matches!(
+            cpu::HostTensor::new(p.val()).unwrap().matrix(),
+            Some(cpu::Matrix::Bf16T(_))
+        );
+        assert_eq!(moved, cpu::bf16_out_major_preferred());
+    }
+    assert_eq!(
+        common::host(gelu.up.val().cast(DType::F32)),
+        common::host(cast(&layer.experts.up).cast(DType::F32))
+    );
 }
 
 #[test]

@@ -159,7 +159,7 @@ impl Experts {
 
     /// The same experts with their bf16 weights stored **out-major** where the host kernels
     /// decode faster from that layout (a flex device, and
-    /// [`moe_kernels::cpu::bf16_out_major_preferred`]: x86-64 with AVX-512): each tensor keeps
+    /// [`moe_kernels::cpu::bf16_out_major_preferred`]: x86-64 with AVX-512 BF16): each tensor keeps
     /// its shape (`[E, K, N]`) and values, but becomes the `swap_dims(1, 2)` view of a
     /// contiguous `[E, N, K]` copy, each output's weights side by side (the Hugging Face
     /// `[out, in]` order; one copy of the weights, made once). Everything else (f32 weights,
@@ -168,10 +168,10 @@ impl Experts {
     /// Decoding (a few tokens per expert) then streams bf16 weights at the f32 panel's rate;
     /// the tensor-op paths read the view as any other.
     pub fn with_host_layout(self) -> Self {
+        // `Param::map` keeps each parameter's id (and so any optimizer state keyed by it)
         let relayout = |p: Param<Tensor<3>>| -> Param<Tensor<3>> {
-            let t = p.val();
-            match out_major_wanted(&t) {
-                true => Param::from_tensor(out_major(t)),
+            match out_major_wanted(&p.val()) {
+                true => p.map(out_major),
                 false => p,
             }
         };

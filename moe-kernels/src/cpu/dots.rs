@@ -20,19 +20,24 @@
 //!   widens into its even and odd k (a shift and a mask) and meets each half with one FMA.
 //! - **Elsewhere**: the same sums in plain Rust, one output at a time.
 //!
-//! Every product is exact in f32 (bf16 × bf16, or a bf16 weight widened exactly), the sums are
-//! f32 in an order fixed by the shapes: results do not depend on the thread count.
-//! `vdpbf16ps` treats subnormal inputs as zero (below 1.2e-38, far from any weight or
-//! activation).
+//! Sums are f32 in an order fixed by the shapes (so results do not depend on the thread count,
+//! and a row gives the same bits alone or in a segment), but another order than the `[K, N]`
+//! panel's: out-major weights give the row-major results up to the order of the sums. bf16
+//! rows meet bf16 weights in exact products; f32 rows meet the widened weights in FMAs.
+//! `vdpbf16ps` treats subnormal inputs as zero and flushes subnormal results (below 1.2e-38,
+//! far from any weight or activation), and the vendors define the rounding of each pair's sum
+//! slightly differently.
 
 use half::bf16;
 
 use super::panel::OutBlock;
 
 /// Outputs per pass (their weights stay in L1 while the segment's rows go by).
+#[cfg(target_arch = "x86_64")]
 const OUTS: usize = 4;
 
 /// bf16 values per 64-byte line.
+#[cfg(target_arch = "x86_64")]
 const LINE: usize = 32;
 
 /// `out[r, c] = Σ_k rows[r][k] · w[(c0 + c) · K + k]` for `c < out.cols`, with
@@ -64,13 +69,16 @@ pub(crate) unsafe fn dots(rows: &[&[f32]], w: &[bf16], c0: usize, out: OutBlock,
     unsafe { dots_portable(rows, w, k, c0, out) };
 }
 
-/// Whether [`dots`] has a vector path here (x86-64 with AVX-512 F and BW): where it does not,
-/// the `[K, N]` layout's panel is the faster one.
-pub(crate) fn available() -> bool {
+/// Whether [`dots`] reads out-major weights faster than the `[K, N]` panel reads row-major
+/// ones here: x86-64 with AVX-512 F, BW and BF16 (one `vdpbf16ps` per weight line for bf16
+/// rows; the pair tiles for long segments). With AVX-512 F alone the widening costs what the
+/// panel's does, and long segments would lose the pair tiles.
+pub(crate) fn preferred() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -94,13 +102,17 @@ pub(crate) unsafe fn dots_portable(
         let o = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(r * out.stride), out.cols) };
         for (c, o) in o.iter_mut().enumerate() {
             let wc = &w[(c0 + c) * k..(c0 + c + 1) * k];
-            *o = x.iter().zip(wc).map(|(&x, w)| x * w.to_f32()).sum();
+            *o = x
+                .iter()
+                .zip(wc)
+                .fold(0.0f32, |acc, (&x, w)| acc + x * w.to_f32());
         }
     }
 }
 
 /// Rows padded to whole lines of k: `⌈K / 32⌉ · 32` values of k, so every line of weights
 /// (the last one read through a mask) meets a whole line of the row.
+#[cfg(target_arch = "x86_64")]
 fn padded_k(k: usize) -> usize {
     k.div_ceil(LINE) * LINE
 }
@@ -161,9 +173,14 @@ impl Lines {
     fn prefetch(&self, c: usize, l: usize) {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
         if c < self.outs {
-            // SAFETY: output c lies inside the weights (line l < lines of it); a prefetch
-            // reads nothing.
-            unsafe { _mm_prefetch(self.w.add(c * self.k + l * LINE) as *const i8, _MM_HINT_T0) };
+            // SAFETY: a prefetch reads nothing and faults on no address (the pointer is
+            // formed with wrapping arithmetic).
+            unsafe {
+                _mm_prefetch(
+                    self.w.wrapping_add(c * self.k + l * LINE) as *const i8,
+                    _MM_HINT_T0,
+                )
+            };
         }
     }
 }
@@ -171,6 +188,7 @@ impl Lines {
 /// Rows per pass: each weight line loaded once meets both (the second row no longer re-reads
 /// the outputs' weights from L1). Every (row, output) sum runs the same instructions in the
 /// same order in a pass of one or two rows, so a row's results do not depend on its segment.
+#[cfg(target_arch = "x86_64")]
 const ROWS: usize = 2;
 
 /// Runs `pass::<O, R>` over the block: outputs in fours (then one), and for each, the rows in
@@ -427,6 +445,7 @@ mod tests {
     /// rows, an empty block; nothing written past the block.
     #[test]
     fn dots_match_a_f64_oracle_on_edge_shapes() {
+        #[allow(unused_mut)] // off x86-64 the portable product is the only one
         let mut variants: Vec<(&str, bool, Variant)> = vec![("portable", false, dots_portable)];
         #[cfg(target_arch = "x86_64")]
         {
@@ -457,6 +476,10 @@ mod tests {
             (5, 100, 6, 3, 3),
             (2, 2048, 9, 0, 9),
             (4, 63, 4, 0, 0),
+            (0, 40, 4, 0, 4),
+            // several rows: the prefetching first pass, with a masked last line
+            (4, 97, 12, 0, 12),
+            (3, 96, 13, 0, 9),
         ] {
             let mut seed = (m * 31 + k * 7 + n) as u64;
             let w: Vec<bf16> = (0..n * k).map(|_| bf16::from_f32(lcg(&mut seed))).collect();

@@ -1,6 +1,6 @@
 //! The product of a long segment in bf16 compute, on x86-64 CPUs with AVX-512 BF16 (Zen 4,
-//! Sapphire Rapids and later): `out = rows · W[:, c0..c0 + cols]` with `W` bf16 row-major
-//! `[K, N]`, through `vdpbf16ps`, which multiplies 32 bf16 pairs exactly and adds them to 16
+//! Sapphire Rapids and later): `out = rows · W[:, c0..c0 + cols]` with `W` bf16 `[K, N]`
+//! (row-major, or out-major `[N, K]`), through `vdpbf16ps`, which multiplies 32 bf16 pairs exactly and adds them to 16
 //! f32 sums in one instruction: twice the multiply-adds of an f32 FMA of the same width, and
 //! half the bytes per weight in cache.
 //!
@@ -14,8 +14,10 @@
 //!   (`[strip][K/2][MR]`, one `u32` holding the bf16 of `k = 2p` low and `2p + 1` high), from
 //!   where they lie: the gather is the packing.
 //! - **B, the weights**, packed per block of [`KC`] weight rows × [`NC`] columns into strips
-//!   of [`NR`] columns of k-pairs (`[strip][KC/2][NR]`, 256 KiB: it stays in L2), two weight
-//!   rows interleaved by two zero-extensions, a shift and an or per 16 columns. The next block
+//!   of [`NR`] columns of k-pairs (`[strip][KC/2][NR]`, 256 KiB: it stays in L2): row-major,
+//!   two weight rows interleaved by two zero-extensions, a shift and an or per 16 columns;
+//!   out-major, where a column's k-pairs already lie side by side, 16 × 16 `u32` transposes
+//!   in registers ([`transpose16`]). The next block
 //!   is prefetched an even share per tile, as in [`super::tiles`].
 //! - **The microkernel** keeps a 6 × 64 tile of `out` in 24 zmm registers: four weight loads
 //!   and six broadcasts of a row's pair feed 24 `vdpbf16ps` per k-pair.

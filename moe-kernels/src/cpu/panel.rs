@@ -1,7 +1,9 @@
-//! The two products an expert segment is made of, on host memory:
+//! The two products an expert segment is made of, on host memory (and the [`Matrix`] and
+//! [`Order`] of the weights every product reads):
 //!
 //! - [`panel`] for a few rows (decoding): `out[r, c] = Σ_k x_r[k] · W[k, c]` streamed straight
-//!   from the stored `[K, N]` weights, eight weight rows at a time. The eight rows are one
+//!   from the stored row-major `[K, N]` weights, eight weight rows at a time (out-major bf16
+//!   weights go to `super::dots`). The eight rows are one
 //!   contiguous block of memory, read once per row group from DRAM and from L1/L2 for the
 //!   other rows of the segment, so a single row runs at the memory's streaming speed. The
 //!   input rows are read where they are (the gather is fused: no copy of `x`).
@@ -18,6 +20,7 @@ use half::bf16;
 
 /// One expert matrix `[K, N]` (the product is `x · W`), in its stored dtype and layout.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub enum Matrix<'a> {
     /// f32 weights, row-major `[K, N]`.
     F32(&'a [f32]),
@@ -92,11 +95,11 @@ impl Order {
     }
 
     /// Whether columns `..end` of `k` weight rows lie inside `len` values (and inside the
-    /// `n` columns of a row-major matrix).
+    /// `n` columns of a row-major matrix). Out-major, the rows are the order's own `K`.
     pub(crate) fn fits(self, len: usize, k: usize, end: usize) -> bool {
         match self {
             Order::KMajor { n } => k == 0 || ((k - 1) * n + end <= len && end <= n),
-            Order::OutMajor { k } => end * k <= len,
+            Order::OutMajor { k: rows } => end.checked_mul(rows).is_some_and(|v| v <= len),
         }
     }
 }
@@ -167,8 +170,9 @@ const COL_CHUNK: usize = 256;
 /// against 77% (a C copy of the loop: 38–42 GB/s against 33–39).
 const BF16_COL_CHUNK: usize = 1024;
 
-/// `out[r, c] = Σ_k rows[r][k] · w[k, c0 + c]` for `c < out.cols`, with `w` row-major
-/// `[K, n]` and `K = rows[r].len()`. Overwrites the block. Panics (a bug in the caller) when
+/// `out[r, c] = Σ_k rows[r][k] · w[k, c0 + c]` for `c < out.cols`, with `w` `[K, n]`
+/// (row-major; out-major [`Matrix::Bf16T`] goes to `super::dots`) and `K = rows[r].len()`.
+/// Overwrites the block. Panics (a bug in the caller) when
 /// the rows differ in length or columns `c0..c0 + out.cols` of `K` rows do not fit in `w`.
 ///
 /// # Safety
@@ -187,7 +191,7 @@ pub(crate) unsafe fn panel(rows: &[&[f32]], w: Matrix<'_>, n: usize, c0: usize, 
                     panel_bf16_avx512(rows, w, n, c0, out)
                 }
                 Matrix::Bf16(w) => panel_avx2(rows, w, n, c0, out),
-                Matrix::Bf16T(w) => super::dots::dots(rows, w, c0, out, false),
+                Matrix::Bf16T(w) => bf16_t(rows, w, n, c0, out),
             }
         }
         return;
@@ -197,9 +201,20 @@ pub(crate) unsafe fn panel(rows: &[&[f32]], w: Matrix<'_>, n: usize, c0: usize, 
         match w {
             Matrix::F32(w) => panel_portable(rows, w, n, c0, out),
             Matrix::Bf16(w) => panel_portable(rows, w, n, c0, out),
-            Matrix::Bf16T(w) => super::dots::dots(rows, w, c0, out, false),
+            Matrix::Bf16T(w) => bf16_t(rows, w, n, c0, out),
         }
     }
+}
+
+/// Out-major weights in [`panel`]: the `dots` product on rows taken as f32 (what the
+/// expert phases call directly, knowing whether the rows are bf16).
+///
+/// # Safety
+/// As [`panel`].
+unsafe fn bf16_t(rows: &[&[f32]], w: &[bf16], n: usize, c0: usize, out: OutBlock) {
+    assert!(c0 + out.cols <= n);
+    // SAFETY: the caller's contract.
+    unsafe { super::dots::dots(rows, w, c0, out, false) }
 }
 
 /// The start of every panel: checks that the rows are all `K` long and that columns

@@ -1,5 +1,7 @@
 //! The product of a long segment (prefill): our own packed, register-tiled GEMM for x86-64
-//! with AVX2 and FMA, `out = rows · W[:, c0..c0 + cols]` with `W` row-major `[K, N]`.
+//! with AVX2 and FMA, `out = rows · W[:, c0..c0 + cols]` with `W` `[K, N]`, row-major (f32 or
+//! bf16) or bf16 out-major (`[N, K]`, packed one value at a time down each column: only an
+//! f32 computation on out-major weights comes here, a bf16 one takes `super::pairs`).
 //!
 //! - **A, the segment's rows**, is packed once per item ([`PackedRows::pack`]) into strips of
 //!   [`MR`] rows, k-major (`[strip][K][MR]`), straight from where the rows lie in `x` or in the
@@ -9,7 +11,7 @@
 //!   to f32 as it is packed. While one block is multiplied, the next one's cache lines are
 //!   prefetched, an even share before every tile (a burst of a whole strip's share stalled on
 //!   the miss buffers: with the even share, T = 512 went from 500–580 to 444–488 ms in paired
-//!   runs). Packing per call, not once at load: the stored `[E, K, N]` tensors stay the only
+//!   runs). Packing per call, not once at load: the stored expert tensors stay the only
 //!   copy of the weights, and the block is read from DRAM once per item either way.
 //! - **Rows in passes** of [`MC_STRIPS`] strips per block, so the packed rows' slice of the
 //!   block stays in L2 beside it (long segments of prefill, T ≥ 2048).
@@ -358,6 +360,78 @@ unsafe fn tile(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, first: 
             } else {
                 _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), acc[0]));
                 _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), acc[1]));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use half::bf16;
+
+    use super::*;
+    use crate::cpu::panel::tests::lcg;
+
+    /// The tiles on f32 and bf16 weights, row-major and out-major, against an f64 oracle on
+    /// shapes over several blocks of [`KC`] rows and [`NC`] columns (the next-block prefetch
+    /// moving down and across), partial strips of rows and columns, a column offset, and one
+    /// row; nothing written past the block.
+    #[test]
+    fn tiles_match_a_f64_oracle_in_both_layouts() {
+        if !available() {
+            return;
+        }
+        let mut packed = PackedRows::default();
+        for (m, k, n, c0, cols) in [
+            (1, 1, 16, 0, 16),
+            (7, 513, 300, 16, 270),
+            (13, 300, 600, 0, 600),
+            (80, 64, 70, 3, 64),
+            (6, 257, 257, 0, 257),
+        ] {
+            let mut seed = (m * 131 + k * 7 + n) as u64;
+            let x: Vec<Vec<f32>> = (0..m)
+                .map(|_| (0..k).map(|_| lcg(&mut seed)).collect())
+                .collect();
+            let wf: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
+            let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+            // the bf16 weights out-major: [n, k]
+            let wt: Vec<bf16> = (0..n * k).map(|i| wb[(i % k) * n + i / k]).collect();
+            let rows: Vec<&[f32]> = x.iter().map(|r| r.as_slice()).collect();
+            packed.pack(&rows);
+            for (name, w) in [
+                ("f32", Matrix::F32(&wf)),
+                ("bf16", Matrix::Bf16(&wb)),
+                ("bf16 out-major", Matrix::Bf16T(&wt)),
+            ] {
+                let stride = cols + 3;
+                let mut out = vec![7.0f32; m * stride];
+                let block = OutBlock {
+                    ptr: out.as_mut_ptr(),
+                    stride,
+                    cols,
+                };
+                // SAFETY: the block is `out`, m rows of `cols` values `stride` apart.
+                unsafe { packed.product(w, n, c0, block) };
+                for r in 0..m {
+                    for c in 0..cols {
+                        let weight = |i: usize| match name {
+                            "f32" => wf[i * n + c0 + c] as f64,
+                            _ => wb[i * n + c0 + c].to_f64(),
+                        };
+                        let terms = (0..k).map(|i| x[r][i] as f64 * weight(i));
+                        let want: f64 = terms.clone().sum();
+                        let scale: f64 = terms.map(f64::abs).sum::<f64>() + 1e-30;
+                        let got = out[r * stride + c] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-6 * (k as f64).sqrt() * scale,
+                            "{name} m={m} k={k} n={n} c0={c0}: [{r},{c}] {got} vs {want}"
+                        );
+                    }
+                    for pad in cols..stride {
+                        assert_eq!(out[r * stride + pad], 7.0, "{name}: write past the block");
+                    }
+                }
             }
         }
     }
