@@ -191,21 +191,236 @@ impl Lines {
 #[cfg(target_arch = "x86_64")]
 const ROWS: usize = 2;
 
-/// Runs `pass::<O, R>` over the block: outputs in fours (then one), and for each, the rows in
-/// pairs (then one), so that every row meets the outputs' weights while they are in L1 (read
-/// from memory once per segment). `pass(r, c, rows, outs)` is called with the first row and
-/// output of each pass.
+/// How the rows meet a weight line in a pass of [`dots`]: the form the rows are prepared in
+/// (once per call) and the step that adds one weight line to a (row, output) pair of sums.
+#[cfg(target_arch = "x86_64")]
+trait Meet {
+    /// The prepared rows' values.
+    type Elem: Copy;
+    /// Prepared values per line of 32 k.
+    const PER_LINE: usize;
+    /// One row's part of a line, in registers.
+    type X: Copy;
+
+    /// Line `l` of a prepared row (not bounds-checked: [`pass`] asserts the rows' length once).
+    ///
+    /// # Safety
+    /// AVX-512 F; the row holds `PER_LINE` values from line `l`.
+    unsafe fn x(row: &[Self::Elem], l: usize) -> Self::X;
+
+    /// Adds weight line `w` met with `x` to `sums` (two partial sums of one row and output);
+    /// `second`: the line is the second of a pair of lines.
+    ///
+    /// # Safety
+    /// The instructions of the kernel this runs in.
+    unsafe fn add(
+        sums: &mut [std::arch::x86_64::__m512; 2],
+        w: std::arch::x86_64::__m512i,
+        x: Self::X,
+        second: bool,
+    );
+}
+
+/// bf16 rows as k-pairs: one `vdpbf16ps` per weight line, even lines into the first sum and
+/// odd ones into the second.
+#[cfg(target_arch = "x86_64")]
+struct Pairs;
+
+#[cfg(target_arch = "x86_64")]
+impl Meet for Pairs {
+    type Elem = u32;
+    const PER_LINE: usize = LINE / 2;
+    type X = std::arch::x86_64::__m512bh;
+
+    #[inline(always)]
+    unsafe fn x(row: &[u32], l: usize) -> Self::X {
+        // SAFETY: the row holds 16 values from line l (the caller's); AVX-512 F.
+        unsafe {
+            let line = row.as_ptr().add(l * Self::PER_LINE);
+            std::mem::transmute(std::arch::x86_64::_mm512_loadu_epi32(line.cast()))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn add(
+        sums: &mut [std::arch::x86_64::__m512; 2],
+        w: std::arch::x86_64::__m512i,
+        x: Self::X,
+        second: bool,
+    ) {
+        use std::arch::x86_64::_mm512_dpbf16_ps;
+        // SAFETY: AVX-512 BF16 (the caller's); a line of bf16 is 16 pairs.
+        unsafe {
+            let w = std::mem::transmute(w);
+            match second {
+                false => sums[0] = _mm512_dpbf16_ps(sums[0], w, x),
+                true => sums[1] = _mm512_dpbf16_ps(sums[1], w, x),
+            }
+        }
+    }
+}
+
+/// f32 rows split per line into even-k and odd-k halves: a weight line widened to its even and
+/// odd k (a shift and a mask), each meeting its half in one FMA, into the first and second sum.
+#[cfg(target_arch = "x86_64")]
+struct Widen;
+
+#[cfg(target_arch = "x86_64")]
+impl Meet for Widen {
+    type Elem = f32;
+    const PER_LINE: usize = LINE;
+    type X = (std::arch::x86_64::__m512, std::arch::x86_64::__m512);
+
+    #[inline(always)]
+    unsafe fn x(row: &[f32], l: usize) -> Self::X {
+        use std::arch::x86_64::_mm512_loadu_ps;
+        // SAFETY: the row holds 32 values from line l (the caller's); AVX-512 F.
+        unsafe {
+            let line = row.as_ptr().add(l * LINE);
+            (_mm512_loadu_ps(line), _mm512_loadu_ps(line.add(16)))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn add(
+        sums: &mut [std::arch::x86_64::__m512; 2],
+        w: std::arch::x86_64::__m512i,
+        x: Self::X,
+        _: bool,
+    ) {
+        use std::arch::x86_64::{
+            _mm512_and_si512, _mm512_castsi512_ps, _mm512_fmadd_ps, _mm512_set1_epi32,
+            _mm512_slli_epi32,
+        };
+        // SAFETY: AVX-512 F (the caller's).
+        unsafe {
+            let even = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w));
+            let odd = _mm512_castsi512_ps(_mm512_and_si512(
+                w,
+                _mm512_set1_epi32(0xFFFF_0000u32 as i32),
+            ));
+            sums[0] = _mm512_fmadd_ps(even, x.0, sums[0]);
+            sums[1] = _mm512_fmadd_ps(odd, x.1, sums[1]);
+        }
+    }
+}
+
+/// The block through passes of `ROWS` rows (then one) over groups of `OUTS` outputs (then
+/// one): outputs outer, so every row meets a group's weights while they are in L1 (read from
+/// memory once per segment). `prepared` holds each row as `M::PER_LINE` values per line.
+///
+/// # Safety
+/// The instructions `M` uses; `lines` lie inside the weights for `out.cols` outputs;
+/// `prepared` holds `m` rows of `stride` values (`lines.lines` lines each); `out` is the
+/// caller's block of `m` rows.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn for_passes(m: usize, cols: usize, mut pass: impl FnMut(usize, usize, usize, usize)) {
-    let (whole_rows, whole_cols) = (m / ROWS * ROWS, cols / OUTS * OUTS);
+unsafe fn drive<M: Meet>(
+    prepared: &[M::Elem],
+    stride: usize,
+    m: usize,
+    lines: Lines,
+    out: OutBlock,
+) {
+    let x = |r: usize| &prepared[r * stride..(r + 1) * stride];
+    let o = |r: usize, c: usize| {
+        // SAFETY: row r, output c of the caller's block.
+        unsafe { out.ptr.add(r * out.stride + c) }
+    };
+    let (whole_rows, whole_cols) = (m / ROWS * ROWS, out.cols / OUTS * OUTS);
     let mut c = 0;
-    while c < cols {
+    while c < out.cols {
         let outs = if c < whole_cols { OUTS } else { 1 };
         for r in (0..m).step_by(ROWS) {
-            pass(r, c, if r < whole_rows { ROWS } else { 1 }, outs);
+            let two = r < whole_rows;
+            // SAFETY: rows r..r + 2 (or 1) and outputs c..c + outs of the block; the rest is
+            // the caller's. A segment of several rows asks for the next outputs' lines on its
+            // first pass (one row streams on the hardware prefetchers alone).
+            unsafe {
+                match (two, outs == OUTS, r == 0) {
+                    (false, false, _) => pass::<M, 1, 1, false>(lines, [x(r)], c, [o(r, c)]),
+                    (false, true, _) => pass::<M, OUTS, 1, false>(lines, [x(r)], c, [o(r, c)]),
+                    (true, false, _) => pass::<M, 1, ROWS, false>(
+                        lines,
+                        [x(r), x(r + 1)],
+                        c,
+                        [o(r, c), o(r + 1, c)],
+                    ),
+                    (true, true, first) => match first {
+                        true => pass::<M, OUTS, ROWS, true>(
+                            lines,
+                            [x(r), x(r + 1)],
+                            c,
+                            [o(r, c), o(r + 1, c)],
+                        ),
+                        false => pass::<M, OUTS, ROWS, false>(
+                            lines,
+                            [x(r), x(r + 1)],
+                            c,
+                            [o(r, c), o(r + 1, c)],
+                        ),
+                    },
+                }
+            }
         }
         c += outs;
+    }
+}
+
+/// `o[j][i] = Σ_k x[j][k] · w[c + i, k]` for `i < O`, `j < R`: every weight line loaded once
+/// and met with each row ([`Meet::add`], two partial sums per row and output), whole lines two
+/// at a time, the sums reduced at the end. With `PREFETCH` it asks for the next `O` outputs'
+/// lines as it goes.
+///
+/// # Safety
+/// As [`drive`]; outputs `c..c + O` lie inside the weights; every `o` points to `O` writable
+/// values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pass<M: Meet, const O: usize, const R: usize, const PREFETCH: bool>(
+    lines: Lines,
+    x: [&[M::Elem]; R],
+    c: usize,
+    o: [*mut f32; R],
+) {
+    use std::arch::x86_64::{_mm512_add_ps, _mm512_reduce_add_ps, _mm512_setzero_ps};
+    assert!(x.iter().all(|x| x.len() >= M::PER_LINE * lines.lines));
+    // SAFETY: the caller's contract and the assert.
+    unsafe {
+        let mut sums = [[[_mm512_setzero_ps(); 2]; O]; R];
+        // whole lines two at a time (no mask to pick per line), then what is left
+        let mut l = 0;
+        while l + 1 < lines.whole {
+            let x0: [M::X; R] = std::array::from_fn(|j| M::x(x[j], l));
+            let x1: [M::X; R] = std::array::from_fn(|j| M::x(x[j], l + 1));
+            for i in 0..O {
+                if PREFETCH {
+                    lines.prefetch(c + O + i, l);
+                    lines.prefetch(c + O + i, l + 1);
+                }
+                let (w0, w1) = (lines.load(c + i, l), lines.load(c + i, l + 1));
+                for j in 0..R {
+                    M::add(&mut sums[j][i], w0, x0[j], false);
+                    M::add(&mut sums[j][i], w1, x1[j], true);
+                }
+            }
+            l += 2;
+        }
+        while l < lines.lines {
+            let x0: [M::X; R] = std::array::from_fn(|j| M::x(x[j], l));
+            for i in 0..O {
+                let w0 = lines.load(c + i, l);
+                for j in 0..R {
+                    M::add(&mut sums[j][i], w0, x0[j], l % 2 == 1);
+                }
+            }
+            l += 1;
+        }
+        for j in 0..R {
+            for i in 0..O {
+                *o[j].add(i) = _mm512_reduce_add_ps(_mm512_add_ps(sums[j][i][0], sums[j][i][1]));
+            }
+        }
     }
 }
 
@@ -225,103 +440,10 @@ unsafe fn dots_bf16_avx512(rows: &[&[f32]], w: &[bf16], k: usize, c0: usize, out
         }
     }
     // SAFETY: output c0 lies inside `w` (the caller's bounds; at its end when no output is
-    // asked for)
-    let lines = Lines::new(unsafe { w.as_ptr().add(c0 * k) }, k, out.cols);
-    let x = |r: usize| &pairs[r * kp..(r + 1) * kp];
-    let o = |r: usize, c: usize| {
-        // SAFETY: row r, output c of the caller's block.
-        unsafe { out.ptr.add(r * out.stride + c) }
-    };
-    for_passes(rows.len(), out.cols, |r, c, m, outs| {
-        // a segment of several rows asks for the next outputs' lines on its first pass (one
-        // row streams on the hardware prefetchers alone)
-        // SAFETY: rows r..r + m and outputs c..c + outs of the block; the outputs lie inside
-        // the weights; the features are this function's.
-        unsafe {
-            match (m, outs, r == 0) {
-                (1, 1, _) => pair_pass::<1, 1, false>(lines, [x(r)], c, [o(r, c)]),
-                (1, _, _) => pair_pass::<OUTS, 1, false>(lines, [x(r)], c, [o(r, c)]),
-                (_, 1, _) => {
-                    pair_pass::<1, ROWS, false>(lines, [x(r), x(r + 1)], c, [o(r, c), o(r + 1, c)])
-                }
-                (_, _, false) => pair_pass::<OUTS, ROWS, false>(
-                    lines,
-                    [x(r), x(r + 1)],
-                    c,
-                    [o(r, c), o(r + 1, c)],
-                ),
-                (_, _, true) => pair_pass::<OUTS, ROWS, true>(
-                    lines,
-                    [x(r), x(r + 1)],
-                    c,
-                    [o(r, c), o(r + 1, c)],
-                ),
-            }
-        }
-    });
-}
-
-/// `o[j][i] = Σ_k x[j][k] · w[c + i, k]` for `i < O`, `j < R`: one `vdpbf16ps` per weight
-/// line and row, even and odd lines into two sums per row and output.
-///
-/// # Safety
-/// AVX-512 F, BW and BF16; outputs `c..c + O` lie inside the weights; every `x` holds
-/// `16 · lines` pairs; every `o` points to `O` writable values.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn pair_pass<const O: usize, const R: usize, const PREFETCH: bool>(
-    lines: Lines,
-    x: [&[u32]; R],
-    c: usize,
-    o: [*mut f32; R],
-) {
-    use std::arch::x86_64::{
-        __m512bh, _mm512_add_ps, _mm512_dpbf16_ps, _mm512_loadu_epi32, _mm512_reduce_add_ps,
-        _mm512_setzero_ps,
-    };
-    assert!(x.iter().all(|x| x.len() >= 16 * lines.lines));
-    // SAFETY: the caller's contract and the assert (16 pairs per line of each `x`).
+    // asked for); the features are this function's, the block the caller's.
     unsafe {
-        let xl = |j: usize, l: usize| -> __m512bh {
-            std::mem::transmute(_mm512_loadu_epi32(x[j].as_ptr().add(l * 16) as *const i32))
-        };
-        let wl = |i: usize, l: usize| -> __m512bh { std::mem::transmute(lines.load(c + i, l)) };
-        let mut even = [[_mm512_setzero_ps(); O]; R];
-        let mut odd = [[_mm512_setzero_ps(); O]; R];
-        // whole lines two at a time (no mask to pick per line), then what is left
-        let mut l = 0;
-        while l + 1 < lines.whole {
-            let x0: [__m512bh; R] = std::array::from_fn(|j| xl(j, l));
-            let x1: [__m512bh; R] = std::array::from_fn(|j| xl(j, l + 1));
-            for i in 0..O {
-                if PREFETCH {
-                    lines.prefetch(c + O + i, l);
-                    lines.prefetch(c + O + i, l + 1);
-                }
-                let (w0, w1) = (wl(i, l), wl(i, l + 1));
-                for j in 0..R {
-                    even[j][i] = _mm512_dpbf16_ps(even[j][i], w0, x0[j]);
-                    odd[j][i] = _mm512_dpbf16_ps(odd[j][i], w1, x1[j]);
-                }
-            }
-            l += 2;
-        }
-        while l < lines.lines {
-            let x0: [__m512bh; R] = std::array::from_fn(|j| xl(j, l));
-            let sums = if l % 2 == 0 { &mut even } else { &mut odd };
-            for i in 0..O {
-                let w0 = wl(i, l);
-                for j in 0..R {
-                    sums[j][i] = _mm512_dpbf16_ps(sums[j][i], w0, x0[j]);
-                }
-            }
-            l += 1;
-        }
-        for j in 0..R {
-            for i in 0..O {
-                *o[j].add(i) = _mm512_reduce_add_ps(_mm512_add_ps(even[j][i], odd[j][i]));
-            }
-        }
+        let lines = Lines::new(w.as_ptr().add(c0 * k), k, out.cols);
+        drive::<Pairs>(&pairs, kp, rows.len(), lines, out);
     }
 }
 
@@ -332,103 +454,18 @@ unsafe fn pair_pass<const O: usize, const R: usize, const PREFETCH: bool>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn dots_f32_avx512(rows: &[&[f32]], w: &[bf16], k: usize, c0: usize, out: OutBlock) {
-    let half = padded_k(k) / 2;
-    // each row's even-k then odd-k values, zero past K: [row][even half, odd half]
-    let mut split = vec![0f32; rows.len() * 2 * half];
-    for (x, s) in rows.iter().zip(split.chunks_exact_mut((2 * half).max(1))) {
+    let len = padded_k(k);
+    // each row per line of 32 k: its 16 even-k values, then its 16 odd-k ones (zero past K)
+    let mut split = vec![0f32; rows.len() * len];
+    for (x, s) in rows.iter().zip(split.chunks_exact_mut(len.max(1))) {
         for (i, &v) in x.iter().enumerate() {
-            s[(i % 2) * half + i / 2] = v;
+            s[i / LINE * LINE + (i % 2) * 16 + (i % LINE) / 2] = v;
         }
     }
-    // SAFETY: output c0 lies inside `w` (the caller's bounds; at its end when no output is
-    // asked for)
-    let lines = Lines::new(unsafe { w.as_ptr().add(c0 * k) }, k, out.cols);
-    let x = |r: usize| split[r * 2 * half..(r + 1) * 2 * half].split_at(half);
-    let o = |r: usize, c: usize| {
-        // SAFETY: row r, output c of the caller's block.
-        unsafe { out.ptr.add(r * out.stride + c) }
-    };
-    for_passes(rows.len(), out.cols, |r, c, m, outs| {
-        // a segment of several rows asks for the next outputs' lines on its first pass (one
-        // row streams on the hardware prefetchers alone)
-        // SAFETY: as in `dots_bf16_avx512`.
-        unsafe {
-            match (m, outs, r == 0) {
-                (1, 1, _) => widen_pass::<1, 1, false>(lines, [x(r)], c, [o(r, c)]),
-                (1, _, _) => widen_pass::<OUTS, 1, false>(lines, [x(r)], c, [o(r, c)]),
-                (_, 1, _) => {
-                    widen_pass::<1, ROWS, false>(lines, [x(r), x(r + 1)], c, [o(r, c), o(r + 1, c)])
-                }
-                (_, _, false) => widen_pass::<OUTS, ROWS, false>(
-                    lines,
-                    [x(r), x(r + 1)],
-                    c,
-                    [o(r, c), o(r + 1, c)],
-                ),
-                (_, _, true) => widen_pass::<OUTS, ROWS, true>(
-                    lines,
-                    [x(r), x(r + 1)],
-                    c,
-                    [o(r, c), o(r + 1, c)],
-                ),
-            }
-        }
-    });
-}
-
-/// `o[j][i] = Σ_k x[j][k] · w[c + i, k]` for `i < O`, `j < R`: each weight line widened to its
-/// even and odd k, each meeting its half of a row (`x[j] = (even, odd)`) in one FMA, into
-/// two sums per row and output.
-///
-/// # Safety
-/// AVX-512 F and BW; outputs `c..c + O` lie inside the weights; every half holds
-/// `16 · lines` values; every `o` points to `O` writable values.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn widen_pass<const O: usize, const R: usize, const PREFETCH: bool>(
-    lines: Lines,
-    x: [(&[f32], &[f32]); R],
-    c: usize,
-    o: [*mut f32; R],
-) {
-    use std::arch::x86_64::{
-        __m512, _mm512_add_ps, _mm512_and_si512, _mm512_castsi512_ps, _mm512_fmadd_ps,
-        _mm512_loadu_ps, _mm512_reduce_add_ps, _mm512_set1_epi32, _mm512_setzero_ps,
-        _mm512_slli_epi32,
-    };
-    let n = 16 * lines.lines;
-    assert!(x.iter().all(|(e, od)| e.len() >= n && od.len() >= n));
-    // SAFETY: the caller's contract and the assert.
+    // SAFETY: as in `dots_bf16_avx512`.
     unsafe {
-        let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-        let mut even = [[_mm512_setzero_ps(); O]; R];
-        let mut odd = [[_mm512_setzero_ps(); O]; R];
-        let mut line = |l: usize| {
-            let xe: [__m512; R] =
-                std::array::from_fn(|j| _mm512_loadu_ps(x[j].0.as_ptr().add(l * 16)));
-            let xo: [__m512; R] =
-                std::array::from_fn(|j| _mm512_loadu_ps(x[j].1.as_ptr().add(l * 16)));
-            for i in 0..O {
-                if PREFETCH {
-                    lines.prefetch(c + O + i, l);
-                }
-                let v = lines.load(c + i, l);
-                let we = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
-                let wo = _mm512_castsi512_ps(_mm512_and_si512(v, high));
-                for j in 0..R {
-                    even[j][i] = _mm512_fmadd_ps(we, xe[j], even[j][i]);
-                    odd[j][i] = _mm512_fmadd_ps(wo, xo[j], odd[j][i]);
-                }
-            }
-        };
-        // whole lines, then the masked last one (each loop with its own kind of load)
-        (0..lines.whole).for_each(&mut line);
-        (lines.whole..lines.lines).for_each(&mut line);
-        for j in 0..R {
-            for i in 0..O {
-                *o[j].add(i) = _mm512_reduce_add_ps(_mm512_add_ps(even[j][i], odd[j][i]));
-            }
-        }
+        let lines = Lines::new(w.as_ptr().add(c0 * k), k, out.cols);
+        drive::<Widen>(&split, len, rows.len(), lines, out);
     }
 }
 
