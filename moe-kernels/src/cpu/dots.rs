@@ -248,10 +248,10 @@ impl Meet for Pairs {
         x: Self::X,
         second: bool,
     ) {
-        use std::arch::x86_64::_mm512_dpbf16_ps;
+        use std::arch::x86_64::{__m512bh, __m512i, _mm512_dpbf16_ps};
         // SAFETY: AVX-512 BF16 (the caller's); a line of bf16 is 16 pairs.
         unsafe {
-            let w = std::mem::transmute(w);
+            let w = std::mem::transmute::<__m512i, __m512bh>(w);
             match second {
                 false => sums[0] = _mm512_dpbf16_ps(sums[0], w, x),
                 true => sums[1] = _mm512_dpbf16_ps(sums[1], w, x),
@@ -377,6 +377,7 @@ unsafe fn drive<M: Meet>(
 /// values.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // (row, output) indices, as in the sums they name
 unsafe fn pass<M: Meet, const O: usize, const R: usize, const PREFETCH: bool>(
     lines: Lines,
     x: [&[M::Elem]; R],
