@@ -115,6 +115,13 @@ fn bf16_weights_are_widened_exactly() {
             a, b,
             "T={t}: bf16 storage must compute like its f32 widening"
         );
+        // the tensor ops take f32 rows on bf16 weights too, computing in f32
+        let ops = run(&bf16, &x, t, 2, DispatchStrategy::TensorOps);
+        let err = common::max_abs_diff(&ops, &a);
+        assert!(
+            err <= 1e-5 * largest(&a).max(1.0),
+            "T={t}: tensor ops off by {err:e}"
+        );
     }
 }
 
@@ -419,13 +426,7 @@ fn out_major_bf16_weights_give_the_row_major_results() {
     for t in [1, 3, 2 * PANEL_MAX_ROWS + 5, 300] {
         let x = common::normal(t * h, 1.0, 500 + t as u64);
         for dtype in [DType::F32, DType::BF16] {
-            // (the tensor ops multiply in one dtype: f32 rows with bf16 weights are the host
-            // kernels' own case)
-            let strategies = match dtype {
-                DType::F32 => vec![DispatchStrategy::Kernels],
-                _ => vec![DispatchStrategy::Kernels, DispatchStrategy::TensorOps],
-            };
-            for strategy in strategies {
+            for strategy in [DispatchStrategy::Kernels, DispatchStrategy::TensorOps] {
                 let want = forward(&row_major, &x, t, dtype, strategy);
                 let scale = largest(&want).max(1e-3);
                 let got = forward(&out_major, &x, t, dtype, strategy);

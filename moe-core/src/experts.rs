@@ -216,21 +216,29 @@ impl Experts {
         }
     }
 
-    /// Applies expert `expert` to every row of `x`.
+    /// Applies expert `expert` to every row of `x`. Where `x` and the weights differ in dtype
+    /// (f32 rows on bf16 weights, as the host kernels also take them) it computes in f32 and
+    /// returns `x`'s dtype.
     ///
     /// # Shapes
     /// - `x`: `[n, d_model]` → `[n, d_model]`
     pub fn forward_expert(&self, expert: usize, x: Tensor<2>) -> Tensor<2> {
+        use burn::tensor::DType;
         let (d, f) = (self.d_model(), self.d_ff());
+        let dtype = x.dtype();
+        let mixed = self.up.val().dtype() != dtype;
         let slice = |p: &Param<Tensor<3>>, rows: usize, cols: usize| {
-            p.val().narrow(0, expert, 1).reshape([rows, cols])
+            let w = p.val().narrow(0, expert, 1).reshape([rows, cols]);
+            if mixed { w.cast(DType::F32) } else { w }
         };
+        let x = if mixed { x.cast(DType::F32) } else { x };
         let up = x.clone().matmul(slice(&self.up, d, f));
         let hidden = match &self.gate {
             Some(gate) => silu(x.matmul(slice(gate, d, f))) * up,
             None => gelu(up),
         };
-        hidden.matmul(slice(&self.down, f, d))
+        let out = hidden.matmul(slice(&self.down, f, d));
+        if mixed { out.cast(dtype) } else { out }
     }
 
     /// Applies the experts to `x` as `routing` says (any routing, not only this crate's router):
