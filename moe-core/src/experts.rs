@@ -226,7 +226,10 @@ impl Experts {
         use burn::tensor::DType;
         let (d, f) = (self.d_model(), self.d_ff());
         let dtype = x.dtype();
-        let mixed = self.up.val().dtype() != dtype;
+        let mixed = [Some(&self.up), Some(&self.down), self.gate.as_ref()]
+            .into_iter()
+            .flatten()
+            .any(|p| p.val().dtype() != dtype);
         let slice = |p: &Param<Tensor<3>>, rows: usize, cols: usize| {
             let w = p.val().narrow(0, expert, 1).reshape([rows, cols]);
             if mixed { w.cast(DType::F32) } else { w }
