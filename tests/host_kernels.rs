@@ -26,6 +26,22 @@ fn run(layer: &MoeLayer, x: &[f32], t: usize, k: usize, strategy: DispatchStrate
     common::host(layer.try_forward(x, &TopK::Fixed(k)).unwrap().hidden)
 }
 
+/// `experts` with every matrix cast to `dtype` (stored contiguous, row-major).
+fn cast_experts(experts: &moe::Experts, dtype: DType) -> moe::Experts {
+    let cast = |p: &Param<Tensor<3>>| p.val().cast(dtype);
+    moe::Experts::from_tensors(
+        experts.gate.as_ref().map(cast),
+        cast(&experts.up),
+        cast(&experts.down),
+    )
+    .unwrap()
+}
+
+/// `experts` rounded to bf16 and widened back to f32.
+fn widened(experts: &moe::Experts) -> moe::Experts {
+    cast_experts(&cast_experts(experts, DType::BF16), DType::F32)
+}
+
 fn largest(v: &[f32]) -> f32 {
     v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
 }
@@ -91,22 +107,10 @@ fn bf16_weights_are_widened_exactly() {
     let config = MoeLayerConfig::olmoe(32, 48, 4, 2);
     let layer = common::seeded_layer(&config, 5, &device);
     // the same weights, rounded to bf16: stored as bf16, and stored as f32
-    let round = |p: &Param<Tensor<3>>| p.val().cast(DType::BF16);
     let mut bf16 = layer.clone();
-    bf16.experts = moe::Experts::from_tensors(
-        layer.experts.gate.as_ref().map(round),
-        round(&layer.experts.up),
-        round(&layer.experts.down),
-    )
-    .unwrap();
+    bf16.experts = cast_experts(&layer.experts, DType::BF16);
     let mut rounded = layer.clone();
-    let widen = |p: &Param<Tensor<3>>| p.val().cast(DType::BF16).cast(DType::F32);
-    rounded.experts = moe::Experts::from_tensors(
-        layer.experts.gate.as_ref().map(widen),
-        widen(&layer.experts.up),
-        widen(&layer.experts.down),
-    )
-    .unwrap();
+    rounded.experts = widened(&layer.experts);
     for t in [1, 40] {
         let x = common::normal(t * 32, 1.0, t as u64);
         let a = run(&bf16, &x, t, 2, DispatchStrategy::Kernels);
@@ -130,15 +134,8 @@ fn results_do_not_depend_on_the_thread_count() {
     let Some(device) = flex() else { return };
     let layer = common::seeded_layer(&MoeLayerConfig::olmoe(64, 256, 8, 2), 9, &device);
     // and bf16 weights as `with_host_layout` stores them, in a bf16 computation
-    let cast = |p: &Param<Tensor<3>>| p.val().cast(DType::BF16);
     let mut bf16 = layer.clone();
-    bf16.experts = moe::Experts::from_tensors(
-        layer.experts.gate.as_ref().map(cast),
-        cast(&layer.experts.up),
-        cast(&layer.experts.down),
-    )
-    .unwrap()
-    .with_host_layout();
+    bf16.experts = cast_experts(&layer.experts, DType::BF16).with_host_layout();
     for (layer, dtype) in [(&layer, DType::F32), (&bf16, DType::BF16)] {
         for t in [1, 9, 200] {
             let x = common::normal(t * 64, 1.0, t as u64);
@@ -216,10 +213,7 @@ fn with_host_layout_moves_only_bf16_weights() {
         cpu::HostTensor::new(f32_experts.up.val()).unwrap().matrix(),
         Some(cpu::Matrix::F32(_))
     ));
-    let cast = |p: &Param<Tensor<3>>| p.val().cast(DType::BF16);
-    let gelu = moe::Experts::from_tensors(None, cast(&layer.experts.up), cast(&layer.experts.down))
-        .unwrap()
-        .with_host_layout();
+    let gelu = cast_experts(&layer.experts, DType::BF16).with_host_layout();
     assert!(gelu.gate.is_none());
     for p in [&gelu.up, &gelu.down] {
         let moved = matches!(
@@ -230,7 +224,7 @@ fn with_host_layout_moves_only_bf16_weights() {
     }
     assert_eq!(
         common::host(gelu.up.val().cast(DType::F32)),
-        common::host(cast(&layer.experts.up).cast(DType::F32))
+        common::host(layer.experts.up.val().cast(DType::BF16).cast(DType::F32))
     );
 }
 
@@ -293,20 +287,8 @@ fn bf16_compute_matches_alone_and_in_a_batch() {
     );
     let (h, f, e, k, t) = (64usize, 96usize, 4usize, 2usize, 300usize);
     let layer = common::seeded_layer(&MoeLayerConfig::olmoe(h, f, e, k), 21, &device);
-    let cast = |p: &Param<Tensor<3>>| p.val().cast(DType::BF16);
-    let bf16 = moe::Experts::from_tensors(
-        layer.experts.gate.as_ref().map(cast),
-        cast(&layer.experts.up),
-        cast(&layer.experts.down),
-    )
-    .unwrap();
-    let widen = |p: &Param<Tensor<3>>| p.val().cast(DType::BF16).cast(DType::F32);
-    let f32_twin = moe::Experts::from_tensors(
-        layer.experts.gate.as_ref().map(widen),
-        widen(&layer.experts.up),
-        widen(&layer.experts.down),
-    )
-    .unwrap();
+    let bf16 = cast_experts(&layer.experts, DType::BF16);
+    let f32_twin = widened(&layer.experts);
     // the host kernels read these weights in place (else the layer would take the tensor ops)
     let stored = cpu::HostTensor::new(bf16.up.val()).unwrap();
     assert!(matches!(stored.matrix(), Some(cpu::Matrix::Bf16(_))));
@@ -378,14 +360,8 @@ fn out_major_bf16_weights_give_the_row_major_results() {
     let Some(device) = flex() else { return };
     let (h, f, e, k) = (40usize, 72usize, 4usize, 2usize);
     let layer = common::seeded_layer(&MoeLayerConfig::olmoe(h, f, e, k), 33, &device);
-    let cast = |p: &Param<Tensor<3>>| p.val().cast(DType::BF16);
     let mut row_major = layer.clone();
-    row_major.experts = moe::Experts::from_tensors(
-        layer.experts.gate.as_ref().map(cast),
-        cast(&layer.experts.up),
-        cast(&layer.experts.down),
-    )
-    .unwrap();
+    row_major.experts = cast_experts(&layer.experts, DType::BF16);
     let mut out_major = row_major.clone();
     out_major.experts = out_major.experts.with_host_layout();
     let moved = cpu::bf16_out_major_preferred();

@@ -49,24 +49,74 @@ const LINE: usize = 32;
 /// # Safety
 /// `out` must point to `rows.len()` rows of `out.cols` writable values no one else touches.
 pub(crate) unsafe fn dots(rows: &[&[f32]], w: &[bf16], c0: usize, out: OutBlock, bf16_rows: bool) {
-    let k = rows.first().map_or(0, |x| x.len());
-    assert!(rows.iter().all(|x| x.len() == k));
-    assert!((c0 + out.cols) * k <= w.len());
+    // SAFETY: the caller's contract.
+    unsafe { Prepared::new(rows, bf16_rows).product(rows, w, c0, out) }
+}
+
+/// A segment's rows in the form [`dots`] reads them, made once per work item (SwiGLU's gate
+/// and up products share it): k-pairs for `vdpbf16ps`, even-k and odd-k halves per line for
+/// the widening, or nothing (the portable product reads the rows where they are).
+pub(crate) struct Prepared {
+    form: Form,
+    m: usize,
+    k: usize,
+}
+
+enum Form {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-    {
-        // SAFETY: the features were just detected; the bounds above; the block is the caller's.
+    Pairs(Vec<u32>),
+    #[cfg(target_arch = "x86_64")]
+    Split(Vec<f32>),
+    Rows,
+}
+
+impl Prepared {
+    /// `rows` (each `K` long; panics, a bug in the caller, when they differ) for the products
+    /// this CPU runs; `bf16_rows` as in [`dots`].
+    pub(crate) fn new(rows: &[&[f32]], bf16_rows: bool) -> Self {
+        let k = rows.first().map_or(0, |x| x.len());
+        assert!(rows.iter().all(|x| x.len() == k));
+        #[cfg(target_arch = "x86_64")]
+        let form = match (
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw"),
+            bf16_rows && std::arch::is_x86_feature_detected!("avx512bf16"),
+        ) {
+            (true, true) => Form::Pairs(pairs_of(rows, k)),
+            (true, false) => Form::Split(split_of(rows, k)),
+            (false, _) => Form::Rows,
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let form = Form::Rows;
+        Self {
+            form,
+            m: rows.len(),
+            k,
+        }
+    }
+
+    /// [`dots`] on these prepared `rows` (the same ones [`Prepared::new`] was given). Panics
+    /// (a bug in the caller) when they are other rows or outputs `c0..c0 + out.cols` do not
+    /// fit in `w`.
+    ///
+    /// # Safety
+    /// As [`dots`].
+    pub(crate) unsafe fn product(&self, rows: &[&[f32]], w: &[bf16], c0: usize, out: OutBlock) {
+        let (m, k) = (self.m, self.k);
+        assert!(rows.len() == m && rows.iter().all(|x| x.len() == k));
+        assert!((c0 + out.cols) * k <= w.len());
+        // SAFETY: the forms are made only where their features were detected; the bounds
+        // above; the block is the caller's.
         unsafe {
-            match bf16_rows && std::arch::is_x86_feature_detected!("avx512bf16") {
-                true => dots_bf16_avx512(rows, w, k, c0, out),
-                false => dots_f32_avx512(rows, w, k, c0, out),
+            match &self.form {
+                #[cfg(target_arch = "x86_64")]
+                Form::Pairs(pairs) => dots_bf16_avx512(pairs, m, w, k, c0, out),
+                #[cfg(target_arch = "x86_64")]
+                Form::Split(split) => dots_f32_avx512(split, m, w, k, c0, out),
+                Form::Rows => dots_portable(rows, w, k, c0, out),
             }
         }
-        return;
     }
-    // SAFETY: the caller's contract.
-    unsafe { dots_portable(rows, w, k, c0, out) };
 }
 
 /// Whether [`dots`] reads out-major weights faster than the `[K, N]` panel reads row-major
@@ -425,48 +475,67 @@ unsafe fn pass<M: Meet, const O: usize, const R: usize, const PREFETCH: bool>(
     }
 }
 
-/// [`dots`] on bf16 rows with `vdpbf16ps`.
-///
-/// # Safety
-/// AVX-512 F, BW and BF16; as [`dots`], with `k` the rows' length and the bounds checked.
+/// The rows as k-pairs (bf16 of `k = 2p` low, `2p + 1` high), each padded with zeros to
+/// whole lines.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn dots_bf16_avx512(rows: &[&[f32]], w: &[bf16], k: usize, c0: usize, out: OutBlock) {
+fn pairs_of(rows: &[&[f32]], k: usize) -> Vec<u32> {
     let kp = padded_k(k) / 2;
-    // the rows as k-pairs, the last line padded with zeros
     let mut pairs = vec![0u32; rows.len() * kp];
     for (x, p) in rows.iter().zip(pairs.chunks_exact_mut(kp.max(1))) {
         for (i, v) in x.iter().enumerate() {
             p[i / 2] |= u32::from(bf16::from_f32(*v).to_bits()) << (16 * (i % 2));
         }
     }
-    // SAFETY: output c0 lies inside `w` (the caller's bounds; at its end when no output is
-    // asked for); the features are this function's, the block the caller's.
-    unsafe {
-        let lines = Lines::new(w.as_ptr().add(c0 * k), k, out.cols);
-        drive::<Pairs>(&pairs, kp, rows.len(), lines, out);
-    }
+    pairs
 }
 
-/// [`dots`] on f32 rows: each weight line widened to its even and odd k.
-///
-/// # Safety
-/// AVX-512 F and BW; as [`dots`], with `k` the rows' length and the bounds checked.
+/// Each row per line of 32 k: its 16 even-k values, then its 16 odd-k ones (zero past K).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn dots_f32_avx512(rows: &[&[f32]], w: &[bf16], k: usize, c0: usize, out: OutBlock) {
+fn split_of(rows: &[&[f32]], k: usize) -> Vec<f32> {
     let len = padded_k(k);
-    // each row per line of 32 k: its 16 even-k values, then its 16 odd-k ones (zero past K)
     let mut split = vec![0f32; rows.len() * len];
     for (x, s) in rows.iter().zip(split.chunks_exact_mut(len.max(1))) {
         for (i, &v) in x.iter().enumerate() {
             s[i / LINE * LINE + (i % 2) * 16 + (i % LINE) / 2] = v;
         }
     }
+    split
+}
+
+/// [`dots`] on `m` bf16 rows packed by [`pairs_of`], with `vdpbf16ps`.
+///
+/// # Safety
+/// AVX-512 F, BW and BF16; as [`dots`], with `k` the rows' length and the bounds checked.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn dots_bf16_avx512(
+    pairs: &[u32],
+    m: usize,
+    w: &[bf16],
+    k: usize,
+    c0: usize,
+    out: OutBlock,
+) {
+    // SAFETY: output c0 lies inside `w` (the caller's bounds; at its end when no output is
+    // asked for); the features are this function's, the block the caller's.
+    unsafe {
+        let lines = Lines::new(w.as_ptr().add(c0 * k), k, out.cols);
+        drive::<Pairs>(pairs, padded_k(k) / 2, m, lines, out);
+    }
+}
+
+/// [`dots`] on `m` f32 rows split by [`split_of`]: each weight line widened to its even and
+/// odd k.
+///
+/// # Safety
+/// AVX-512 F and BW; as [`dots`], with `k` the rows' length and the bounds checked.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn dots_f32_avx512(split: &[f32], m: usize, w: &[bf16], k: usize, c0: usize, out: OutBlock) {
     // SAFETY: as in `dots_bf16_avx512`.
     unsafe {
         let lines = Lines::new(w.as_ptr().add(c0 * k), k, out.cols);
-        drive::<Widen>(&split, len, rows.len(), lines, out);
+        drive::<Widen>(split, padded_k(k), m, lines, out);
     }
 }
 
@@ -494,11 +563,11 @@ mod tests {
             };
             if has("f") && has("bw") {
                 variants.push(("f32 avx512", false, |r, w, k, c0, o| unsafe {
-                    dots_f32_avx512(r, w, k, c0, o)
+                    dots_f32_avx512(&split_of(r, k), r.len(), w, k, c0, o)
                 }));
                 if has("bf16") {
                     variants.push(("bf16 avx512", true, |r, w, k, c0, o| unsafe {
-                        dots_bf16_avx512(r, w, k, c0, o)
+                        dots_bf16_avx512(&pairs_of(r, k), r.len(), w, k, c0, o)
                     }));
                 }
             }

@@ -487,6 +487,9 @@ struct ItemRows<'a> {
     long: Long<'a>,
     /// The rows are bf16 values (see [`Paths::bf16_rows`]).
     bf16_rows: bool,
+    /// A short segment's rows as `dots` reads them, made by the first product on out-major
+    /// weights and kept for the item's others.
+    dots: std::cell::OnceCell<dots::Prepared>,
 }
 
 impl<'a> ItemRows<'a> {
@@ -523,6 +526,7 @@ impl<'a> ItemRows<'a> {
             rows,
             long,
             bf16_rows: paths.bf16_rows,
+            dots: std::cell::OnceCell::new(),
         }
     }
 
@@ -536,7 +540,10 @@ impl<'a> ItemRows<'a> {
         match (&self.long, w) {
             // SAFETY: the caller's contract.
             (Long::No, Matrix::Bf16T(w)) => unsafe {
-                dots::dots(&self.rows, w, c0, out, self.bf16_rows)
+                let prepared = self
+                    .dots
+                    .get_or_init(|| dots::Prepared::new(&self.rows, self.bf16_rows));
+                prepared.product(&self.rows, w, c0, out)
             },
             // SAFETY: the caller's contract.
             (Long::No, _) => unsafe { panel::panel(&self.rows, w, n, c0, out) },

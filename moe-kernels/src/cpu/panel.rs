@@ -86,6 +86,7 @@ impl Order {
     }
 
     /// The index of element `(k, c)`.
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     pub(crate) fn at(self, k: usize, c: usize) -> usize {
         match self {
