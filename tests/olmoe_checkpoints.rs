@@ -344,9 +344,8 @@ fn broken_checkpoints_are_typed_errors_naming_the_problem() {
         );
         let kind_ok = match case {
             "missing-tensor" => matches!(err, LoadError::MissingTensor { .. }),
-            "misshaped-tensor" | "config-disagrees-with-weights" => {
-                matches!(err, LoadError::ShapeMismatch { .. })
-            }
+            "misshaped-tensor" => matches!(err, LoadError::ShapeMismatch { .. }),
+            "config-disagrees-with-weights" => matches!(err, LoadError::ConfigMismatch { .. }),
             "int-tensor" => matches!(err, LoadError::UnsupportedDtype { .. }),
             "no-config" => matches!(err, LoadError::Io { .. }),
             "config-not-json" | "k-above-experts" | "negative-size" => {

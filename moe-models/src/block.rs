@@ -36,12 +36,33 @@ pub enum ExpertNaming {
 }
 
 impl ExpertNaming {
-    fn names(self) -> [&'static str; 3] {
+    pub(crate) fn names(self) -> [&'static str; 3] {
         match self {
             ExpertNaming::Proj => ["gate_proj", "up_proj", "down_proj"],
             ExpertNaming::Mixtral => ["w1", "w3", "w2"],
         }
     }
+}
+
+/// Checks that every tensor of `names` is stored with `shape` before anything of that size is
+/// allocated: sizes come from config.json, and only a tensor that exists in a file proves them.
+fn check_shapes(
+    source: &dyn ReadTensors,
+    names: &[String],
+    shape: &[usize],
+) -> Result<(), LoadError> {
+    for name in names {
+        let got = source.shape(name)?;
+        if got != shape {
+            return Err(LoadError::ShapeMismatch {
+                name: name.clone(),
+                source_name: "the checkpoint".into(),
+                expected: shape.to_vec(),
+                got,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Reads `[out, in]` matrices and returns them stacked as they are: `[n, out, in]`.
@@ -51,6 +72,7 @@ fn stacked(
     out_dim: usize,
     in_dim: usize,
 ) -> Result<TensorData, LoadError> {
+    check_shapes(source, names, &[out_dim, in_dim])?;
     let mut stacked = Vec::with_capacity(names.len() * in_dim * out_dim);
     for name in names {
         stacked.extend(source.read_f32(name, &[out_dim, in_dim])?);
@@ -65,6 +87,7 @@ fn stacked_transposed(
     out_dim: usize,
     in_dim: usize,
 ) -> Result<TensorData, LoadError> {
+    check_shapes(source, names, &[out_dim, in_dim])?;
     let mut stacked = vec![0f32; names.len() * in_dim * out_dim];
     for (n, name) in names.iter().enumerate() {
         let m = source.read_f32(name, &[out_dim, in_dim])?;
@@ -96,7 +119,7 @@ fn load_experts(
     let out_major = Experts::prefers_out_major(device, dtype);
     let packed = format!("{prefix}experts.gate_up_proj");
     if source.contains(&packed) {
-        let gate_up = source.read_f32(&packed, &[e, 2 * i, h])?;
+        let gate_up = source.read_f32(&packed, &[e, i.saturating_mul(2), h])?;
         let down_names = [format!("{prefix}experts.down_proj")];
         let down = source.read_f32(&down_names[0], &[e, h, i])?;
         if out_major {
@@ -225,6 +248,8 @@ pub fn load_block_as(
 ) -> Result<MoeLayer, LoadError> {
     config.validate()?;
     let (e, h) = (config.num_experts, config.d_model);
+    // the router's shape proves E and H before a layer of that size is built
+    check_shapes(source, &[format!("{prefix}gate.weight")], &[e, h])?;
     let mut router: Router = config.router().init(device)?;
     router.weight = Param::from_tensor(matrix_transposed(
         source,

@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use crate::error::LoadError;
+use crate::files;
 use crate::tensors::{ReadTensors, TensorSource};
 
 /// Every safetensors file of a checkpoint, and the tensors read so far.
@@ -32,23 +33,28 @@ impl Checkpoint {
 
     /// Opens `dir/model.safetensors.index.json` and its shards if present, else
     /// `dir/model.safetensors`.
+    ///
+    /// Every file is opened through [`files::open_in_folder`]: a shard must be named by a
+    /// relative path without `..`, resolve (after symbolic links) inside `dir` — or inside the
+    /// `blobs` folder of a Hugging Face hub cache when `dir` is one of its snapshots — and be a
+    /// regular file; anything else is [`LoadError::UnsafePath`] or [`LoadError::Io`] before a
+    /// byte of it is read.
     pub fn open(dir: &Path) -> Result<Self, LoadError> {
-        let index_path = dir.join("model.safetensors.index.json");
-        if !index_path.exists() {
-            let single = dir.join("model.safetensors");
-            if !single.exists() {
+        const INDEX: &str = "model.safetensors.index.json";
+        const SINGLE: &str = "model.safetensors";
+        if !files::exists_in_folder(dir, INDEX) {
+            if !files::exists_in_folder(dir, SINGLE) {
                 return Err(LoadError::Io {
                     path: dir.display().to_string(),
-                    reason: "neither model.safetensors nor model.safetensors.index.json is there"
-                        .into(),
+                    reason: format!("neither {SINGLE} nor {INDEX} is there"),
                 });
             }
-            return Ok(Self::from_source(TensorSource::open(&single)?));
+            let (file, path) = files::open_in_folder(dir, SINGLE)?;
+            let source = TensorSource::from_file(file, path.display().to_string())?;
+            return Ok(Self::from_source(source));
         }
-        let text = std::fs::read_to_string(&index_path).map_err(|e| LoadError::Io {
-            path: index_path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let index_path = dir.join(INDEX);
+        let text = files::read_text_in_folder(dir, INDEX, files::INDEX_LIMIT)?;
         let corrupt = |reason: String| LoadError::Corrupt {
             source_name: index_path.display().to_string(),
             reason,
@@ -59,24 +65,25 @@ impl Checkpoint {
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| corrupt("no `weight_map` object".into()))?;
-        let mut files: Vec<String> = Vec::new();
-        let mut index = HashMap::new();
+        let mut shards: Vec<&str> = Vec::new();
+        let mut shard_of: HashMap<&str, usize> = HashMap::new();
+        let mut index = HashMap::with_capacity(map.len());
         for (tensor, file) in map {
             let file = file
                 .as_str()
-                .ok_or_else(|| corrupt(format!("weight_map[{tensor}] is not a file name")))?;
-            let shard = match files.iter().position(|f| f == file) {
-                Some(i) => i,
-                None => {
-                    files.push(file.to_string());
-                    files.len() - 1
-                }
-            };
+                .ok_or_else(|| corrupt(format!("weight_map[{tensor:?}] is not a file name")))?;
+            let shard = *shard_of.entry(file).or_insert_with(|| {
+                shards.push(file);
+                shards.len() - 1
+            });
             index.insert(tensor.clone(), shard);
         }
-        let sources = files
+        let sources = shards
             .iter()
-            .map(|f| TensorSource::open(&dir.join(f)))
+            .map(|f| {
+                let (file, path) = files::open_in_folder(dir, f)?;
+                TensorSource::from_file(file, path.display().to_string())
+            })
             .collect::<Result<Vec<_>, _>>()?;
         for (tensor, &shard) in &index {
             if !sources[shard].contains(tensor) {
@@ -146,6 +153,11 @@ impl Checkpoint {
         names
     }
 
+    /// Every tensor name, unsorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
     /// Tensors read so far.
     pub fn used(&self) -> usize {
         self.used.borrow().len()
@@ -155,6 +167,9 @@ impl Checkpoint {
 impl ReadTensors for Checkpoint {
     fn contains(&self, name: &str) -> bool {
         Checkpoint::contains(self, name)
+    }
+    fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError> {
+        Checkpoint::shape(self, name)
     }
     fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
         Checkpoint::read_f32(self, name, expected)

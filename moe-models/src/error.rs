@@ -45,6 +45,27 @@ pub enum LoadError {
         /// What the system said.
         reason: String,
     },
+    /// A model folder names a file outside itself (e.g. a shard `../x.safetensors` in
+    /// `model.safetensors.index.json`, or a symbolic link leading out of the folder).
+    #[error("{folder}: refusing to read `{name}`: {reason}")]
+    UnsafePath {
+        /// The model folder.
+        folder: String,
+        /// The name as the folder gave it.
+        name: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// `config.json` disagrees with the checkpoint's tensors.
+    #[error("config.json says {field} = {value}, but {found}")]
+    ConfigMismatch {
+        /// The config field (or fields).
+        field: String,
+        /// Its value in config.json.
+        value: String,
+        /// What the checkpoint holds instead (a tensor and its shape).
+        found: String,
+    },
     /// `config.json` is missing a field, has an impossible value or asks for something this
     /// engine does not implement.
     #[error("config.json: `{field}` {reason}")]
@@ -176,6 +197,27 @@ pub enum RunError {
     NonFiniteLogits {
         /// The generation step.
         step: usize,
+    },
+    /// The call would reach more positions than the model was made for.
+    #[error(
+        "{cached} cached + {len} new tokens exceed the model's context of {max} positions (max_position_embeddings)"
+    )]
+    ContextTooLong {
+        /// Positions already in the KV cache.
+        cached: usize,
+        /// Tokens in this call (per row).
+        len: usize,
+        /// The model's limit.
+        max: usize,
+    },
+    /// The forward pass produced NaN or infinite values (non-finite weights, an f16 overflow,
+    /// or a config whose values blow up).
+    #[error(
+        "non-finite values (NaN or infinity) first appear in {stage}; check the weights and config, or compute in a wider dtype (--dtype f32)"
+    )]
+    NonFinite {
+        /// The first step whose output is not finite.
+        stage: crate::olmoe::Stage,
     },
     /// The MoE layers rejected the call (e.g. k out of range).
     #[error(transparent)]

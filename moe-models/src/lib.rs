@@ -9,6 +9,7 @@
 pub mod block;
 pub mod checkpoint;
 pub mod error;
+pub mod files;
 pub mod io;
 pub mod olmoe;
 pub mod tensors;

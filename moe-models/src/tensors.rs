@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use half::{bf16, f16};
+use safetensors::Dtype;
 use safetensors::tensor::Metadata;
-use safetensors::{Dtype, SafeTensors};
 
 use crate::error::LoadError;
 
@@ -14,6 +14,8 @@ use crate::error::LoadError;
 pub trait ReadTensors {
     /// Whether a tensor of that name exists.
     fn contains(&self, name: &str) -> bool;
+    /// The stored shape of a tensor (read from the header: nothing is allocated for its data).
+    fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError>;
     /// Reads a float tensor (F32, BF16 or F16) as f32, checking its shape.
     fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError>;
 }
@@ -22,45 +24,120 @@ impl ReadTensors for TensorSource {
     fn contains(&self, name: &str) -> bool {
         TensorSource::contains(self, name)
     }
+    fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError> {
+        TensorSource::shape(self, name)
+    }
     fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
         TensorSource::read_f32(self, name, expected)
     }
 }
 
-/// The bytes of one safetensors file: memory-mapped, or owned.
+/// The bytes of one safetensors file: an open file read with positioned reads, or a buffer.
+///
+/// Files are read, not memory-mapped: a file truncated by another process while it is open
+/// then gives a short read, reported as [`LoadError::Io`], where a mapping would kill the
+/// process with SIGBUS. The loader converts every tensor on the host anyway, so the copy costs
+/// one pass over a 4 MiB buffer that stays in cache.
 enum Bytes {
-    Mapped(memmap2::Mmap),
+    File(std::fs::File),
     Owned(Vec<u8>),
 }
 
-impl Bytes {
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            Bytes::Mapped(m) => m,
-            Bytes::Owned(v) => v,
-        }
-    }
+/// Bytes read from a file per positioned read while converting a tensor.
+const CHUNK: usize = 4 << 20;
 
-    /// Lets the kernel drop the mapped pages of `range` from this process once a tensor has been
-    /// converted: without it, every page read stays resident and loading a checkpoint would
-    /// hold the file's pages and the model's copy at once.
-    fn release(&self, range: std::ops::Range<usize>) {
-        #[cfg(unix)]
-        if let Bytes::Mapped(map) = self {
-            // SAFETY: the map is a read-only, file-backed mapping; after MADV_DONTNEED a later
-            // read of these pages faults them in again from the file, so every slice of the map
-            // keeps reading the same bytes. No pointer into the range is held across this call.
-            let _ = unsafe {
-                map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    range.start,
-                    range.len(),
-                )
-            };
+impl Bytes {
+    /// Calls `each` with consecutive pieces of `range`, each a whole number of `unit`-byte
+    /// values; `name` is the file for errors.
+    fn for_chunks(
+        &self,
+        range: std::ops::Range<usize>,
+        unit: usize,
+        name: &str,
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<(), LoadError> {
+        match self {
+            Bytes::Owned(v) => {
+                each(&v[range]);
+                Ok(())
+            }
+            Bytes::File(file) => {
+                let mut buffer = vec![0u8; CHUNK.min(range.len()) / unit * unit];
+                let mut at = range.start;
+                while at < range.end {
+                    let len = (range.end - at).min(buffer.len());
+                    read_exact_at(file, &mut buffer[..len], at as u64).map_err(|e| {
+                        LoadError::Io {
+                            path: name.to_string(),
+                            reason: format!(
+                                "bytes {at}..{} (the file changed since it was opened?): {e}",
+                                at + len
+                            ),
+                        }
+                    })?;
+                    each(&buffer[..len]);
+                    at += len;
+                }
+                Ok(())
+            }
         }
-        #[cfg(not(unix))]
-        let _ = range;
     }
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &std::fs::File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, offset)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The largest header safetensors accepts.
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Parses and checks a safetensors header: `prefix` is the file's first 8 bytes, `header` the
+/// JSON after them, `file_len` the file's whole length. Offsets must be in order, sizes must
+/// match shape × dtype, and the data must end exactly at the end of the file.
+fn parse_header(header: &[u8], file_len: u64) -> Result<Metadata, String> {
+    let metadata: Metadata = serde_json::from_slice(header).map_err(|e| e.to_string())?;
+    let data_len = metadata
+        .tensors()
+        .values()
+        .map(|info| info.data_offsets.1 as u64)
+        .max()
+        .unwrap_or(0);
+    let expected = 8 + header.len() as u64 + data_len;
+    if expected != file_len {
+        return Err(format!(
+            "the header describes {expected} bytes of file, the file has {file_len}"
+        ));
+    }
+    Ok(metadata)
+}
+
+/// The byte range of a header of `n` bytes in a file of `file_len` bytes.
+fn header_range(n: u64, file_len: u64) -> Result<std::ops::Range<usize>, String> {
+    if n > MAX_HEADER {
+        return Err(format!("a header of {n} bytes, more than {MAX_HEADER}"));
+    }
+    if 8 + n > file_len {
+        return Err(format!(
+            "a header of {n} bytes in a file of {file_len} bytes"
+        ));
+    }
+    Ok(8..8 + n as usize)
 }
 
 /// One safetensors file (or buffer) whose header has been checked, and its name for errors.
@@ -82,35 +159,63 @@ impl std::fmt::Debug for TensorSource {
 impl TensorSource {
     /// Checks `bytes` (a whole safetensors file); `name` appears in every error.
     pub fn from_bytes(bytes: Vec<u8>, name: impl Into<String>) -> Result<Self, LoadError> {
-        Self::new(Bytes::Owned(bytes), name.into())
-    }
-
-    /// Memory-maps the file at `path`: tensors are read straight from the page cache.
-    pub fn open(path: &Path) -> Result<Self, LoadError> {
-        let name = path.display().to_string();
-        let io = |e: std::io::Error| LoadError::Io {
-            path: name.clone(),
-            reason: e.to_string(),
-        };
-        let file = std::fs::File::open(path).map_err(io)?;
-        // SAFETY: the map is read-only; a checkpoint changed on disk while loading is the
-        // caller's mistake, as with any reader of that file.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Self::new(Bytes::Mapped(map), name)
-    }
-
-    fn new(bytes: Bytes, name: String) -> Result<Self, LoadError> {
+        let name = name.into();
         let corrupt = |reason: String| LoadError::Corrupt {
             source_name: name.clone(),
             reason,
         };
-        // Full validation: header JSON, offsets inside the file, sizes matching shape × dtype.
-        SafeTensors::deserialize(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
-        let (header_len, metadata) =
-            SafeTensors::read_metadata(bytes.as_slice()).map_err(|e| corrupt(e.to_string()))?;
+        let prefix: [u8; 8] = bytes
+            .get(..8)
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "{} bytes, shorter than the 8-byte header length",
+                    bytes.len()
+                ))
+            })?;
+        let n = u64::from_le_bytes(prefix);
+        let header = header_range(n, bytes.len() as u64).map_err(corrupt)?;
+        let metadata = parse_header(&bytes[header.clone()], bytes.len() as u64).map_err(corrupt)?;
         Ok(TensorSource {
-            bytes,
-            data_start: 8 + header_len,
+            bytes: Bytes::Owned(bytes),
+            data_start: header.end,
+            metadata,
+            name,
+        })
+    }
+
+    /// Opens the safetensors file at `path` and checks its header; tensors are read from the
+    /// file when asked for. Only a regular file is opened (a FIFO or device is an error).
+    pub fn open(path: &Path) -> Result<Self, LoadError> {
+        let file = crate::files::open_regular(path)?;
+        Self::from_file(file, path.display().to_string())
+    }
+
+    /// [`TensorSource::open`] on a file already opened (and checked to be a regular file).
+    pub(crate) fn from_file(file: std::fs::File, name: String) -> Result<Self, LoadError> {
+        let io = |e: std::io::Error| LoadError::Io {
+            path: name.clone(),
+            reason: e.to_string(),
+        };
+        let corrupt = |reason: String| LoadError::Corrupt {
+            source_name: name.clone(),
+            reason,
+        };
+        let len = file.metadata().map_err(io)?.len();
+        if len < 8 {
+            return Err(corrupt(format!(
+                "{len} bytes, shorter than the 8-byte header length"
+            )));
+        }
+        let mut prefix = [0u8; 8];
+        read_exact_at(&file, &mut prefix, 0).map_err(io)?;
+        let header = header_range(u64::from_le_bytes(prefix), len).map_err(corrupt)?;
+        let mut text = vec![0u8; header.len()];
+        read_exact_at(&file, &mut text, 8).map_err(io)?;
+        let metadata = parse_header(&text, len).map_err(corrupt)?;
+        Ok(TensorSource {
+            bytes: Bytes::File(file),
+            data_start: header.end,
             metadata,
             name,
         })
@@ -178,40 +283,58 @@ impl TensorSource {
     /// Reads a float tensor (F32, BF16 or F16) as f32, checking its shape.
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
         let (dtype, range) = self.checked(name, expected)?;
-        let bytes = &self.bytes.as_slice()[range.clone()];
-        let values = match dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+        let convert: fn(&[u8], &mut Vec<f32>) = match dtype {
+            Dtype::F32 => |b, out| {
+                out.extend(
+                    b.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                )
+            },
+            Dtype::BF16 => |b, out| {
+                out.extend(
+                    b.chunks_exact(2)
+                        .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+                )
+            },
+            Dtype::F16 => |b, out| {
+                out.extend(
+                    b.chunks_exact(2)
+                        .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                )
+            },
             other => return Err(self.unsupported(name, other, "F32, BF16 or F16")),
         };
-        self.bytes.release(range);
+        let mut values = Vec::with_capacity(range.len() / dtype.bitsize().div_ceil(8).max(1));
+        self.bytes
+            .for_chunks(range, dtype.bitsize() / 8, &self.name, |b| {
+                convert(b, &mut values)
+            })?;
         Ok(values)
     }
 
     /// Reads an integer tensor (I64 or I32) as i64, checking its shape.
     pub fn read_i64(&self, name: &str, expected: &[usize]) -> Result<Vec<i64>, LoadError> {
         let (dtype, range) = self.checked(name, expected)?;
-        let bytes = &self.bytes.as_slice()[range];
-        Ok(match dtype {
-            Dtype::I64 => bytes
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-                .collect(),
-            Dtype::I32 => bytes
-                .chunks_exact(4)
-                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64)
-                .collect(),
-            other => return Err(self.unsupported(name, other, "I64 or I32")),
-        })
+        let convert: fn(&[u8], &mut Vec<i64>) =
+            match dtype {
+                Dtype::I64 => |b, out| {
+                    out.extend(b.chunks_exact(8).map(|b| {
+                        i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+                    }))
+                },
+                Dtype::I32 => |b, out| {
+                    out.extend(
+                        b.chunks_exact(4)
+                            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64),
+                    )
+                },
+                other => return Err(self.unsupported(name, other, "I64 or I32")),
+            };
+        let mut values = Vec::with_capacity(range.len() / (dtype.bitsize() / 8));
+        self.bytes
+            .for_chunks(range, dtype.bitsize() / 8, &self.name, |b| {
+                convert(b, &mut values)
+            })?;
+        Ok(values)
     }
 }

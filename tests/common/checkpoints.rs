@@ -304,7 +304,7 @@ pub fn broken(prefix: &str) -> Vec<(&'static str, PathBuf, &'static str)> {
     with_config(
         "config-disagrees-with-weights",
         edit("intermediate_size", serde_json::json!(48)),
-        "expected [48, 64]",
+        "config.json says intermediate_size = 48, but tensor `model.layers.0.mlp.experts.0.gate_proj.weight` has shape [32, 64]",
     );
     out
 }

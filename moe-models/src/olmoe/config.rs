@@ -161,6 +161,7 @@ fn default_theta() -> f64 {
     10000.0
 }
 
+/// Sizes that, when present, must be positive integers (absent ones take the defaults).
 const REQUIRED_SIZES: [&str; 7] = [
     "vocab_size",
     "hidden_size",
@@ -170,6 +171,99 @@ const REQUIRED_SIZES: [&str; 7] = [
     "num_experts",
     "num_experts_per_tok",
 ];
+
+/// Every field transformers 4.57 gives a default, per architecture (`model_type`), as its
+/// config class does when the field is absent from config.json (`tests/data/config-defaults.json`
+/// holds the classes' own values, written by `scripts/fixtures/config_defaults.py`, and a test
+/// compares the two). Fields derived from others when absent (OLMoE's `num_key_value_heads`,
+/// the head size) are left out and derived as transformers derives them; Qwen's
+/// `sliding_window` is unset unless `use_sliding_window`, as transformers stores it.
+const DEFAULTS: [(&str, &str); 5] = [
+    (
+        "olmoe",
+        r#"{"vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 2048,
+            "num_hidden_layers": 16, "num_attention_heads": 16, "hidden_act": "silu",
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "pad_token_id": 1,
+            "eos_token_id": 50279, "tie_word_embeddings": false, "rope_theta": 10000.0,
+            "attention_bias": false, "num_experts_per_tok": 8, "num_experts": 64,
+            "norm_topk_prob": false}"#,
+    ),
+    (
+        "qwen2_moe",
+        r#"{"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632,
+            "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
+            "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-06,
+            "tie_word_embeddings": false, "rope_theta": 10000.0, "use_sliding_window": false,
+            "decoder_sparse_step": 1, "moe_intermediate_size": 1408,
+            "shared_expert_intermediate_size": 5632, "num_experts_per_tok": 4,
+            "num_experts": 60, "norm_topk_prob": false, "mlp_only_layers": [],
+            "qkv_bias": true}"#,
+    ),
+    (
+        "qwen3_moe",
+        r#"{"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+            "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 4,
+            "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-06,
+            "tie_word_embeddings": false, "rope_theta": 10000.0, "attention_bias": false,
+            "use_sliding_window": false, "decoder_sparse_step": 1,
+            "moe_intermediate_size": 768, "num_experts_per_tok": 8, "num_experts": 128,
+            "norm_topk_prob": false, "mlp_only_layers": []}"#,
+    ),
+    (
+        "mixtral",
+        r#"{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-05,
+            "eos_token_id": 2, "tie_word_embeddings": false, "rope_theta": 1000000.0,
+            "num_experts_per_tok": 2, "num_experts": 8}"#,
+    ),
+    (
+        "deepseek_v3",
+        r#"{"vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+            "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+            "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
+            "num_experts": 256, "routed_scaling_factor": 2.5, "kv_lora_rank": 512,
+            "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+            "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+            "first_k_dense_replace": 3, "norm_topk_prob": true, "hidden_act": "silu",
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-06, "eos_token_id": 1,
+            "tie_word_embeddings": false, "rope_theta": 10000.0, "rope_interleave": true,
+            "attention_bias": false}"#,
+    ),
+];
+
+/// Names of the expert count across architectures.
+const EXPERT_COUNT_NAMES: [&str; 3] = ["num_experts", "num_local_experts", "n_routed_experts"];
+
+/// `object` with every absent field of its architecture's [`DEFAULTS`] filled in (an absent
+/// `model_type` is OLMoE). A `null` `mlp_only_layers` is the empty list, as in transformers.
+fn with_defaults(object: &serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
+    let mut object = object.clone();
+    let model_type = object
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or("olmoe")
+        .to_string();
+    if object.get("mlp_only_layers").is_some_and(Value::is_null) {
+        object.remove("mlp_only_layers");
+    }
+    let table = DEFAULTS
+        .iter()
+        .find(|(name, _)| *name == model_type)
+        .map(|(_, table)| serde_json::from_str::<serde_json::Map<String, Value>>(table));
+    if let Some(Ok(table)) = table {
+        for (field, value) in table {
+            let present = match field.as_str() {
+                "num_experts" => EXPERT_COUNT_NAMES.iter().any(|n| object.contains_key(*n)),
+                _ => object.contains_key(&field),
+            };
+            if !present {
+                object.insert(field, value);
+            }
+        }
+    }
+    object
+}
 
 /// The architectures this engine runs: `model_type` and the `architectures` class name.
 const SUPPORTED: [(&str, &str); 5] = [
@@ -208,6 +302,12 @@ fn check_architecture(object: &serde_json::Map<String, Value>) -> Result<(), Loa
         }),
     }
 }
+
+/// The most decoder layers a config may claim (published MoE models have under 100).
+pub const MAX_LAYERS: usize = 1 << 16;
+
+/// The largest head (or rotary) size a config may claim (published models use 64 to 256).
+pub const MAX_HEAD: usize = 1 << 16;
 
 fn invalid(field: &str, reason: impl Into<String>) -> LoadError {
     LoadError::Config {
@@ -280,19 +380,16 @@ impl OlmoeConfig {
                     .or_else(|| object.get("n_routed_experts")),
                 _ => object.get(field),
             };
-            match value {
-                None => return Err(invalid(field, "is missing")),
-                Some(v) => match v.as_i64() {
-                    Some(n) if n >= 1 => {}
-                    _ => {
-                        return Err(invalid(
-                            field,
-                            format!("must be a positive integer, got {v}"),
-                        ));
-                    }
-                },
+            if let Some(v) = value
+                && !v.as_i64().is_some_and(|n| n >= 1)
+            {
+                return Err(invalid(
+                    field,
+                    format!("must be a positive integer, got {v}"),
+                ));
             }
         }
+        let value = Value::Object(with_defaults(object));
         let config: OlmoeConfig =
             serde_json::from_value(value).map_err(|e| invalid("config.json", e.to_string()))?;
         config.validate()?;
@@ -536,6 +633,80 @@ impl OlmoeConfig {
         {
             return Err(invalid("clip_qkv", format!("must be > 0, got {clip}")));
         }
+        self.validate_sizes()?;
+        Ok(())
+    }
+
+    /// The sizes the decoder assumes: a bounded layer count, heads that divide the widths,
+    /// an even rotary size, finite rotary frequencies and scales, and parameter counts that
+    /// fit in 64 bits.
+    fn validate_sizes(&self) -> Result<(), LoadError> {
+        if self.num_hidden_layers > MAX_LAYERS {
+            return Err(invalid(
+                "num_hidden_layers",
+                format!(
+                    "{} is more than this engine loads ({MAX_LAYERS})",
+                    self.num_hidden_layers
+                ),
+            ));
+        }
+        if self.mla().is_none() {
+            let head_dim = self.head_dim();
+            let field = match self.head_dim {
+                Some(_) => "head_dim",
+                None => "hidden_size / num_attention_heads",
+            };
+            if head_dim < 2 || head_dim % 2 != 0 {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "gives a head size of {head_dim}: rotary embeddings need an even head size of at least 2"
+                    ),
+                ));
+            }
+        }
+        if let Some(m) = self.mla() {
+            for (field, size) in [
+                ("qk_nope_head_dim", Some(m.nope)),
+                ("q_lora_rank", m.q_lora_rank),
+            ] {
+                if size == Some(0) {
+                    return Err(invalid(field, "must be at least 1, got 0"));
+                }
+            }
+        }
+        let rope = self.rope_dim();
+        if rope > MAX_HEAD {
+            return Err(invalid(
+                "head_dim / qk_rope_head_dim",
+                format!("gives a rotary size of {rope}, more than {MAX_HEAD}"),
+            ));
+        }
+        // theta^(2i/d) is monotone in i: the extreme frequencies are at i = 1 and i = d/2 - 1
+        let frequencies = self.rope_frequencies();
+        let extremes = [frequencies.get(1), frequencies.last()];
+        if let Some(bad) = extremes
+            .into_iter()
+            .flatten()
+            .find(|f| !(f.is_finite() && **f > 0.0))
+        {
+            return Err(invalid(
+                "rope_theta",
+                format!(
+                    "{} gives a rotary frequency of {bad} in f32 (1 / theta^(2i/d) must be finite and positive)",
+                    self.rope_theta
+                ),
+            ));
+        }
+        if let Some(scale) = self.routed_scaling_factor
+            && !((scale as f32).is_finite() && scale > 0.0)
+        {
+            return Err(invalid(
+                "routed_scaling_factor",
+                format!("must be a positive number that f32 holds, got {scale}"),
+            ));
+        }
+        self.parameter_counts()?;
         Ok(())
     }
 
@@ -577,7 +748,8 @@ impl OlmoeConfig {
     /// Width of DeepSeek-V3's ungated shared experts together (`n_shared_experts` experts of
     /// `moe_intermediate_size`; none when the config names none).
     fn deepseek_shared_size(&self) -> usize {
-        self.expert_size() * self.n_shared_experts.unwrap_or(0)
+        self.expert_size()
+            .saturating_mul(self.n_shared_experts.unwrap_or(0))
     }
 
     /// Width of the gated shared expert (Qwen2-MoE), if the blocks have one.
@@ -586,56 +758,147 @@ impl OlmoeConfig {
             .filter(|_| self.is_qwen2_moe())
     }
 
+    /// How many of the decoder layers have the MoE block (the others a dense MLP), worked out
+    /// without walking the layers.
+    pub fn sparse_layers(&self) -> usize {
+        let n = self.num_hidden_layers;
+        if self.is_deepseek_v3() {
+            return n - self.first_k_dense_replace.unwrap_or(0).min(n);
+        }
+        let step = self.decoder_sparse_step.unwrap_or(1).max(1);
+        let mut dense: Vec<usize> = self
+            .mlp_only_layers
+            .iter()
+            .copied()
+            .filter(|&l| l < n && (l + 1) % step == 0)
+            .collect();
+        dense.sort_unstable();
+        dense.dedup();
+        n / step - dense.len()
+    }
+
     /// Parameters in total and those one token uses (`k` of `E` experts).
-    pub fn parameter_counts(&self) -> (u64, u64) {
-        let (h, v) = (self.hidden_size as u64, self.vocab_size as u64);
-        let (q, kv, q_norm, k_norm) = self.attention_widths();
-        let (q, kv) = (q as u64, kv as u64);
+    ///
+    /// # Errors
+    /// [`LoadError::Config`] when a count does not fit in a `u64` (sizes no checkpoint can
+    /// have); [`OlmoeConfig::validate`] refuses such configs.
+    pub fn parameter_counts(&self) -> Result<(u64, u64), LoadError> {
+        // Saturating u128 arithmetic: every term is a sum of products of non-negative sizes,
+        // so a saturated term still compares above u64::MAX.
+        let n = |x: usize| x as u128;
+        let (h, v) = (n(self.hidden_size), n(self.vocab_size));
+        let (q, kv, q_norm, k_norm) = self.attention_widths_wide();
         let qk_norms = match self.has_qk_norm() {
-            true => (q_norm + k_norm) as u64,
+            true => q_norm.saturating_add(k_norm),
             false => 0,
         };
-        let biases = if self.has_qkv_bias() { q + 2 * kv } else { 0 };
+        let biases = match self.has_qkv_bias() {
+            true => q.saturating_add(kv.saturating_mul(2)),
+            false => 0,
+        };
+        let sum = |terms: &[u128]| terms.iter().fold(0u128, |a, &t| a.saturating_add(t));
+        let mul = |terms: &[u128]| terms.iter().fold(1u128, |a, &t| a.saturating_mul(t));
         let attention = match self.mla() {
-            None => 2 * h * q + 2 * h * kv + qk_norms + biases, // q, o, k, v, norms, biases
+            None => sum(&[mul(&[2, h, q]), mul(&[2, h, kv]), qk_norms, biases]),
             Some(m) => {
-                let heads = self.num_attention_heads as u64;
-                let (qk, kvl) = ((m.nope + m.rope) as u64, m.kv_lora_rank as u64);
+                let heads = n(self.num_attention_heads);
+                let qk = n(m.nope).saturating_add(n(m.rope));
+                let kvl = n(m.kv_lora_rank);
                 let query = match m.q_lora_rank {
-                    Some(r) => h * r as u64 + r as u64 + r as u64 * heads * qk,
-                    None => h * heads * qk,
+                    Some(r) => sum(&[mul(&[h, n(r)]), n(r), mul(&[n(r), heads, qk])]),
+                    None => mul(&[h, heads, qk]),
                 };
-                query
-                    + h * (kvl + m.rope as u64)
-                    + kvl
-                    + kvl * heads * (m.nope + m.v) as u64
-                    + heads * m.v as u64 * h
+                sum(&[
+                    query,
+                    mul(&[h, kvl.saturating_add(n(m.rope))]),
+                    kvl,
+                    mul(&[kvl, heads, n(m.nope).saturating_add(n(m.v))]),
+                    mul(&[heads, n(m.v), h]),
+                ])
             }
         };
+        let experts = n(self.num_experts);
         let shared = match self.is_deepseek_v3() {
             // ungated shared experts, and the selection bias
-            true => 3 * h * self.deepseek_shared_size() as u64 + self.num_experts as u64,
+            true => sum(&[
+                mul(&[
+                    3,
+                    h,
+                    n(self.expert_size()),
+                    n(self.n_shared_experts.unwrap_or(0)),
+                ]),
+                experts,
+            ]),
             false => self
                 .shared_expert_size()
-                .map_or(0, |s| 3 * h * s as u64 + h), // shared expert and its gate
+                .map_or(0, |s| sum(&[mul(&[3, h, n(s)]), h])), // shared expert and its gate
         };
-        let norms = 2 * h;
-        let expert = 3 * h * self.expert_size() as u64;
-        let dense_mlp = 3 * h * self.intermediate_size as u64;
-        let head = if self.tie_word_embeddings { 0 } else { v * h };
-        let (mut total, mut active) = (v * h + head + h, v * h + head + h);
-        for layer in 0..self.num_hidden_layers {
-            total += attention + norms;
-            active += attention + norms;
-            if self.is_sparse(layer) {
-                let router = h * self.num_experts as u64;
-                total += router + self.num_experts as u64 * expert + shared;
-                active += router + self.num_experts_per_tok as u64 * expert + shared;
-            } else {
-                total += dense_mlp;
-                active += dense_mlp;
-            }
+        let expert = mul(&[3, h, n(self.expert_size())]);
+        let dense_mlp = mul(&[3, h, n(self.intermediate_size)]);
+        let head = match self.tie_word_embeddings {
+            true => 0,
+            false => mul(&[v, h]),
+        };
+        let outside = sum(&[mul(&[v, h]), head, h]);
+        let per_layer = sum(&[attention, mul(&[2, h])]);
+        let router = mul(&[h, experts]);
+        let sparse = n(self.sparse_layers());
+        let dense = n(self.num_hidden_layers) - sparse;
+        let common = sum(&[
+            outside,
+            mul(&[n(self.num_hidden_layers), per_layer]),
+            mul(&[dense, dense_mlp]),
+        ]);
+        let total = sum(&[
+            common,
+            mul(&[sparse, sum(&[router, mul(&[experts, expert]), shared])]),
+        ]);
+        let active = sum(&[
+            common,
+            mul(&[
+                sparse,
+                sum(&[router, mul(&[n(self.num_experts_per_tok), expert]), shared]),
+            ]),
+        ]);
+        match (u64::try_from(total), u64::try_from(active)) {
+            (Ok(total), Ok(active)) => Ok((total, active)),
+            _ => Err(invalid(
+                "hidden_size / intermediate_size / num_experts / num_hidden_layers / vocab_size",
+                "give more parameters than a 64-bit count holds",
+            )),
         }
-        (total, active)
     }
+
+    /// [`OlmoeConfig::attention_widths`] without overflow, as u128.
+    fn attention_widths_wide(&self) -> (u128, u128, u128, u128) {
+        let head_dim = self.head_dim() as u128;
+        let q = (self.num_attention_heads as u128).saturating_mul(head_dim);
+        let kv = (self.kv_heads() as u128).saturating_mul(head_dim);
+        match self.per_head_qk_norm() {
+            true => (q, kv, head_dim, head_dim),
+            false => (q, kv, q, kv),
+        }
+    }
+
+    /// The rotary frequencies `1 / theta^(2i / d)` of a head's `d` rotary values, in f32 as
+    /// transformers computes them.
+    pub fn rope_frequencies(&self) -> Vec<f32> {
+        rope_frequencies(self.rope_theta, self.rope_dim())
+    }
+
+    /// Size of the rotated part of a head: the head size, or DeepSeek-V3's `qk_rope_head_dim`.
+    pub fn rope_dim(&self) -> usize {
+        match self.mla() {
+            Some(m) => m.rope,
+            None => self.head_dim(),
+        }
+    }
+}
+
+/// `1 / theta^(2i / dim)` for `i < dim / 2`, in f32 (rotate-half RoPE).
+pub(crate) fn rope_frequencies(theta: f64, dim: usize) -> Vec<f32> {
+    let theta = theta as f32;
+    (0..dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / dim as f32))
+        .collect()
 }

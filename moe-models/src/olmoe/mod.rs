@@ -10,8 +10,9 @@ mod model;
 
 pub use config::{Mla, OlmoeConfig};
 pub use model::{
-    DecoderAttention, DecoderMlp, GenerateOptions, KvCache, LatentAttention, LayerCache,
-    ModelOutput, MoeTrace, OlmoeAttention, OlmoeDecoderLayer, OlmoeModel, Sampling,
+    AttentionMask, DecoderAttention, DecoderMlp, GenerateOptions, KvCache, LatentAttention,
+    LayerCache, ModelOutput, MoeTrace, OlmoeAttention, OlmoeDecoderLayer, OlmoeModel, Sampling,
+    Stage,
 };
 
 use std::io::IsTerminal;
@@ -90,11 +91,14 @@ pub fn check_fits(
         config.num_experts as u64,
     );
     for (name, elements) in [
-        ("model.embed_tokens.weight", v * h),
-        ("lm_head.weight", v * h),
-        ("mlp.experts (stacked gate/up/down)", e * h * i),
+        ("model.embed_tokens.weight", v.saturating_mul(h)),
+        ("lm_head.weight", v.saturating_mul(h)),
+        (
+            "mlp.experts (stacked gate/up/down)",
+            e.saturating_mul(h).saturating_mul(i),
+        ),
     ] {
-        let bytes = elements * size;
+        let bytes = elements.saturating_mul(size);
         if bytes > limit {
             return Err(LoadError::TensorTooLarge {
                 name: name.to_string(),
@@ -104,6 +108,126 @@ pub fn check_fits(
                 limit,
             });
         }
+    }
+    Ok(())
+}
+
+/// Reads and validates `dir/config.json` (a regular file of at most 16 MiB inside `dir`).
+pub fn read_config(dir: &Path) -> Result<OlmoeConfig, LoadError> {
+    let text = crate::files::read_text_in_folder(dir, "config.json", crate::files::CONFIG_LIMIT)?;
+    OlmoeConfig::from_json(&text)
+}
+
+/// Checks the sizes `config` claims against the tensors `ckpt` holds (their shapes only:
+/// nothing is read or allocated), so that a config that disagrees with its checkpoint fails
+/// with [`LoadError::ConfigMismatch`] naming the field and the tensor, before any buffer sized
+/// from the config exists. Checks the embeddings (vocabulary and hidden size), the layer count,
+/// and the first sparse and first dense layer's widths; every other tensor's shape is checked
+/// as it is read, before anything of its size is allocated.
+pub fn check_against(config: &OlmoeConfig, ckpt: &Checkpoint) -> Result<(), LoadError> {
+    let mismatch =
+        |field: &str, value: String, name: &str, shape: Vec<usize>| LoadError::ConfigMismatch {
+            field: field.to_string(),
+            value,
+            found: format!("tensor `{name}` has shape {shape:?}"),
+        };
+    let (v, h) = (config.vocab_size, config.hidden_size);
+    let embed = "model.embed_tokens.weight";
+    let shape = ckpt.shape(embed)?;
+    if shape != [v, h] {
+        return Err(mismatch(
+            "vocab_size, hidden_size",
+            format!("{v}, {h}"),
+            embed,
+            shape,
+        ));
+    }
+    let layers = ckpt
+        .names()
+        .filter_map(|n| {
+            n.strip_prefix("model.layers.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |last| last + 1);
+    if config.num_hidden_layers > layers {
+        return Err(LoadError::ConfigMismatch {
+            field: "num_hidden_layers".into(),
+            value: config.num_hidden_layers.to_string(),
+            found: format!("the checkpoint holds {layers} layers (model.layers.N.*)"),
+        });
+    }
+    let same = |field: &str, value: String, name: &str, want: &[usize]| {
+        let shape = ckpt.shape(name)?;
+        match shape == want {
+            true => Ok(()),
+            false => Err(mismatch(field, value, name, shape)),
+        }
+    };
+    let n = config.num_hidden_layers;
+    if let Some(layer) = (0..n).find(|&i| config.is_sparse(i)) {
+        let (prefix, naming) = config.moe_prefix();
+        let p = format!("model.layers.{layer}.{prefix}");
+        let e = config.num_experts;
+        same(
+            "num_experts",
+            e.to_string(),
+            &format!("{p}gate.weight"),
+            &[e, h],
+        )?;
+        let size = config.expert_size();
+        let field = match config.moe_intermediate_size {
+            Some(_) => "moe_intermediate_size",
+            None => "intermediate_size",
+        };
+        let packed = format!("{p}experts.gate_up_proj");
+        match ckpt.contains(&packed) {
+            true => same(
+                field,
+                size.to_string(),
+                &packed,
+                &[e, size.saturating_mul(2), h],
+            )?,
+            false => {
+                let gate = naming.names()[0];
+                let name = format!("{p}experts.0.{gate}.weight");
+                same(field, size.to_string(), &name, &[size, h])?
+            }
+        }
+        if let Some(s) = config.shared_expert_size() {
+            let name = format!("{p}shared_expert.gate_proj.weight");
+            same(
+                "shared_expert_intermediate_size",
+                s.to_string(),
+                &name,
+                &[s, h],
+            )?;
+        }
+        if config.is_deepseek_v3() {
+            let shared = config.moe_layer().shared_expert.map_or(0, |s| s.d_ff);
+            let name = format!("{p}shared_experts.gate_proj.weight");
+            let value = config.n_shared_experts.unwrap_or(0).to_string();
+            match (shared, ckpt.contains(&name)) {
+                (0, true) => {
+                    return Err(mismatch(
+                        "n_shared_experts",
+                        value,
+                        &name,
+                        ckpt.shape(&name)?,
+                    ));
+                }
+                (0, false) => {}
+                (width, _) => same("n_shared_experts", value, &name, &[width, h])?,
+            }
+        }
+    }
+    if let Some(layer) = (0..n).find(|&i| !config.is_sparse(i)) {
+        let name = format!("model.layers.{layer}.mlp.gate_proj.weight");
+        let i = config.intermediate_size;
+        same("intermediate_size", i.to_string(), &name, &[i, h])?;
     }
     Ok(())
 }
@@ -310,12 +434,7 @@ impl OlmoeModel {
         options: &LoadOptions,
     ) -> Result<(Self, OlmoeConfig, LoadReport), LoadError> {
         check_dtype(device, options.dtype)?;
-        let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| LoadError::Io {
-            path: config_path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let config = OlmoeConfig::from_json(&text)?;
+        let config = read_config(dir)?;
         let ckpt = Checkpoint::open(dir)?;
         let (model, report) = Self::from_checkpoint_with(&ckpt, &config, device, options)?;
         Ok((model, config, report))
@@ -348,6 +467,7 @@ impl OlmoeModel {
             moe_core::moe_kernels::max_buffer_bytes(device),
             device,
         )?;
+        check_against(config, ckpt)?;
         let to = Target {
             device,
             dtype: options.dtype.into(),
@@ -475,6 +595,7 @@ impl OlmoeModel {
             lm_head: Param::from_tensor(lm_head),
             rope_theta: config.rope_theta,
             sliding_window: config.attention_window(),
+            max_positions: config.max_position_embeddings,
         };
         bar.finish_and_clear();
         let report = LoadReport {
@@ -586,6 +707,7 @@ impl OlmoeModel {
             lm_head: init.init_with([h, v], Some(h), Some(v), device),
             rope_theta: config.rope_theta,
             sliding_window: config.attention_window(),
+            max_positions: config.max_position_embeddings,
         })
     }
 }

@@ -5,7 +5,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Linear, RmsNorm};
 use burn::tensor::activation::softmax;
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use moe_core::{ForwardOptions, MoeLayer, Routing, SharedExpert, TopK};
 use rand::SeedableRng;
 use rand::distr::Distribution;
@@ -72,12 +72,71 @@ impl LayerCache {
     }
 }
 
-/// `softmax(q·kᵀ·scale + mask)·v` (the softmax in f32), returned as `[B, L, heads, d_v]`.
-fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4>, scale: f64) -> Tensor<4> {
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-    let dtype = scores.dtype();
-    let probs = softmax(scores.cast(DType::F32) + mask.clone(), 3).cast(dtype);
-    probs.matmul(v).swap_dims(1, 2)
+/// Queries per attention block: the scores and the mask of one block are
+/// `[B, heads, ATTENTION_CHUNK, P]`, so a long prompt never builds an `L × L` matrix.
+const ATTENTION_CHUNK: usize = 512;
+
+/// Which cached and new positions each new position sees: causal, without left padding, within
+/// the attention window. Built on the device, one block of queries at a time, from one flag
+/// per position: no `L × P` mask exists on the host.
+#[derive(Debug, Clone)]
+pub struct AttentionMask {
+    /// `[B, 1, 1, P]`: whether each position is a real token (false: left padding).
+    real: Tensor<4, Bool>,
+    /// Positions cached before this call.
+    past: usize,
+    /// The attention window, if any.
+    window: Option<usize>,
+}
+
+impl AttentionMask {
+    /// The additive f32 mask of queries `start..start + len`, `[B, 1, len, P]`: 0 where a
+    /// query sees a position, `f32::MIN` elsewhere.
+    fn block(&self, start: usize, len: usize) -> Tensor<4> {
+        let [b, _, _, p] = self.real.dims();
+        let device = self.real.device();
+        let query = (self.past + start) as i64;
+        let q = Tensor::<1, Int>::arange(query..query + len as i64, &device)
+            .reshape([1, 1, len, 1])
+            .expand([b, 1, len, p]);
+        let k = Tensor::<1, Int>::arange(0..p as i64, &device)
+            .reshape([1, 1, 1, p])
+            .expand([b, 1, len, p]);
+        let mut allowed = k
+            .clone()
+            .lower_equal(q.clone())
+            .bool_and(self.real.clone().expand([b, 1, len, p]));
+        if let Some(window) = self.window {
+            // p > q - window, i.e. q - p < window
+            allowed = allowed.bool_and(k.add_scalar(window as i64).greater(q));
+        }
+        Tensor::<4>::zeros([b, 1, len, p], (&device, DType::F32))
+            .mask_fill(allowed.bool_not(), f32::MIN)
+    }
+}
+
+/// `softmax(q·kᵀ·scale + mask)·v` (the softmax in f32), returned as `[B, L, heads, d_v]`; the
+/// queries run in blocks of [`ATTENTION_CHUNK`].
+fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &AttentionMask, scale: f64) -> Tensor<4> {
+    let l = q.dims()[2];
+    let keys = k.swap_dims(2, 3);
+    let mut blocks = Vec::with_capacity(l.div_ceil(ATTENTION_CHUNK));
+    for start in (0..l).step_by(ATTENTION_CHUNK) {
+        let len = ATTENTION_CHUNK.min(l - start);
+        let q = match len == l {
+            true => q.clone(),
+            false => q.clone().narrow(2, start, len),
+        };
+        let scores = q.matmul(keys.clone()).mul_scalar(scale);
+        let dtype = scores.dtype();
+        let probs = softmax(scores.cast(DType::F32) + mask.block(start, len), 3).cast(dtype);
+        blocks.push(probs.matmul(v.clone()));
+    }
+    let out = match blocks.len() {
+        1 => blocks.pop().expect("one block"),
+        _ => Tensor::cat(blocks, 2),
+    };
+    out.swap_dims(1, 2)
 }
 
 /// Rotate-half RoPE: `x · cos + rotate_half(x) · sin`.
@@ -94,14 +153,14 @@ fn rotate_half(x: Tensor<4>) -> Tensor<4> {
 
 impl OlmoeAttention {
     /// # Shapes
-    /// - `x`: `[B, L, H]`; `cos`, `sin`: `[B, 1, L, head_dim]`; `mask`: `[B, 1, L, P]` additive,
-    ///   where `P` counts cached and new positions → `[B, L, H]`
+    /// - `x`: `[B, L, H]`; `cos`, `sin`: `[B, 1, L, head_dim]`; `mask`: which of the `P`
+    ///   cached and new positions each new one sees → `[B, L, H]`
     pub fn forward(
         &self,
         x: Tensor<3>,
         cos: &Tensor<4>,
         sin: &Tensor<4>,
-        mask: &Tensor<4>,
+        mask: &AttentionMask,
         cache: &mut LayerCache,
     ) -> Tensor<3> {
         let [b, l, _] = x.dims();
@@ -191,7 +250,7 @@ impl LatentAttention {
         x: Tensor<3>,
         cos: &Tensor<4>,
         sin: &Tensor<4>,
-        mask: &Tensor<4>,
+        mask: &AttentionMask,
         cache: &mut LayerCache,
     ) -> Tensor<3> {
         let [b, l, _] = x.dims();
@@ -254,7 +313,7 @@ impl DecoderAttention {
         x: Tensor<3>,
         cos: &Tensor<4>,
         sin: &Tensor<4>,
-        mask: &Tensor<4>,
+        mask: &AttentionMask,
         cache: &mut LayerCache,
     ) -> Tensor<3> {
         match self {
@@ -335,6 +394,10 @@ pub struct OlmoeModel {
     /// included; `None` sees them all.
     #[module(skip)]
     pub sliding_window: Option<usize>,
+    /// The longest sequence (cached and new positions) a call may reach
+    /// (`max_position_embeddings`); `None`: no limit.
+    #[module(skip)]
+    pub max_positions: Option<usize>,
 }
 
 /// Keys and values of every layer plus the attention mask and positions seen so far, for one
@@ -364,6 +427,52 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Forgets every position from `len` on (a call that failed leaves the cache as it was).
+    fn truncate(&mut self, len: usize) {
+        for row in &mut self.mask {
+            row.truncate(len);
+        }
+        for layer in &mut self.layers {
+            let keep = |t: Option<Tensor<4>>| t.filter(|_| len > 0).map(|t| t.narrow(2, 0, len));
+            layer.keys = keep(layer.keys.take());
+            layer.values = keep(layer.values.take());
+        }
+    }
+}
+
+/// Where non-finite values first appear in a forward call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The token embeddings.
+    Embeddings,
+    /// The attention of a decoder layer (its output added to the residual stream).
+    Attention(usize),
+    /// The MLP (MoE block or dense) of a decoder layer.
+    Mlp(usize),
+    /// The final norm and the output head.
+    Head,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stage::Embeddings => write!(f, "the token embeddings"),
+            Stage::Attention(i) => write!(f, "layer {i}'s attention"),
+            Stage::Mlp(i) => write!(f, "layer {i}'s MLP"),
+            Stage::Head => write!(f, "the final norm and lm_head"),
+        }
+    }
+}
+
+/// Whether every value of `t` is a finite number (one reduction and one read).
+fn all_finite<const D: usize>(t: &Tensor<D>) -> bool {
+    t.clone()
+        .is_finite()
+        .all()
+        .into_data()
+        .iter::<bool>()
+        .all(|ok| ok)
 }
 
 /// Logits of a forward call and, when asked for, each layer's MoE trace.
@@ -423,6 +532,15 @@ impl OlmoeModel {
                 layers: self.layers.len(),
             });
         }
+        if let Some(max) = self.max_positions
+            && cache.len() + len > max
+        {
+            return Err(RunError::ContextTooLong {
+                cached: cache.len(),
+                len,
+                max,
+            });
+        }
         let vocab = self.vocab_size();
         for (row, r) in ids.iter().enumerate() {
             if let Some((position, &id)) = r
@@ -464,8 +582,14 @@ impl OlmoeModel {
     /// temperature, capacity, the random router's seed). The hash router is given the call's
     /// token ids.
     ///
+    /// Every call checks that its logits are finite (one reduction over them). When they are
+    /// not — NaN or infinite weights, an f16 overflow, a config whose values blow up — the
+    /// call runs again with a check after each step to find where non-finite values first
+    /// appear, leaves the cache as it was, and fails with [`RunError::NonFinite`].
+    ///
     /// # Errors
-    /// Those of [`OlmoeModel::forward`] and of [`MoeLayer::try_forward_with`].
+    /// Those of [`OlmoeModel::forward`], of [`MoeLayer::try_forward_with`], and
+    /// [`RunError::NonFinite`].
     pub fn forward_with(
         &self,
         ids: &[Vec<i64>],
@@ -474,13 +598,49 @@ impl OlmoeModel {
         options: &ForwardOptions,
         trace: bool,
     ) -> Result<ModelOutput, RunError> {
-        let top_k = &options.top_k;
         self.check_input(ids, mask, cache)?;
         if let Some(moe) = self.layers.iter().find_map(|layer| layer.mlp.moe()) {
             // k is checked once here so that a bad dial fails before the cache is touched.
             moe.router
-                .check_top_k(top_k, ids.len() * ids[0].len(), ids[0].len())?;
+                .check_top_k(&options.top_k, ids.len() * ids[0].len(), ids[0].len())?;
         }
+        let past = cache.len();
+        let out = self.run(ids, mask, cache, options, trace, false);
+        match out {
+            Ok(out) if all_finite(&out.logits) => Ok(out),
+            Ok(_) => {
+                cache.truncate(past);
+                let stage = match self.run(ids, mask, cache, options, false, true) {
+                    Err(RunError::NonFinite { stage }) => stage,
+                    Err(other) => return Err(other),
+                    // the values differ between two runs (should not happen): report the head
+                    Ok(_) => Stage::Head,
+                };
+                cache.truncate(past);
+                Err(RunError::NonFinite { stage })
+            }
+            Err(e) => {
+                cache.truncate(past);
+                Err(e)
+            }
+        }
+    }
+
+    /// The forward pass of a checked call. With `check`, fails with [`RunError::NonFinite`] at
+    /// the first step whose output holds a non-finite value.
+    fn run(
+        &self,
+        ids: &[Vec<i64>],
+        mask: &[Vec<bool>],
+        cache: &mut KvCache,
+        options: &ForwardOptions,
+        trace: bool,
+        check: bool,
+    ) -> Result<ModelOutput, RunError> {
+        let verify = |t: &Tensor<3>, stage: Stage| match !check || all_finite(t) {
+            true => Ok(()),
+            false => Err(RunError::NonFinite { stage }),
+        };
         let device = self.embed_tokens.device();
         let dtype = self.dtype();
         let b = ids.len();
@@ -503,22 +663,13 @@ impl OlmoeModel {
         let (cos, sin) = self.rope(&positions, b, l, &device);
         let (cos, sin) = (cos.cast(dtype), sin.cast(dtype));
 
-        // Additive mask: causal, padding and the attention window.
-        let mut additive = Vec::with_capacity(b * l * total);
-        for row in &cache.mask {
-            for i in 0..l {
-                for (p, &real) in row.iter().enumerate() {
-                    let allowed = real
-                        && p <= past + i
-                        && self.sliding_window.is_none_or(|w| past + i - p < w);
-                    additive.push(if allowed { 0.0 } else { f32::MIN });
-                }
-            }
-        }
-        let mask = Tensor::<4>::from_data(
-            TensorData::new(additive, [b, 1, l, total]),
-            (&device, DType::F32),
-        );
+        // Causal, padding and window mask, from one flag per position.
+        let real: Vec<bool> = cache.mask.iter().flatten().copied().collect();
+        let mask = AttentionMask {
+            real: Tensor::<4, Bool>::from_data(TensorData::new(real, [b, 1, 1, total]), &device),
+            past,
+            window: self.sliding_window,
+        };
 
         let flat: Vec<i64> = ids.iter().flatten().copied().collect();
         let ids = Tensor::<1, Int>::from_data(TensorData::new(flat, [b * l]), &device);
@@ -529,6 +680,7 @@ impl OlmoeModel {
             .val()
             .select(0, ids)
             .reshape([b, l, hidden_size]);
+        verify(&x, Stage::Embeddings)?;
         let mut traces = Vec::new();
         for (index, (layer, layer_cache)) in
             self.layers.iter().zip(cache.layers.iter_mut()).enumerate()
@@ -537,6 +689,7 @@ impl OlmoeModel {
             let h = x + layer
                 .self_attn
                 .forward(attn_in, &cos, &sin, &mask, layer_cache);
+            verify(&h, Stage::Attention(index))?;
             let mlp_in = layer.post_attention_layernorm.forward(h.clone());
             match &layer.mlp {
                 DecoderMlp::Sparse(moe_layer) => {
@@ -557,12 +710,14 @@ impl OlmoeModel {
                     x = h + out.reshape([b, l, hidden]);
                 }
             }
+            verify(&x, Stage::Mlp(index))?;
         }
         let logits = self
             .norm
             .forward(x)
             .matmul(self.lm_head.val().unsqueeze_dim(0))
             .cast(DType::F32);
+        verify(&logits, Stage::Head)?;
         Ok(ModelOutput {
             logits,
             moe: traces,
@@ -582,11 +737,7 @@ impl OlmoeModel {
             .layers
             .first()
             .map_or(2, |layer| layer.self_attn.rope_dim());
-        let half = head_dim / 2;
-        let theta = self.rope_theta as f32;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+        let inv_freq = super::config::rope_frequencies(self.rope_theta, head_dim);
         let mut cos = Vec::with_capacity(positions.len() * head_dim);
         let mut sin = Vec::with_capacity(positions.len() * head_dim);
         for &p in positions {
@@ -678,7 +829,9 @@ fn argmax_rows(logits: Tensor<2>) -> Vec<i64> {
 
 impl OlmoeModel {
     /// Generates up to `options.max_new_tokens` after `prompt`, calling `on_token` with each
-    /// new token as soon as it is chosen, and returns them all.
+    /// new token as soon as it is chosen, and returns them all. Generation also ends when the
+    /// sequence fills the model's context ([`OlmoeModel::max_positions`]); a prompt longer than
+    /// the context is [`RunError::ContextTooLong`].
     ///
     /// # Errors
     /// As [`OlmoeModel::forward`]; a temperature that is negative or not finite.
@@ -736,6 +889,14 @@ impl OlmoeModel {
         let mut cache = KvCache::new(layers, 1);
         let mut step_logits = Vec::new();
         for step in 0..options.max_new_tokens {
+            // Generation ends at the model's context: step `s` runs `prompt + s` positions.
+            if step > 0
+                && self
+                    .max_positions
+                    .is_some_and(|max| prompt.len() + step > max)
+            {
+                break;
+            }
             // With the cache, only the tokens it has not seen; without, the whole sequence.
             let ids = match (options.use_cache, step) {
                 (true, 0) | (false, _) => sequence.clone(),

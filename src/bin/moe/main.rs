@@ -1,137 +1,21 @@
 //! `moe`: inspect an MoE checkpoint, write its logits, or generate text with it.
 
+mod cli;
+
+use crate::cli::{Cli, Command, Dtype};
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use burn::tensor::FloatDType;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use moe::TopK;
 use moe::backend::Backend;
 use moe::moe_models::{
     GenerateOptions, KvCache, LoadOptions, OlmoeConfig, OlmoeModel, Sampling, io,
 };
-
-#[derive(Parser)]
-#[command(name = "moe", version, about = "Mixture-of-Experts models on Burn")]
-struct Cli {
-    /// Backend to run on (`moe backends` lists those compiled in).
-    #[arg(long, global = true, default_value_t = Backend::default().to_string())]
-    backend: String,
-    /// Dtype of the weights and the computation (logits are written in f32).
-    #[arg(long, global = true, value_enum, default_value_t = Dtype::F32)]
-    dtype: Dtype,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Dtype {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl From<Dtype> for FloatDType {
-    fn from(d: Dtype) -> Self {
-        match d {
-            Dtype::F32 => FloatDType::F32,
-            Dtype::Bf16 => FloatDType::BF16,
-            Dtype::F16 => FloatDType::F16,
-        }
-    }
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Architecture, sizes, experts, k, total and active parameters.
-    Inspect {
-        /// Checkpoint folder (config.json + safetensors).
-        #[arg(long)]
-        model: PathBuf,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Run one sequence and write its logits (`logits`, f32, `[L, vocab]`) to a safetensors file.
-    Logits {
-        #[arg(long)]
-        model: PathBuf,
-        /// Token ids, comma-separated.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            required = true,
-            allow_negative_numbers = true
-        )]
-        ids: Vec<i64>,
-        #[arg(long)]
-        out: PathBuf,
-        /// Experts per token (the MoE-PHDS dial); the checkpoint's own k by default.
-        #[arg(long)]
-        top_k: Option<usize>,
-    },
-    /// Continue a prompt: greedy, or sampled with --temperature and --seed.
-    Generate {
-        #[arg(long)]
-        model: PathBuf,
-        /// Prompt text (needs tokenizer.json in the folder).
-        #[arg(long, conflicts_with = "ids")]
-        prompt: Option<String>,
-        /// Prompt token ids, comma-separated.
-        #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
-        ids: Option<Vec<i64>>,
-        #[arg(long, default_value_t = 20)]
-        max_new_tokens: usize,
-        #[arg(long)]
-        top_k: Option<usize>,
-        /// Sample from softmax(logits / T); 0 (the default) is greedy.
-        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-        temperature: f64,
-        /// Seed of the sampler: the same seed gives the same tokens.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Print one line `{"new_tokens":[…],"text":"…"}` instead of streaming text.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Time one whole MoE layer (route, plan, permute, experts, combine) with random weights and
-    /// fresh random inputs per call; prints the median of the timed calls.
-    Bench {
-        /// Layer shapes, comma-separated: olmoe-1b-7b, mixtral-8x7b-scaled, qwen3-30b-a3b.
-        #[arg(long, value_delimiter = ',', default_value = "olmoe-1b-7b")]
-        preset: Vec<String>,
-        /// Tokens per call, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,128,512,2048")]
-        tokens: Vec<usize>,
-        /// auto, tensor-ops or kernels.
-        #[arg(long, default_value = "auto")]
-        dispatch: String,
-        /// Timed calls per case (after one warm-up call); at least 3.
-        #[arg(long, default_value_t = 7)]
-        runs: usize,
-        /// One JSON object per case.
-        #[arg(long)]
-        json: bool,
-        /// Also time the same code on one dense matmul chain of the same FLOPs (one expert,
-        /// k = 1, T·k tokens) and print its rate and the ratio.
-        #[arg(long)]
-        dense: bool,
-        /// Also time a plain read of 256 MiB of host memory by the kernels' threads before every
-        /// timed call, and print its median rate and the layer's weight bandwidth against it
-        /// (CPU backends: the bound a decode step streams its experts' weights at). The read
-        /// leaves the caches cold for every timed call.
-        #[arg(long)]
-        stream: bool,
-    },
-    /// The backends of this build and the dtypes each computes in.
-    Backends {
-        /// Print one JSON object per line.
-        #[arg(long)]
-        json: bool,
-    },
-}
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -139,21 +23,55 @@ fn top_k(k: Option<usize>) -> TopK {
     k.map_or(TopK::Configured, TopK::Fixed)
 }
 
-fn read_config(dir: &Path) -> Result<OlmoeConfig> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Ok(OlmoeConfig::from_json(&text)?)
-}
-
-fn load(dir: &Path, backend: Backend, dtype: Dtype) -> Result<(OlmoeModel, OlmoeConfig)> {
+/// Loads the model of `dir`, listing on stderr the checkpoint tensors it does not use (an error
+/// with `strict`).
+fn load(
+    dir: &Path,
+    backend: Backend,
+    dtype: Dtype,
+    strict: bool,
+) -> Result<(OlmoeModel, OlmoeConfig)> {
     let device = backend.device();
     let options = LoadOptions {
         dtype: dtype.into(),
         progress: true,
     };
-    let (model, config, _) = OlmoeModel::load_with(dir, &device, &options)?;
+    let (model, config, report) = OlmoeModel::load_with(dir, &device, &options)?;
+    if !report.unused.is_empty() {
+        let count = report.unused.len();
+        let shown: Vec<&str> = report.unused.iter().take(8).map(String::as_str).collect();
+        let more = match count > shown.len() {
+            true => format!(" and {} more", count - shown.len()),
+            false => String::new(),
+        };
+        let what = format!(
+            "{count} checkpoint tensor(s) are not used by the model: {}{more}",
+            shown.join(", ")
+        );
+        if strict {
+            return Err(format!("{what} (--strict)").into());
+        }
+        eprintln!("warning: {what} (--strict makes this an error)");
+    }
     Ok((model, config))
+}
+
+/// The longest prompt file read (64 MiB).
+const PROMPT_FILE_LIMIT: u64 = 64 << 20;
+
+/// The prompt text of `--prompt-file` (`-`: stdin).
+fn read_prompt_file(path: &Path) -> Result<String> {
+    let text = match path == Path::new("-") {
+        true => {
+            moe::moe_models::files::read_text(std::io::stdin().lock(), path, PROMPT_FILE_LIMIT)?
+        }
+        false => {
+            let file = std::fs::File::open(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            moe::moe_models::files::read_text(file, path, PROMPT_FILE_LIMIT)?
+        }
+    };
+    Ok(text)
 }
 
 /// Writes the text of `tokens` that has not been printed yet (decoding the whole continuation
@@ -458,8 +376,15 @@ fn run(cli: Cli) -> Result<()> {
     let backend: Backend = cli.backend.parse()?;
     match cli.command {
         Command::Inspect { model, json } => {
-            let c = read_config(&model)?;
-            let (total, active) = c.parameter_counts();
+            let c = moe::moe_models::olmoe::read_config(&model)?;
+            // With the weights present, the config's sizes must agree with their shapes.
+            if moe::moe_models::files::exists_in_folder(&model, "model.safetensors")
+                || moe::moe_models::files::exists_in_folder(&model, "model.safetensors.index.json")
+            {
+                let ckpt = moe::moe_models::Checkpoint::open(&model)?;
+                moe::moe_models::olmoe::check_against(&c, &ckpt)?;
+            }
+            let (total, active) = c.parameter_counts()?;
             let architecture = c.model_type.clone().unwrap_or_else(|| "olmoe".into());
             let dense_layers: Vec<usize> = (0..c.num_hidden_layers)
                 .filter(|&i| !c.is_sparse(i))
@@ -529,7 +454,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             top_k: k,
         } => {
-            let (m, config) = load(&model, backend, cli.dtype)?;
+            let (m, config) = load(&model, backend, cli.dtype, cli.strict)?;
             let mut cache = KvCache::new(m.layers.len(), 1);
             let l = ids.len();
             let result = m.forward(&[ids], &[vec![true; l]], &mut cache, &top_k(k), false)?;
@@ -539,6 +464,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate {
             model,
             prompt,
+            prompt_file,
             ids,
             max_new_tokens,
             top_k: k,
@@ -546,20 +472,26 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             json,
         } => {
-            let (m, config) = load(&model, backend, cli.dtype)?;
+            let (m, config) = load(&model, backend, cli.dtype, cli.strict)?;
             let tokenizer = io::load_tokenizer(&model)?;
+            let prompt = match prompt_file {
+                Some(path) => Some(read_prompt_file(&path)?),
+                None => prompt,
+            };
             let ids = match (prompt, ids) {
                 (Some(text), _) => {
-                    let tok = tokenizer
-                        .as_ref()
-                        .ok_or("--prompt needs tokenizer.json in the model folder")?;
+                    let tok = tokenizer.as_ref().ok_or(
+                        "--prompt and --prompt-file need tokenizer.json in the model folder",
+                    )?;
                     let enc = tok
                         .encode(text, false)
                         .map_err(|e| format!("cannot tokenize the prompt: {e}"))?;
                     enc.get_ids().iter().map(|&id| id as i64).collect()
                 }
                 (None, Some(ids)) => ids,
-                (None, None) => return Err("give --prompt TEXT or --ids 1,2,3".into()),
+                (None, None) => {
+                    return Err("give --prompt TEXT, --prompt-file FILE or --ids 1,2,3".into());
+                }
             };
             let options = GenerateOptions {
                 top_k: top_k(k),
