@@ -456,7 +456,7 @@ fn ids_work_without_a_tokenizer_and_prompts_need_one() {
     assert!(!ok);
     assert_eq!(
         stderr.trim(),
-        "error: --prompt needs tokenizer.json in the model folder"
+        "error: --prompt and --prompt-file need tokenizer.json in the model folder"
     );
 }
 

@@ -52,14 +52,10 @@ fn check_shapes(
     shape: &[usize],
 ) -> Result<(), LoadError> {
     for name in names {
-        let got = source.shape(name)?;
-        if got != shape {
-            return Err(LoadError::ShapeMismatch {
-                name: name.clone(),
-                source_name: "the checkpoint".into(),
-                expected: shape.to_vec(),
-                got,
-            });
+        if source.shape(name)? != shape {
+            // the read checks the shape first and fails with the error that names the file,
+            // before reading anything
+            source.read_f32(name, shape)?;
         }
     }
     Ok(())
