@@ -71,7 +71,7 @@ fn allowed_roots(dir: &Path) -> Vec<PathBuf> {
 /// Opens the file `name` of model folder `dir`, where `name` comes from the folder's own files
 /// (a shard of `model.safetensors.index.json`) or is one of the fixed names. The name must be a
 /// plain relative path, and the file it names, after resolving symbolic links, must lie inside
-/// the folder (or in the `blobs` folder of a Hugging Face hub cache, see [`allowed_roots`]) and
+/// the folder (or in the `blobs` folder of a Hugging Face hub cache, see `allowed_roots`) and
 /// be a regular file. Returns the file and the path it was opened by.
 pub fn open_in_folder(dir: &Path, name: &str) -> Result<(File, PathBuf), LoadError> {
     let Some(relative) = plain_relative(name) else {
