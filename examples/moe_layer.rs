@@ -66,7 +66,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // Check the layer against the dumb oracle on the first sequence.
-    let first: Tensor<2> = x.slice([0..1]).reshape([seq, d_model]);
+    let first: Tensor<2> = x.narrow(0, 0, 1).reshape([seq, d_model]);
     let host: Vec<f32> = first.clone().into_data().iter::<f32>().collect();
     let (want, _) = NaiveMoe::from_layer(&layer).forward(&host, &vec![config.top_k; seq]);
     let got: Vec<f32> = layer.forward(first).into_data().iter::<f32>().collect();

@@ -160,7 +160,7 @@ fn sharded_checkpoints_and_bf16_compute_load_through_the_same_loader() {
             let mut cache = KvCache::new(model.layers.len(), 1);
             let out = model
                 .forward(
-                    &[ids.clone()],
+                    std::slice::from_ref(&ids),
                     &[vec![true; l]],
                     &mut cache,
                     &TopK::Configured,

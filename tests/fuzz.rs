@@ -962,51 +962,26 @@ fn json_value(u: &mut Unstructured) -> String {
 // ---------------------------------------------------------------------------------------------
 // Target `config`.
 
-/// Every field `OlmoeConfig` reads (and its aliases), besides those of the real configs.
-const CONFIG_FIELDS: &[&str] = &[
-    "model_type",
-    "architectures",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "hidden_act",
-    "rms_norm_eps",
-    "rope_theta",
-    "rope_scaling",
-    "attention_bias",
-    "clip_qkv",
-    "num_experts",
-    "num_local_experts",
-    "n_routed_experts",
-    "num_experts_per_tok",
-    "norm_topk_prob",
-    "tie_word_embeddings",
-    "pad_token_id",
-    "eos_token_id",
-    "max_position_embeddings",
-    "head_dim",
-    "moe_intermediate_size",
-    "decoder_sparse_step",
-    "mlp_only_layers",
-    "use_sliding_window",
-    "qkv_bias",
-    "shared_expert_intermediate_size",
-    "n_shared_experts",
-    "routed_scaling_factor",
-    "n_group",
-    "topk_group",
-    "first_k_dense_replace",
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_nope_head_dim",
-    "qk_rope_head_dim",
-    "v_head_dim",
-    "rope_interleave",
-    "sliding_window",
-];
+/// Every field `OlmoeConfig` reads (and its aliases): the fields whose transformers defaults
+/// `tests/data/config-defaults.json` records for some architecture (one list, kept by
+/// `scripts/fixtures/config_defaults.py`), and `architectures`.
+fn config_fields() -> &'static [String] {
+    static FIELDS: OnceLock<Vec<String>> = OnceLock::new();
+    FIELDS.get_or_init(|| {
+        let path = Path::new(DATA_DIR).join("config-defaults.json");
+        let text = std::fs::read_to_string(&path).expect("tests/data/config-defaults.json");
+        let value: serde_json::Value = serde_json::from_str(&text).expect("a JSON object");
+        let mut fields = vec!["architectures".to_string()];
+        for defaults in value.as_object().expect("a JSON object").values() {
+            if let Some(defaults) = defaults.as_object() {
+                fields.extend(defaults.keys().filter(|k| !k.starts_with('_')).cloned());
+            }
+        }
+        fields.sort();
+        fields.dedup();
+        fields
+    })
+}
 
 const MODEL_TYPES: &[&str] = &[
     "\"olmoe\"",
@@ -1063,7 +1038,7 @@ fn real_configs() -> &'static [RealConfig] {
 
 fn structured_config(u: &mut Unstructured) -> Vec<u8> {
     let configs = real_configs();
-    let mut names: Vec<&str> = CONFIG_FIELDS.to_vec();
+    let mut names: Vec<&str> = config_fields().iter().map(String::as_str).collect();
     for (_, fields) in configs {
         names.extend(fields.iter().map(|(k, _)| k.as_str()));
     }
@@ -1137,7 +1112,7 @@ fn run_config(input: &[u8]) -> bool {
 }
 
 fn config_target() -> Target {
-    let mut dictionary: Vec<Vec<u8>> = CONFIG_FIELDS
+    let mut dictionary: Vec<Vec<u8>> = config_fields()
         .iter()
         .map(|f| format!("\"{f}\":").into_bytes())
         .collect();

@@ -13,6 +13,7 @@ use common::checkpoints::{self, Stored, scratch, tensors_in, write_tensors};
 use moe::TopK;
 use moe::moe_models::olmoe::Stage;
 use moe::moe_models::{Checkpoint, KvCache, LoadError, OlmoeConfig, OlmoeModel, RunError};
+use serde_json::json;
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
 
@@ -47,6 +48,19 @@ fn moe_within(args: &[&str], limit: Duration) -> (Option<i32>, String, String) {
 
 fn moe(args: &[&str]) -> (Option<i32>, String, String) {
     moe_within(args, Duration::from_secs(120))
+}
+
+/// `moe logits` of the one id 1 on the checkpoint in `dir`, written to stdout.
+fn logits_of(dir: &Path) -> (Option<i32>, String, String) {
+    moe(&[
+        "logits",
+        "--model",
+        dir.to_str().unwrap(),
+        "--ids",
+        "1",
+        "--out",
+        "-",
+    ])
 }
 
 /// A failed run with a one-line `error: …` message (exit 1: not a panic's 101, not a signal).
@@ -142,15 +156,7 @@ fn shards_outside_the_folder_are_refused() {
         );
         let dir =
             PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("hardening-traversal-{case}"));
-        let run = moe(&[
-            "logits",
-            "--model",
-            dir.to_str().unwrap(),
-            "--ids",
-            "1,2",
-            "--out",
-            "-",
-        ]);
+        let run = logits_of(&dir);
         assert_clean_error(&run, &format!("refusing to read `{name}`"));
     }
     // A symbolic link inside the folder that leads out of it.
@@ -173,18 +179,7 @@ fn fifo_and_directory_shards_fail_without_blocking() {
         Checkpoint::open(&d).unwrap_err()
     });
     assert!(err.to_string().contains("not a regular file"), "{err}");
-    let run = moe_within(
-        &[
-            "logits",
-            "--model",
-            dir.to_str().unwrap(),
-            "--ids",
-            "1",
-            "--out",
-            "-",
-        ],
-        Duration::from_secs(60),
-    );
+    let run = logits_of(&dir);
     assert_clean_error(&run, "not a regular file");
     // A FIFO config.json, and a directory named as a shard.
     let dir = copy_of(&checkpoints::tiny_dir(), "hardening-fifo-config");
@@ -297,38 +292,23 @@ fn configs_that_disagree_with_their_tensors_are_typed_errors() {
             "layers",
             &tiny,
             "num_hidden_layers",
-            serde_json::json!(1_000_000_000u64),
+            json!(1_000_000_000u64),
         ),
-        (
-            "layers-max",
-            &tiny,
-            "num_hidden_layers",
-            serde_json::json!(i64::MAX),
-        ),
+        ("layers-max", &tiny, "num_hidden_layers", json!(i64::MAX)),
         (
             "expert-size",
             &tiny,
             "intermediate_size",
-            serde_json::json!(1_000_000_000u64),
+            json!(1_000_000_000u64),
         ),
-        (
-            "experts",
-            &tiny,
-            "num_experts",
-            serde_json::json!(1_000_000_000_000u64),
-        ),
+        ("experts", &tiny, "num_experts", json!(1_000_000_000_000u64)),
         (
             "dense-size",
             &qwen3,
             "intermediate_size",
-            serde_json::json!(1_000_000_000u64),
+            json!(1_000_000_000u64),
         ),
-        (
-            "vocab",
-            &tiny,
-            "vocab_size",
-            serde_json::json!(1_000_000_000u64),
-        ),
+        ("vocab", &tiny, "vocab_size", json!(1_000_000_000u64)),
     ] {
         let dir = copy_of(src, &format!("hardening-size-{case}"));
         edit_config(&dir, |c| {
@@ -342,21 +322,13 @@ fn configs_that_disagree_with_their_tensors_are_typed_errors() {
             LoadError::Config { field: f, .. } => assert!(f.contains(field), "{case}: {err}"),
             other => panic!("{case}: {other}"),
         }
-        let run = moe(&[
-            "logits",
-            "--model",
-            dir.to_str().unwrap(),
-            "--ids",
-            "1",
-            "--out",
-            "-",
-        ]);
+        let run = logits_of(&dir);
         assert_clean_error(&run, field);
     }
     // The mismatch names the config's value and the tensor's shape.
     let dir = copy_of(&tiny, "hardening-size-message");
     edit_config(&dir, |c| {
-        c.insert("intermediate_size".into(), serde_json::json!(48));
+        c.insert("intermediate_size".into(), json!(48));
     });
     let err = OlmoeModel::load(&dir, &cpu()).unwrap_err().to_string();
     assert!(
@@ -383,17 +355,14 @@ fn inspect_is_bounded_and_never_wraps() {
             dir
         };
     let huge_layers = config_only("hardening-inspect-layers", &|c| {
-        c.insert("num_hidden_layers".into(), serde_json::json!(i64::MAX));
+        c.insert("num_hidden_layers".into(), json!(i64::MAX));
     });
     let dense = config_only("hardening-inspect-dense", &|c| {
-        c.insert("num_hidden_layers".into(), serde_json::json!(100_000_000));
-        c.insert(
-            "first_k_dense_replace".into(),
-            serde_json::json!(100_000_000),
-        );
+        c.insert("num_hidden_layers".into(), json!(100_000_000));
+        c.insert("first_k_dense_replace".into(), json!(100_000_000));
     });
     let wide = config_only("hardening-inspect-wide", &|c| {
-        c.insert("hidden_size".into(), serde_json::json!(1u64 << 62));
+        c.insert("hidden_size".into(), json!(1u64 << 62));
     });
     for (dir, field) in [
         (&huge_layers, "num_hidden_layers"),
@@ -411,7 +380,7 @@ fn inspect_is_bounded_and_never_wraps() {
     // With the weights present, inspect checks the config against them.
     let dir = copy_of(&data("deepseek-v3-tiny"), "hardening-inspect-weights");
     edit_config(&dir, |c| {
-        c.insert("num_hidden_layers".into(), serde_json::json!(60_000));
+        c.insert("num_hidden_layers".into(), json!(60_000));
     });
     let run = moe(&["inspect", "--model", dir.to_str().unwrap()]);
     assert_clean_error(&run, "num_hidden_layers = 60000");
@@ -458,17 +427,9 @@ fn odd_head_sizes_are_config_errors() {
     // Through the CLI: a clean error, not the panic in the rotary tables of today's main.
     let dir = copy_of(&data("qwen3-moe-tiny"), "hardening-head-dim");
     edit_config(&dir, |c| {
-        c.insert("head_dim".into(), serde_json::json!(15));
+        c.insert("head_dim".into(), json!(15));
     });
-    let run = moe(&[
-        "logits",
-        "--model",
-        dir.to_str().unwrap(),
-        "--ids",
-        "1",
-        "--out",
-        "-",
-    ]);
+    let run = logits_of(&dir);
     assert_clean_error(&run, "head_dim");
 }
 
@@ -478,14 +439,14 @@ fn odd_head_sizes_are_config_errors() {
 fn the_context_limit_is_enforced_and_long_prompts_run_in_blocks() {
     let dir = copy_of(&checkpoints::tiny_dir(), "hardening-context");
     edit_config(&dir, |c| {
-        c.insert("max_position_embeddings".into(), serde_json::json!(16));
+        c.insert("max_position_embeddings".into(), json!(16));
     });
     let (model, _, _) = OlmoeModel::load(&dir, &cpu()).unwrap();
     let mut cache = KvCache::new(model.layers.len(), 1);
     let ids: Vec<i64> = (0..17).map(|i| 2 + i % 500).collect();
     let err = model
         .forward(
-            &[ids.clone()],
+            std::slice::from_ref(&ids),
             &[vec![true; 17]],
             &mut cache,
             &TopK::Configured,
@@ -531,7 +492,7 @@ fn the_context_limit_is_enforced_and_long_prompts_run_in_blocks() {
     let mut whole = KvCache::new(model.layers.len(), 1);
     let all = model
         .forward(
-            &[ids.clone()],
+            std::slice::from_ref(&ids),
             &[vec![true; 1100]],
             &mut whole,
             &TopK::Configured,
@@ -606,7 +567,7 @@ fn non_finite_values_are_errors_naming_the_first_layer() {
         let mut cache = KvCache::new(model.layers.len(), 1);
         let err = model
             .forward(
-                &[ids.clone()],
+                std::slice::from_ref(&ids),
                 &[vec![true; ids.len()]],
                 &mut cache,
                 &TopK::Configured,
@@ -637,12 +598,12 @@ fn non_finite_values_are_errors_naming_the_first_layer() {
     // Configs whose values blow up are refused up front.
     let tiny = std::fs::read_to_string(checkpoints::tiny_dir().join("config.json")).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&tiny).unwrap();
-    v["rope_theta"] = serde_json::json!(1e-50);
+    v["rope_theta"] = json!(1e-50);
     let err = OlmoeConfig::from_json(&v.to_string()).unwrap_err();
     assert!(err.to_string().contains("rope_theta"), "{err}");
     let ds = std::fs::read_to_string(data("deepseek-v3-tiny/config.json")).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&ds).unwrap();
-    v["routed_scaling_factor"] = serde_json::json!(1e300);
+    v["routed_scaling_factor"] = json!(1e300);
     let err = OlmoeConfig::from_json(&v.to_string()).unwrap_err();
     assert!(err.to_string().contains("routed_scaling_factor"), "{err}");
 }
@@ -662,7 +623,7 @@ fn missing_fields_take_the_transformers_defaults() {
         ours["num_key_value_heads"] = config.kv_heads().into();
         ours["num_local_experts"] = config.num_experts.into();
         ours["n_routed_experts"] = config.num_experts.into();
-        ours["sliding_window"] = serde_json::json!(config.attention_window());
+        ours["sliding_window"] = json!(config.attention_window());
         if !want["head_dim"].is_null() {
             ours["head_dim"] = config.rope_dim().into(); // DeepSeek-V3: qk_rope_head_dim
         }
@@ -695,7 +656,7 @@ fn missing_fields_take_the_transformers_defaults() {
 fn unused_tensors_are_reported_and_strict_refuses_them() {
     let dir = copy_of(&data("qwen2-moe-tiny"), "hardening-qkv-bias");
     edit_config(&dir, |c| {
-        c.insert("qkv_bias".into(), serde_json::json!(false));
+        c.insert("qkv_bias".into(), json!(false));
     });
     let (_, _, report) = OlmoeModel::load(&dir, &cpu()).unwrap();
     assert!(
@@ -706,7 +667,7 @@ fn unused_tensors_are_reported_and_strict_refuses_them() {
         report.unused
     );
     let d = dir.to_str().unwrap();
-    let (code, _, stderr) = moe(&["logits", "--model", d, "--ids", "1", "--out", "-"]);
+    let (code, _, stderr) = logits_of(&dir);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
         stderr.contains("warning: ") && stderr.contains("q_proj.bias"),

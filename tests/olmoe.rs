@@ -44,7 +44,7 @@ fn check_prompts(name: &str, device: &Device) {
         let mut cache = KvCache::new(model.layers.len(), 1);
         let out = model
             .forward(
-                &[ids.clone()],
+                std::slice::from_ref(&ids),
                 &[vec![true; l]],
                 &mut cache,
                 &TopK::Configured,
@@ -135,9 +135,9 @@ fn left_padded_batch_matches_single_prompts() {
         let got = common::host(out.logits);
         let want = r.read_f32("batch.logits", &[b, l, v]).unwrap();
         let mut worst = 0.0f32;
-        for row in 0..b {
-            for pos in 0..l {
-                if masks[row][pos] {
+        for (row, kept) in masks.iter().enumerate() {
+            for (pos, &keep) in kept.iter().enumerate() {
+                if keep {
                     let at = (row * l + pos) * v;
                     worst = worst.max(common::max_abs_diff(&got[at..at + v], &want[at..at + v]));
                 }

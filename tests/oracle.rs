@@ -290,13 +290,7 @@ fn per_sequence_k_matches_per_token_k() {
         let x = common::normal(b * s * 16, 1.0, 72);
         let seq_k = vec![1, 8, 3];
         let token_k: Vec<usize> = seq_k.iter().flat_map(|&k| vec![k; s]).collect();
-        compare(
-            &layer,
-            &x,
-            &TopK::PerToken(token_k.clone()),
-            &token_k,
-            &format!("{name}"),
-        );
+        compare(&layer, &x, &TopK::PerToken(token_k.clone()), &token_k, name);
         let batched = layer
             .try_forward(
                 common::upload(x.clone(), [b, s, 16], &device),

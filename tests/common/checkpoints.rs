@@ -312,7 +312,7 @@ pub fn broken(prefix: &str) -> Vec<(&'static str, PathBuf, &'static str)> {
 /// A safetensors file from a header value and the data bytes (header padded to 8 bytes).
 fn rebuild(header: &serde_json::Value, data: &[u8]) -> Vec<u8> {
     let mut text = header.to_string().into_bytes();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();

@@ -1,6 +1,16 @@
 //! Device code. Rows are read and written as vectors of `N` elements (`N` divides the width);
 //! indices of any integer dtype; every out-of-range index is skipped, never read.
 
+// `#[cube]` functions are written in CubeCL's subset of Rust, which has no `div_ceil`,
+// `checked_div`, iterator adapters or compound assignment on every type; the lints that
+// ask for those do not apply to device code.
+#![allow(
+    clippy::manual_div_ceil,
+    clippy::manual_checked_ops,
+    clippy::explicit_counter_loop,
+    clippy::assign_op_pattern
+)]
+
 use cubecl::prelude::*;
 
 /// One unit per output vector: `out[r, c] = x[indices[r], c]`.

@@ -28,8 +28,7 @@ fn vector_size(tensor: &CubeTensor, dtype: DType, width: usize) -> usize {
     tensor
         .client
         .io_optimized_vector_sizes(dtype.size())
-        .map(|v| v as usize)
-        .filter(|&v| v > 0 && width % v == 0)
+        .filter(|&v| v > 0 && width.is_multiple_of(v))
         .max()
         .unwrap_or(1)
 }

@@ -381,7 +381,7 @@ impl OlmoeConfig {
                 _ => object.get(field),
             };
             if let Some(v) = value
-                && !v.as_i64().is_some_and(|n| n >= 1)
+                && v.as_i64().is_none_or(|n| n < 1)
             {
                 return Err(invalid(
                     field,
@@ -412,8 +412,8 @@ impl OlmoeConfig {
     pub fn attention_widths(&self) -> (usize, usize, usize, usize) {
         let head_dim = self.head_dim();
         let (q, kv) = (
-            self.num_attention_heads * head_dim,
-            self.kv_heads() * head_dim,
+            self.num_attention_heads.saturating_mul(head_dim),
+            self.kv_heads().saturating_mul(head_dim),
         );
         match self.per_head_qk_norm() {
             true => (q, kv, head_dim, head_dim),
@@ -500,7 +500,7 @@ impl OlmoeConfig {
             return layer >= self.first_k_dense_replace.unwrap_or(0);
         }
         let step = self.decoder_sparse_step.unwrap_or(1).max(1);
-        !self.mlp_only_layers.contains(&layer) && (layer + 1) % step == 0
+        !self.mlp_only_layers.contains(&layer) && (layer + 1).is_multiple_of(step)
     }
 
     /// End-of-sequence ids.
@@ -588,7 +588,7 @@ impl OlmoeConfig {
                 "must be at least 1, got 0",
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(invalid(
                 "num_attention_heads",
                 format!(
@@ -597,7 +597,7 @@ impl OlmoeConfig {
                 ),
             ));
         }
-        if self.num_attention_heads % self.kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return Err(invalid(
                 "num_key_value_heads",
                 format!(
@@ -650,13 +650,21 @@ impl OlmoeConfig {
                 ),
             ));
         }
+        if let Some(head_dim) = self.head_dim
+            && head_dim > MAX_HEAD
+        {
+            return Err(invalid(
+                "head_dim",
+                format!("{head_dim} is more than this engine loads ({MAX_HEAD})"),
+            ));
+        }
         if self.mla().is_none() {
             let head_dim = self.head_dim();
             let field = match self.head_dim {
                 Some(_) => "head_dim",
                 None => "hidden_size / num_attention_heads",
             };
-            if head_dim < 2 || head_dim % 2 != 0 {
+            if head_dim < 2 || !head_dim.is_multiple_of(2) {
                 return Err(invalid(
                     field,
                     format!(

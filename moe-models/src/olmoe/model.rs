@@ -87,12 +87,36 @@ pub struct AttentionMask {
     past: usize,
     /// The attention window, if any.
     window: Option<usize>,
+    /// The whole mask, built once for all layers when the new positions fit in one block
+    /// (decode, and prompts of up to [`ATTENTION_CHUNK`] tokens).
+    whole: Option<Tensor<4>>,
 }
 
 impl AttentionMask {
+    /// The mask of `len` new positions after `past` cached ones, with `real` (`[B, 1, 1, P]`)
+    /// flagging the real tokens among all `P`.
+    fn new(real: Tensor<4, Bool>, past: usize, len: usize, window: Option<usize>) -> Self {
+        let mut mask = AttentionMask {
+            real,
+            past,
+            window,
+            whole: None,
+        };
+        if len <= ATTENTION_CHUNK {
+            mask.whole = Some(mask.block(0, len));
+        }
+        mask
+    }
+
     /// The additive f32 mask of queries `start..start + len`, `[B, 1, len, P]`: 0 where a
     /// query sees a position, `f32::MIN` elsewhere.
     fn block(&self, start: usize, len: usize) -> Tensor<4> {
+        if let Some(whole) = &self.whole
+            && start == 0
+            && whole.dims()[2] == len
+        {
+            return whole.clone();
+        }
         let [b, _, _, p] = self.real.dims();
         let device = self.real.device();
         let query = (self.past + start) as i64;
@@ -324,6 +348,9 @@ impl DecoderAttention {
 }
 
 /// The MLP of one decoder layer.
+// One per layer and never moved on a hot path: boxing the MoE block would only add an
+// indirection to every call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum DecoderMlp {
     /// The MoE block.
@@ -665,11 +692,8 @@ impl OlmoeModel {
 
         // Causal, padding and window mask, from one flag per position.
         let real: Vec<bool> = cache.mask.iter().flatten().copied().collect();
-        let mask = AttentionMask {
-            real: Tensor::<4, Bool>::from_data(TensorData::new(real, [b, 1, 1, total]), &device),
-            past,
-            window: self.sliding_window,
-        };
+        let real = Tensor::<4, Bool>::from_data(TensorData::new(real, [b, 1, 1, total]), &device);
+        let mask = AttentionMask::new(real, past, l, self.sliding_window);
 
         let flat: Vec<i64> = ids.iter().flatten().copied().collect();
         let ids = Tensor::<1, Int>::from_data(TensorData::new(flat, [b * l]), &device);
@@ -906,7 +930,13 @@ impl OlmoeModel {
                 cache = KvCache::new(layers, 1);
             }
             let mask = vec![vec![true; ids.len()]];
-            let out = self.forward(&[ids.clone()], &mask, &mut cache, &options.top_k, false)?;
+            let out = self.forward(
+                std::slice::from_ref(&ids),
+                &mask,
+                &mut cache,
+                &options.top_k,
+                false,
+            )?;
             let last = out.logits.narrow(1, ids.len() - 1, 1).reshape([1, vocab]);
             let token = match &mut sampler {
                 None => argmax_rows(last.clone())[0],
