@@ -265,8 +265,8 @@ impl Experts {
                 got: vec![routing.num_tokens(), routing.num_experts],
             });
         }
-        let path = dispatch::DispatchStrategy::Auto.resolve(&x.device())?;
-        dispatch::run_experts(self, x, routing, path)
+        let path = dispatch::experts_step(dispatch::DispatchStrategy::Auto, &x.device(), self)?;
+        dispatch::run_experts(self, x, routing, path.ran)
     }
 
     /// Runs every expert on its segment of expert-sorted rows with the grouped-GEMM kernels of

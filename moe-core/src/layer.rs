@@ -5,7 +5,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
-use crate::dispatch::{self, DispatchStrategy};
+use crate::dispatch::{self, CallPath, DispatchStrategy};
 use crate::error::MoeError;
 use crate::experts::{ExpertActivation, Experts, ExpertsConfig};
 use crate::options::ForwardOptions;
@@ -156,6 +156,8 @@ pub struct MoeOutput<const D: usize> {
     pub hidden: Tensor<D>,
     /// Routing of the `T = B·S` tokens, for losses and statistics.
     pub routing: Routing,
+    /// What ran, step by step, and why a faster implementation did not.
+    pub path: CallPath,
 }
 
 /// A dropless Mixture-of-Experts layer.
@@ -299,20 +301,36 @@ impl MoeLayer {
         }
         let tokens = dims[..D - 1].iter().product();
         let slots = SlotPlan::resolve(&options.top_k, &self.router.settings, tokens, seq_len)?;
-        let path = self.dispatch.resolve(&x.device())?;
+        // The one decision of what runs, and why.
+        let path = dispatch::decide(
+            self.dispatch,
+            &x.device(),
+            &self.router.settings,
+            &self.experts,
+            Some(tokens),
+            slots.per_token.is_some(),
+        )?;
         if tokens == 0 {
             // Nothing to route or compute: an empty output and an empty routing.
             // (not a reshape: Burn reads a 0 in a reshape as "keep this axis")
             let flat = Tensor::<2>::zeros([0, d_model], (&x.device(), x.dtype()));
-            let routing = self.router.route_slots(flat, &slots, options, path)?;
-            return Ok(MoeOutput { hidden: x, routing });
+            let routing = self
+                .router
+                .route_slots(flat, &slots, options, path.epilogue)?;
+            return Ok(MoeOutput {
+                hidden: x,
+                routing,
+                path,
+            });
         }
         let x = x.reshape([tokens, d_model]);
 
         // 1. route
-        let routing = self.router.route_slots(x.clone(), &slots, options, path)?;
+        let routing = self
+            .router
+            .route_slots(x.clone(), &slots, options, path.epilogue)?;
         // 2–5. plan, permute, experts, unpermute + combine
-        let routed = dispatch::run_experts(&self.experts, x.clone(), &routing, path)?;
+        let routed = dispatch::run_experts(&self.experts, x.clone(), &routing, path.experts.ran)?;
         // 6. shared
         let hidden = match &self.shared {
             Some(shared) => routed + shared.forward(x),
@@ -321,6 +339,7 @@ impl MoeLayer {
         Ok(MoeOutput {
             hidden: hidden.reshape(dims),
             routing,
+            path,
         })
     }
 }

@@ -70,7 +70,7 @@ pub use balance::{
     AuxFreeBalancer, expert_load, load_balancing_loss, load_balancing_loss_layers, load_cv,
     router_z_loss,
 };
-pub use dispatch::{DispatchPath, DispatchStrategy};
+pub use dispatch::{CallPath, DispatchPath, DispatchStrategy};
 pub use error::MoeError;
 pub use experts::{ExpertActivation, Experts, ExpertsConfig};
 pub use layer::{MoeLayer, MoeLayerConfig, MoeOutput};

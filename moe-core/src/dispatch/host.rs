@@ -4,13 +4,37 @@
 use burn::tensor::{DType, Tensor, TensorData};
 use moe_kernels::cpu::{self, ExpertMatrices, HostPlan, HostTensor};
 
+use super::Fallback;
 use crate::error::MoeError;
 use crate::experts::Experts;
 use crate::router::Routing;
 
-/// The experts' output for `x` as `routing` says, or `None` when the expert weights cannot be
-/// read in place (a dtype other than f32 or bf16, a strided view): the caller then takes the
-/// tensor-op path.
+/// Why the host kernels cannot read `experts`' weights in place, if they cannot: a dtype
+/// other than f32 or bf16, or a view other than contiguous (or bf16 stored out-major).
+pub(crate) fn unreadable(experts: &Experts) -> Result<Option<Fallback>, MoeError> {
+    let weights = [
+        experts.gate.as_ref(),
+        Some(&experts.up),
+        Some(&experts.down),
+    ];
+    for weight in weights.into_iter().flatten() {
+        let tensor = weight.val();
+        let dtype = tensor.dtype();
+        if HostTensor::new(tensor)?.matrix().is_none() {
+            return Ok(Some(match dtype {
+                DType::F32 | DType::BF16 => Fallback::WeightLayout,
+                other => Fallback::WeightDType(other),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// The experts' output for `x` as `routing` says.
+///
+/// # Errors
+/// Those of the host kernels, and [`MoeError::KernelsUnavailable`] for weights they cannot
+/// read in place (which [`super::decide`] sends to the tensor-op path instead).
 ///
 /// # Shapes
 /// - `x`: `[T, d_model]` → `[T, d_model]`, in `x`'s dtype
@@ -18,7 +42,7 @@ pub(crate) fn run_experts(
     experts: &Experts,
     x: Tensor<2>,
     routing: &Routing,
-) -> Result<Option<Tensor<2>>, MoeError> {
+) -> Result<Tensor<2>, MoeError> {
     let gate = experts
         .gate
         .as_ref()
@@ -26,11 +50,14 @@ pub(crate) fn run_experts(
         .transpose()?;
     let up = HostTensor::new(experts.up.val())?;
     let down = HostTensor::new(experts.down.val())?;
+    let unreadable = || MoeError::KernelsUnavailable {
+        device: format!("{:?} (expert weights not readable in place)", x.device()),
+    };
     let (Some(up_m), Some(down_m)) = (up.matrix(), down.matrix()) else {
-        return Ok(None);
+        return Err(unreadable());
     };
     let gate_m = match gate.as_ref().map(HostTensor::matrix) {
-        Some(None) => return Ok(None),
+        Some(None) => return Err(unreadable()),
         other => other.flatten(),
     };
     let matrices = ExpertMatrices::new(
@@ -66,8 +93,8 @@ pub(crate) fn run_experts(
         TensorData::new(out, [t, experts.d_model()]),
         (&device, DType::F32),
     );
-    Ok(Some(match dtype {
+    Ok(match dtype {
         DType::F32 => out,
         other => out.cast(other),
-    }))
+    })
 }

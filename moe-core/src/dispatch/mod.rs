@@ -2,11 +2,16 @@
 //! order), **experts** (one segment per expert), **unpermute + combine** (gather back and sum
 //! the k weighted rows of each token). Deterministic: no scatter-add touches activations.
 
+mod decision;
 #[cfg(feature = "flex")]
 mod host;
 mod plan;
 mod strategy;
 
+pub use decision::{
+    CallPath, FUSED_EPILOGUE_MAX_GROUPS, FUSED_EPILOGUE_MAX_TOKENS, Fallback, StepPath,
+};
+pub(crate) use decision::{decide, epilogue, experts_step};
 pub use plan::DispatchPlan;
 pub use strategy::{DispatchPath, DispatchStrategy};
 
@@ -74,7 +79,8 @@ pub fn combine(
     Ok(weighted.sum_dim(1).reshape([t, d_model]).cast(dtype))
 }
 
-/// Steps 2–5 for one routing: plan, permute, experts, combine.
+/// Steps 2–5 for one routing: plan, permute, experts, combine, on the implementation `path`
+/// that [`decide`] chose (it runs that one or fails; it never falls back).
 ///
 /// - [`DispatchPath::Kernels`]: the plan kernel, then every pair's row is permuted (unused
 ///   slots last) and [`Experts::forward_grouped`] runs all experts in grouped-GEMM launches
@@ -82,7 +88,8 @@ pub fn combine(
 ///   the host and no launch is made per expert.
 /// - [`DispatchPath::HostKernels`]: one host read of the routing, then the `moe_kernels::cpu`
 ///   plan, experts (gather fused, weights read in place, threads across experts) and combine.
-///   Expert weights it cannot read in place (f16, a strided view) take the tensor-op path.
+///   [`decide`] sends expert weights it cannot read in place (f16, a strided view) to the
+///   tensor-op path.
 /// - [`DispatchPath::TensorOps`]: the tensor-op plan, **one host read** of the per-expert
 ///   counts, then [`Experts::forward_segments`] (one matmul chain per non-empty expert).
 ///
@@ -94,16 +101,14 @@ pub fn run_experts(
     routing: &Routing,
     path: DispatchPath,
 ) -> Result<Tensor<2>, MoeError> {
-    let path = match path {
+    if path == DispatchPath::HostKernels {
         #[cfg(feature = "flex")]
-        DispatchPath::HostKernels => match host::run_experts(experts, x.clone(), routing)? {
-            Some(out) => return Ok(out),
-            None => DispatchPath::TensorOps,
-        },
+        return host::run_experts(experts, x, routing);
         #[cfg(not(feature = "flex"))]
-        DispatchPath::HostKernels => DispatchPath::TensorOps,
-        other => other,
-    };
+        return Err(MoeError::KernelsUnavailable {
+            device: format!("{:?} (built without the `flex` feature)", x.device()),
+        });
+    }
     let plan = DispatchPlan::build(&routing.expert_ids, routing.num_experts, path)?;
     let expert_rows = match path {
         DispatchPath::Kernels => {

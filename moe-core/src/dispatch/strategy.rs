@@ -47,22 +47,13 @@ impl DispatchPath {
 }
 
 impl DispatchStrategy {
-    /// The path this strategy takes on `device`.
+    /// The path this strategy takes on `device`, whatever the call (a call's own path, which
+    /// also depends on the input and the weights, is in its [`crate::MoeOutput::path`]).
     ///
     /// # Errors
     /// [`MoeError::KernelsUnavailable`] for [`DispatchStrategy::Kernels`] on a device the
     /// kernels do not run on.
     pub fn resolve(self, device: &Device) -> Result<DispatchPath, MoeError> {
-        let cube = moe_kernels::available(device);
-        let host = moe_kernels::cpu::host_available(device);
-        match self {
-            DispatchStrategy::TensorOps => Ok(DispatchPath::TensorOps),
-            _ if cube => Ok(DispatchPath::Kernels),
-            _ if host => Ok(DispatchPath::HostKernels),
-            DispatchStrategy::Auto => Ok(DispatchPath::TensorOps),
-            DispatchStrategy::Kernels => Err(MoeError::KernelsUnavailable {
-                device: format!("{device:?}"),
-            }),
-        }
+        Ok(super::decision::device_step(self, device)?.ran)
     }
 }

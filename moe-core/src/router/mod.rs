@@ -12,7 +12,7 @@ use burn::nn::Initializer;
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{Bool, DType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
-use crate::dispatch::{DispatchPath, DispatchStrategy};
+use crate::dispatch::{self, DispatchPath, DispatchStrategy, StepPath};
 use crate::error::MoeError;
 use crate::options::{Capacity, ForwardOptions};
 
@@ -23,11 +23,6 @@ pub use choice::{expert_choice_capacity, hash_experts, random_experts};
 /// Added to the renormalisation denominator, as DeepSeek-V3 does (`+ 1e-20`); it changes no
 /// f32 sum of probabilities and keeps an all-zero row finite.
 const RENORM_EPSILON: f32 = 1e-20;
-
-/// Most tokens a forward pass routes with the fused epilogue kernel; longer inputs take the
-/// composed ops. Measured on lavapipe at E 64, k 8 (medians, fused / composed): 0.40 at 1
-/// token, 0.31 at 16, 1.42 at 128, 1.73 at 512.
-pub const FUSED_EPILOGUE_MAX_TOKENS: usize = 64;
 
 /// How router logits become per-expert scores.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -453,8 +448,9 @@ impl Router {
 
     /// Routes `x` with the given k, the epilogue after the logits run by `strategy`: the fused
     /// `moe_kernels::route_epilogue` kernel (kernel path, where no gradient is needed, k is the
-    /// same for every token and there are at most [`FUSED_EPILOGUE_MAX_TOKENS`] tokens) or the
-    /// composed tensor ops.
+    /// same for every token and there are at most
+    /// [`FUSED_EPILOGUE_MAX_TOKENS`](crate::dispatch::FUSED_EPILOGUE_MAX_TOKENS) tokens) or the
+    /// composed tensor ops, as [`crate::dispatch::CallPath`] reports.
     ///
     /// # Shapes
     /// - `x`: `[T, d_model]`
@@ -488,8 +484,10 @@ impl Router {
             });
         }
         let slots = SlotPlan::resolve(&options.top_k, &self.settings, t, 1)?;
-        let path = strategy.resolve(&x.device())?;
-        self.route_slots(x, &slots, options, path)
+        let per_token = slots.per_token.is_some();
+        let epilogue =
+            dispatch::epilogue(strategy, &x.device(), &self.settings, Some(t), per_token)?;
+        self.route_slots(x, &slots, options, epilogue)
     }
 
     /// Checks `top_k` for `num_tokens` tokens in sequences of `seq_len` tokens without routing
@@ -501,20 +499,6 @@ impl Router {
         seq_len: usize,
     ) -> Result<(), MoeError> {
         SlotPlan::resolve(top_k, &self.settings, num_tokens, seq_len).map(|_| ())
-    }
-
-    /// Whether the fused epilogue kernel computes this routing: the kernel path, one k for
-    /// every token, no gradient needed, at most 32 groups.
-    fn fused_epilogue(
-        &self,
-        device: &burn::tensor::Device,
-        slots: &SlotPlan,
-        path: DispatchPath,
-    ) -> bool {
-        path == DispatchPath::Kernels
-            && slots.per_token.is_none()
-            && !moe_kernels::is_autodiff(device)
-            && self.settings.group_limit.is_none_or(|g| g.n_group <= 32)
     }
 
     /// The epilogue after the logits: the top `top_k` experts of each token and their weights
@@ -543,20 +527,21 @@ impl Router {
             max_k: top_k,
             per_token: None,
         };
-        let path = strategy.resolve(&logits.device())?;
+        let epilogue = dispatch::epilogue(strategy, &logits.device(), &self.settings, None, false)?;
         let logits = logits.cast(DType::F32);
-        let (ids, weights, _) = self.epilogue(logits, &slots, path)?;
+        let (ids, weights, _) = self.epilogue(logits, &slots, fused(epilogue))?;
         Ok((ids, weights))
     }
 
     /// Routing once the input and the slot counts are known to be valid: logits, the kind's
-    /// selection at the call's temperature, then the call's capacity limit.
+    /// selection at the call's temperature (the top-k epilogue run as `epilogue` says), then
+    /// the call's capacity limit.
     pub(crate) fn route_slots(
         &self,
         x: Tensor<2>,
         slots: &SlotPlan,
         options: &ForwardOptions,
-        path: DispatchPath,
+        epilogue: Option<StepPath>,
     ) -> Result<Routing, MoeError> {
         let temperature = options.checked_temperature()?;
         if let Some(capacity) = options.capacity {
@@ -596,13 +581,8 @@ impl Router {
         };
         let (expert_ids, weights, scores) = match self.settings.kind {
             RouterKind::TokenChoice => {
-                // One unit per token walks the experts k times: it beats the composed ops for
-                // a few tokens (decoding), not for long prompts (measured on lavapipe).
-                let path = match tokens <= FUSED_EPILOGUE_MAX_TOKENS {
-                    true => path,
-                    false => DispatchPath::TensorOps,
-                };
-                let (ids, weights, scores) = self.epilogue(scaled.clone(), slots, path)?;
+                let (ids, weights, scores) =
+                    self.epilogue(scaled.clone(), slots, fused(epilogue))?;
                 (ids, weights, scores.unwrap_or_else(|| self.scores(scaled)))
             }
             RouterKind::ExpertChoice { capacity_factor } => {
@@ -648,17 +628,18 @@ impl Router {
         }
     }
 
-    /// Ids, weights and (from the composed ops) scores from f32 logits.
+    /// Ids, weights and (from the composed ops) scores from f32 logits; by the fused kernel
+    /// when `fused`.
     fn epilogue(
         &self,
         logits: Tensor<2>,
         slots: &SlotPlan,
-        path: DispatchPath,
+        fused: bool,
     ) -> Result<(Tensor<2, Int>, Tensor<2>, Option<Tensor<2>>), MoeError> {
         let s = &self.settings;
         let num_experts = s.num_experts;
         let device = logits.device();
-        if self.fused_epilogue(&device, slots, path) {
+        if fused {
             let spec = moe_kernels::EpilogueSpec {
                 top_k: slots.max_k,
                 sigmoid: s.scoring == Scoring::Sigmoid,
@@ -702,6 +683,11 @@ impl Router {
         }
         Ok((expert_ids, weights, Some(scores)))
     }
+}
+
+/// Whether the decision sends the epilogue to the fused kernel.
+fn fused(epilogue: Option<StepPath>) -> bool {
+    epilogue.is_some_and(|e| e.ran == DispatchPath::Kernels)
 }
 
 /// Masks (to -inf) every expert outside the `topk_group` best groups of each token; a group's

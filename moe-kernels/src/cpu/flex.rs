@@ -14,6 +14,14 @@ pub fn host_available(device: &Device) -> bool {
     matches!(device.as_dispatch(), burn::backend::DispatchDevice::Flex(_))
 }
 
+/// Whether `device` is a flex device behind autodiff: one the host kernels would run on but
+/// for the gradients they do not record.
+pub fn host_under_autodiff(device: &Device) -> bool {
+    use burn::backend::DispatchDevice;
+    matches!(device.as_dispatch(), DispatchDevice::Autodiff(inner)
+        if matches!(**inner, DispatchDevice::Flex(_)))
+}
+
 /// A float tensor of the flex backend, readable as a slice of its stored values. Holding it
 /// keeps the storage alive; nothing is copied (the storage is shared with the tensor's other
 /// handles, such as a module's parameter).

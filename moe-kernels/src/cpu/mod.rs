@@ -34,7 +34,7 @@ mod panel;
 mod tiles;
 
 #[cfg(feature = "flex")]
-pub use flex::{HostTensor, host_available};
+pub use flex::{HostTensor, host_available, host_under_autodiff};
 pub use panel::Matrix;
 
 /// Whether bf16 expert weights are best stored **out-major** ([`Matrix::Bf16T`]) for these
@@ -50,6 +50,12 @@ pub fn bf16_out_major_preferred() -> bool {
 /// Whether the host kernels run on `device` (never, in a build without the `flex` feature).
 #[cfg(not(feature = "flex"))]
 pub fn host_available(_device: &burn::tensor::Device) -> bool {
+    false
+}
+
+/// Whether `device` is a flex device behind autodiff (never, in a build without `flex`).
+#[cfg(not(feature = "flex"))]
+pub fn host_under_autodiff(_device: &burn::tensor::Device) -> bool {
     false
 }
 

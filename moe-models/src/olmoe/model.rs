@@ -6,7 +6,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, RmsNorm};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
-use moe_core::{ForwardOptions, MoeLayer, Routing, SharedExpert, TopK};
+use moe_core::{CallPath, ForwardOptions, MoeLayer, Routing, SharedExpert, TopK};
 use rand::SeedableRng;
 use rand::distr::Distribution;
 use rand::distr::weighted::WeightedIndex;
@@ -401,6 +401,8 @@ pub struct MoeTrace {
     pub routing: Routing,
     /// Output of the MoE block before the residual add, `[B, L, H]`.
     pub output: Tensor<3>,
+    /// What the MoE block ran, step by step.
+    pub path: CallPath,
 }
 
 /// The whole causal language model.
@@ -725,6 +727,7 @@ impl OlmoeModel {
                             input: mlp_in,
                             routing: moe.routing,
                             output: moe.hidden,
+                            path: moe.path,
                         });
                     }
                 }

@@ -184,19 +184,19 @@ fn time_layer(
     runs: usize,
     rng: &mut rand::rngs::StdRng,
     between: &mut dyn FnMut(),
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, moe::CallPath)> {
     use burn::tensor::{DType, Tensor, TensorData};
     use rand::RngExt;
     let device = layer.router.weight.device();
     let (h, e) = (layer.d_model(), layer.num_experts());
-    let call = |x: Tensor<2>| -> Result<(f64, Vec<i64>)> {
+    let call = |x: Tensor<2>| -> Result<(f64, Vec<i64>, moe::CallPath)> {
         let start = Instant::now();
         let out = layer.try_forward(x, &moe::TopK::Configured)?;
         let _ = out.hidden.sum().into_data();
         let _ = device.sync();
         let seconds = start.elapsed().as_secs_f64();
         let ids = out.routing.expert_ids.into_data().iter::<i64>().collect();
-        Ok((seconds, ids))
+        Ok((seconds, ids, out.path))
     };
     // Fresh host values for every call, uploaded before the clock starts: no call repeats
     // another's input (a device generator could, and lavapipe then answers from a cache).
@@ -209,13 +209,15 @@ fn time_layer(
         let _ = x.clone().sum().into_data();
         x
     };
-    call(fresh())?; // warm-up: shader compilation, allocations
+    // warm-up: shader compilation, allocations
+    let (_, _, mut path) = call(fresh())?;
     let mut times = Vec::with_capacity(runs);
     let mut touched = 0usize;
     for _ in 0..runs {
         let x = fresh();
         between();
-        let (seconds, ids) = call(x)?;
+        let (seconds, ids, ran) = call(x)?;
+        path = ran;
         times.push(seconds);
         let mut seen = vec![false; e];
         for id in ids {
@@ -226,7 +228,7 @@ fn time_layer(
         touched += seen.iter().filter(|&&s| s).count();
     }
     let median = median_of(&mut times).expect("at least one timed call");
-    Ok((median, touched as f64 / runs as f64))
+    Ok((median, touched as f64 / runs as f64, path))
 }
 
 /// The middle value of `values` (sorted in place; the upper one of an even count), or `None`
@@ -267,7 +269,8 @@ fn bench(
     let device = backend.device();
     let float: FloatDType = dtype.into();
     moe::moe_models::olmoe::check_dtype(&device, float)?;
-    let path = strategy.resolve(&device)?;
+    // Kernels on a device without them: an error before any work.
+    strategy.resolve(&device)?;
     let stacked = (config.num_experts * config.d_model * config.d_ff) as u64
         * burn::tensor::DType::from(float).size() as u64;
     if let Some(limit) = moe::moe_kernels::max_buffer_bytes(&device)
@@ -322,16 +325,17 @@ fn bench(
         }
     };
     let dtype_name = format!("{:?}", burn::tensor::DType::from(float)).to_lowercase();
-    let path_name = path.name();
     for &t in tokens {
-        let (median, touched) = time_layer(&layer, t, float, runs, &mut rng, &mut read_stream)?;
+        let (median, touched, path) =
+            time_layer(&layer, t, float, runs, &mut rng, &mut read_stream)?;
+        let path_name = path.experts.ran.name();
         let stream_gbps = median_of(&mut stream_rates.take()).map(|r| r / 1e9);
         let flops = t as f64 * (2.0 * (h * e) as f64 + matrices * 2.0 * (k * h * i) as f64);
         let weight_bytes = touched * matrices * (h * i) as f64 * bytes + (h * e) as f64 * bytes;
         let weight_gbps = weight_bytes / median / 1e9;
         let dense_gflops = match &dense {
             Some(layer) => {
-                let (median, _) = time_layer(layer, t * k, float, runs, &mut rng, &mut || {})?;
+                let (median, _, _) = time_layer(layer, t * k, float, runs, &mut rng, &mut || {})?;
                 let flops = (t * k) as f64 * (2.0 * h as f64 + matrices * 2.0 * (h * i) as f64);
                 Some(flops / median / 1e9)
             }
@@ -344,6 +348,7 @@ fn bench(
                 "tokens": t,
                 "backend": backend.name(),
                 "dispatch": path_name,
+                "path": path.to_string(),
                 "dtype": dtype_name,
                 "median_ms": median * 1e3,
                 "gflops": gflops,
@@ -364,7 +369,7 @@ fn bench(
                 format!("  stream {s:>5.1} GB/s ({:.0}%)", 100.0 * weight_gbps / s)
             });
             println!(
-                "{preset:<20} T={t:<5} {backend:<7} {path_name:<12} {dtype_name:<4} median {:>9.3} ms  {gflops:>7.1} GFLOP/s  {weight_gbps:>6.1} GB/s of weights{dense}{stream}",
+                "{preset:<20} T={t:<5} {backend:<7} {path_name:<12} {dtype_name:<4} median {:>9.3} ms  {gflops:>7.1} GFLOP/s  {weight_gbps:>6.1} GB/s of weights{dense}{stream}  [{path}]",
                 median * 1e3,
             );
         }
