@@ -41,7 +41,7 @@ use criterion::{
 };
 use moe::backend::Backend;
 use moe::dispatch::{self, DispatchPath, DispatchPlan};
-use moe::moe_kernels::cpu::{self, HostTensor};
+use moe::moe_kernels::host::{self, HostTensor};
 use moe::{DispatchStrategy, MoeLayer, MoeLayerConfig, TopK};
 
 const H: usize = 2048;
@@ -110,10 +110,10 @@ fn expert_width(device: &Device) -> usize {
 }
 
 /// The host kernels' plan of `ids`, after one read of the ids.
-fn host_plan(ids: &Tensor<2, Int>) -> cpu::HostPlan {
+fn host_plan(ids: &Tensor<2, Int>) -> host::HostPlan {
     let [t, k] = ids.dims();
     let ids: Vec<i64> = ids.to_data().iter::<i64>().collect();
-    cpu::HostPlan::new(&ids, t, k, E).unwrap()
+    host::HostPlan::new(&ids, t, k, E).unwrap()
 }
 
 /// The strategy that always takes `path`.
@@ -318,7 +318,7 @@ fn bench(c: &mut Criterion) {
                             let out = match path {
                                 DispatchPath::HostKernels => {
                                     let weights: Vec<f32> = w.to_data().iter::<f32>().collect();
-                                    let out = cpu::combine(&host_rows, &host_routing, &weights, H)
+                                    let out = host::combine(&host_rows, &host_routing, &weights, H)
                                         .unwrap();
                                     Tensor::<2>::from_data(TensorData::new(out, [t, H]), &device)
                                 }
@@ -332,8 +332,8 @@ fn bench(c: &mut Criterion) {
                 // The host kernels' experts: [T, H] tokens gathered through the plan inside the
                 // expert products; `experts-bf16` in a bf16 computation (bf16 weights, bf16 rows).
                 let host_stages = [
-                    ("experts", DType::F32, cpu::Compute::F32),
-                    ("experts-bf16", DType::BF16, cpu::Compute::Bf16),
+                    ("experts", DType::F32, host::Compute::F32),
+                    ("experts-bf16", DType::BF16, host::Compute::Bf16),
                 ];
                 for (name, dtype, compute) in host_stages {
                     let Some(layer) = layer
@@ -355,7 +355,7 @@ fn bench(c: &mut Criterion) {
                     .with_host_layout();
                     let held = [stored.gate.as_ref().unwrap(), &stored.up, &stored.down]
                         .map(|p| HostTensor::new(p.val()).unwrap());
-                    let matrices = cpu::ExpertMatrices::new(
+                    let matrices = host::ExpertMatrices::new(
                         held[0].matrix(),
                         held[1].matrix().unwrap(),
                         held[2].matrix().unwrap(),
@@ -373,8 +373,8 @@ fn bench(c: &mut Criterion) {
                         x0,
                         |x| {
                             let x = HostTensor::new(x).unwrap().to_f32_vec().unwrap();
-                            let rows =
-                                cpu::grouped_ffn_in(&x, &host_routing, &matrices, compute).unwrap();
+                            let rows = host::grouped_ffn_in(&x, &host_routing, &matrices, compute)
+                                .unwrap();
                             Tensor::<2>::from_data(TensorData::new(rows, [t * K, H]), &device)
                                 .narrow(0, 0, t)
                                 .tanh()

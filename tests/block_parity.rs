@@ -279,7 +279,7 @@ fn packed_expert_layout_loads_identically() {
     // bf16 on the host kernels: both forms load out-major where that is preferred, holding
     // the f32 load's values rounded
     use burn::tensor::DType;
-    use moe::moe_kernels::cpu;
+    use moe::moe_kernels::host;
     let Some((_, flex)) = common::devices().into_iter().find(|(n, _)| *n == "flex") else {
         return;
     };
@@ -297,10 +297,10 @@ fn packed_expert_layout_loads_identically() {
         ] {
             assert_eq!(a.dims(), b.dims());
             let out_major = matches!(
-                cpu::HostTensor::new(b.clone()).unwrap().matrix(),
-                Some(cpu::Matrix::Bf16T(_))
+                host::HostTensor::new(b.clone()).unwrap().matrix(),
+                Some(host::Matrix::Bf16T(_))
             );
-            assert_eq!(out_major, cpu::bf16_out_major_preferred());
+            assert_eq!(out_major, host::bf16_out_major_preferred());
             assert_eq!(
                 common::host(b.cast(DType::F32)),
                 common::host(a.cast(DType::BF16).cast(DType::F32))

@@ -42,7 +42,7 @@ fn ops(why: Fallback) -> StepPath {
 fn device_kind(device: &Device) -> (bool, bool) {
     (
         moe::moe_kernels::available(device),
-        moe::moe_kernels::cpu::host_available(device),
+        moe::moe_kernels::host::host_available(device),
     )
 }
 
@@ -195,7 +195,7 @@ fn autodiff_keeps_the_kernels_that_have_a_backward_pass() {
 fn weights_the_host_kernels_cannot_read_take_tensor_ops() {
     for (name, device) in common::devices() {
         // The weights' dtype and layout matter only to the host kernels.
-        if !moe::moe_kernels::cpu::host_available(&device) {
+        if !moe::moe_kernels::host::host_available(&device) {
             continue;
         }
         let f16 = {
@@ -225,7 +225,7 @@ fn weights_the_host_kernels_cannot_read_take_tensor_ops() {
     }
     // The same layer with its f32 weights stored contiguous runs the host kernels again.
     for (name, device) in common::devices() {
-        if moe::moe_kernels::cpu::host_available(&device) {
+        if moe::moe_kernels::host::host_available(&device) {
             let (path, _) = run(&olmoe(&device), 5, &TopK::Configured);
             assert_eq!(path.experts, host(), "{name}: {path}");
         }

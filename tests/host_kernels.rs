@@ -6,7 +6,7 @@ mod common;
 
 use burn::module::Param;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use moe::moe_kernels::cpu::{self, PANEL_MAX_ROWS};
+use moe::moe_kernels::host::{self, PANEL_MAX_ROWS};
 use moe::{
     DispatchPath, DispatchStrategy, ExpertActivation, MoeError, MoeLayer, MoeLayerConfig, Routing,
     TopK,
@@ -171,8 +171,8 @@ fn out_major_views_are_read_only_where_they_are_out_major() {
         .collect();
     let view = Tensor::<3>::from_data(TensorData::new(stored, [e, n, k]), (&device, DType::BF16))
         .swap_dims(1, 2);
-    let kind = |t: Tensor<3>| match cpu::HostTensor::new(t).unwrap().matrix() {
-        Some(cpu::Matrix::Bf16T(w)) => Some(w.iter().map(|v| v.to_f32()).collect::<Vec<_>>()),
+    let kind = |t: Tensor<3>| match host::HostTensor::new(t).unwrap().matrix() {
+        Some(host::Matrix::Bf16T(w)) => Some(w.iter().map(|v| v.to_f32()).collect::<Vec<_>>()),
         _ => None,
     };
     // expert 1 alone: its [N, K] block
@@ -210,17 +210,19 @@ fn with_host_layout_moves_only_bf16_weights() {
     let layer = common::seeded_layer(&config, 3, &device);
     let f32_experts = layer.experts.clone().with_host_layout();
     assert!(matches!(
-        cpu::HostTensor::new(f32_experts.up.val()).unwrap().matrix(),
-        Some(cpu::Matrix::F32(_))
+        host::HostTensor::new(f32_experts.up.val())
+            .unwrap()
+            .matrix(),
+        Some(host::Matrix::F32(_))
     ));
     let gelu = cast_experts(&layer.experts, DType::BF16).with_host_layout();
     assert!(gelu.gate.is_none());
     for p in [&gelu.up, &gelu.down] {
         let moved = matches!(
-            cpu::HostTensor::new(p.val()).unwrap().matrix(),
-            Some(cpu::Matrix::Bf16T(_))
+            host::HostTensor::new(p.val()).unwrap().matrix(),
+            Some(host::Matrix::Bf16T(_))
         );
-        assert_eq!(moved, cpu::bf16_out_major_preferred());
+        assert_eq!(moved, host::bf16_out_major_preferred());
     }
     assert_eq!(
         common::host(gelu.up.val().cast(DType::F32)),
@@ -263,8 +265,9 @@ fn bad_routings_are_typed_errors() {
     }
     // the kernels themselves check their slices
     let w = vec![0.0f32; 10];
-    let err = cpu::ExpertMatrices::new(None, cpu::Matrix::F32(&w), cpu::Matrix::F32(&w), 2, 2, 3)
-        .unwrap_err();
+    let err =
+        host::ExpertMatrices::new(None, host::Matrix::F32(&w), host::Matrix::F32(&w), 2, 2, 3)
+            .unwrap_err();
     assert!(
         err.to_string()
             .contains("up holds 10 values, expected 2 experts × 2 × 3 = 12"),
@@ -290,8 +293,8 @@ fn bf16_compute_matches_alone_and_in_a_batch() {
     let bf16 = cast_experts(&layer.experts, DType::BF16);
     let f32_twin = widened(&layer.experts);
     // the host kernels read these weights in place (else the layer would take the tensor ops)
-    let stored = cpu::HostTensor::new(bf16.up.val()).unwrap();
-    assert!(matches!(stored.matrix(), Some(cpu::Matrix::Bf16(_))));
+    let stored = host::HostTensor::new(bf16.up.val()).unwrap();
+    assert!(matches!(stored.matrix(), Some(host::Matrix::Bf16(_))));
     // every token to two distinct experts (the second 1 to 3 after the first): segments of
     // about 150 rows
     let ids: Vec<i64> = (0..t)
@@ -364,16 +367,16 @@ fn out_major_bf16_weights_give_the_row_major_results() {
     row_major.experts = cast_experts(&layer.experts, DType::BF16);
     let mut out_major = row_major.clone();
     out_major.experts = out_major.experts.with_host_layout();
-    let moved = cpu::bf16_out_major_preferred();
+    let moved = host::bf16_out_major_preferred();
     for (a, b) in [
         (&row_major.experts.up, &out_major.experts.up),
         (&row_major.experts.down, &out_major.experts.down),
     ] {
         assert_eq!(a.dims(), b.dims());
-        let stored = cpu::HostTensor::new(b.val()).unwrap();
+        let stored = host::HostTensor::new(b.val()).unwrap();
         match moved {
-            true => assert!(matches!(stored.matrix(), Some(cpu::Matrix::Bf16T(_)))),
-            false => assert!(matches!(stored.matrix(), Some(cpu::Matrix::Bf16(_)))),
+            true => assert!(matches!(stored.matrix(), Some(host::Matrix::Bf16T(_)))),
+            false => assert!(matches!(stored.matrix(), Some(host::Matrix::Bf16(_)))),
         }
         assert_eq!(
             common::host(a.val().cast(DType::F32)),
@@ -383,9 +386,9 @@ fn out_major_bf16_weights_give_the_row_major_results() {
     }
     // a second call leaves out-major weights as they are
     let again = out_major.experts.clone().with_host_layout();
-    let stored = cpu::HostTensor::new(again.up.val()).unwrap();
+    let stored = host::HostTensor::new(again.up.val()).unwrap();
     assert_eq!(
-        matches!(stored.matrix(), Some(cpu::Matrix::Bf16T(_))),
+        matches!(stored.matrix(), Some(host::Matrix::Bf16T(_))),
         moved
     );
     let forward = |layer: &MoeLayer, x: &[f32], t: usize, dtype: DType, strategy| {

@@ -499,11 +499,11 @@ fn gradients_agree_between_strategies() {
 fn strategies_resolve_from_the_device() {
     for (name, device) in common::devices() {
         let kernels = moe_kernels::available(&device);
-        let host = moe_kernels::cpu::host_available(&device);
+        let host = moe_kernels::host::host_available(&device);
         // CubeCL kernels on wgpu, host kernels on flex (not on its autodiff device: they
         // record no gradient), tensor ops on ndarray.
         assert_eq!(host, name == "flex", "{name}");
-        assert!(!moe_kernels::cpu::host_available(
+        assert!(!moe_kernels::host::host_available(
             &device.clone().autodiff()
         ));
         let expected = if kernels {

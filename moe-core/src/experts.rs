@@ -98,8 +98,8 @@ fn out_major_wanted(t: &Tensor<3>) -> bool {
 fn is_out_major(t: &Tensor<3>) -> bool {
     #[cfg(feature = "flex")]
     {
-        moe_kernels::cpu::HostTensor::new(t.clone())
-            .is_ok_and(|h| matches!(h.matrix(), Some(moe_kernels::cpu::Matrix::Bf16T(_))))
+        moe_kernels::host::HostTensor::new(t.clone())
+            .is_ok_and(|h| matches!(h.matrix(), Some(moe_kernels::host::Matrix::Bf16T(_))))
     }
     #[cfg(not(feature = "flex"))]
     {
@@ -159,7 +159,7 @@ impl Experts {
 
     /// The same experts with their bf16 weights stored **out-major** where the host kernels
     /// decode faster from that layout (a flex device, and
-    /// [`moe_kernels::cpu::bf16_out_major_preferred`]: x86-64 with AVX-512 BF16): each tensor keeps
+    /// [`moe_kernels::host::bf16_out_major_preferred`]: x86-64 with AVX-512 BF16): each tensor keeps
     /// its shape (`[E, K, N]`) and values, but becomes the `swap_dims(1, 2)` view of a
     /// contiguous `[E, N, K]` copy, each output's weights side by side (the Hugging Face
     /// `[out, in]` order; one copy of the weights, made once). Everything else (f32 weights,
@@ -185,12 +185,12 @@ impl Experts {
     /// Whether expert weights of `dtype` on `device` are best stored out-major (see
     /// [`Experts::with_host_layout`]): bf16, on a device the host kernels run on (flex), on a
     /// CPU where they decode faster from that layout
-    /// ([`moe_kernels::cpu::bf16_out_major_preferred`]). Checkpoint loaders ask this to build
+    /// ([`moe_kernels::host::bf16_out_major_preferred`]). Checkpoint loaders ask this to build
     /// the out-major tensors directly (Hugging Face stores `[out, in]` already).
     pub fn prefers_out_major(device: &Device, dtype: burn::tensor::DType) -> bool {
         dtype == burn::tensor::DType::BF16
-            && moe_kernels::cpu::host_available(device)
-            && moe_kernels::cpu::bf16_out_major_preferred()
+            && moe_kernels::host::host_available(device)
+            && moe_kernels::host::bf16_out_major_preferred()
     }
 
     /// Number of experts `E`.

@@ -26,16 +26,16 @@
 //! Without the `cube` feature (switched on by `wgpu` or `cuda`) nothing here runs and
 //! [`available`] is false for every device.
 //!
-//! [`cpu`] holds the **host kernels**, the same steps on the CPU for the flex backend (plan,
+//! [`host`] holds the **host kernels**, the same steps on the CPU for the flex backend (plan,
 //! experts with the gather fused and the weights read in place, combine), on plain slices;
 //! its `flex` feature adds the bridge from Burn flex tensors.
 #![warn(missing_docs)]
 
 use burn::tensor::{Device, Int, Tensor};
 
-pub mod cpu;
 #[cfg(feature = "cube")]
-mod cube;
+mod gpu;
+pub mod host;
 
 /// Why a kernel was not run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,7 +87,7 @@ pub enum KernelError {
 pub fn available(device: &Device) -> bool {
     #[cfg(feature = "cube")]
     {
-        cube::is_cube_device(device)
+        gpu::is_cube_device(device)
     }
     #[cfg(not(feature = "cube"))]
     {
@@ -103,7 +103,7 @@ pub fn available(device: &Device) -> bool {
 pub fn max_buffer_bytes(device: &Device) -> Option<u64> {
     #[cfg(feature = "cube")]
     {
-        cube::max_buffer_bytes(device)
+        gpu::max_buffer_bytes(device)
     }
     #[cfg(not(feature = "cube"))]
     {
@@ -156,7 +156,7 @@ pub fn gather_rows(x: Tensor<2>, indices: Tensor<1, Int>) -> Result<Tensor<2>, K
     same_device(OP, &x.device(), &indices.device())?;
     #[cfg(feature = "cube")]
     {
-        Ok(cube::gather_rows(x, indices))
+        Ok(gpu::gather_rows(x, indices))
     }
     #[cfg(not(feature = "cube"))]
     {
@@ -193,7 +193,7 @@ pub fn weighted_combine(
     }
     #[cfg(feature = "cube")]
     {
-        Ok(cube::weighted_combine(rows, sources, weights))
+        Ok(gpu::weighted_combine(rows, sources, weights))
     }
     #[cfg(not(feature = "cube"))]
     {
@@ -225,7 +225,7 @@ pub fn expert_plan(
     }
     #[cfg(feature = "cube")]
     {
-        Ok(cube::expert_plan(ids, num_experts))
+        Ok(gpu::expert_plan(ids, num_experts))
     }
     #[cfg(not(feature = "cube"))]
     {
@@ -259,7 +259,7 @@ fn check_segments(
         });
     }
     #[cfg(feature = "cube")]
-    if !cube::grouped_grid_fits(rows, experts) {
+    if !gpu::grouped_grid_fits(rows, experts) {
         return Err(KernelError::Shape {
             op,
             reason: format!(
@@ -314,7 +314,7 @@ pub fn grouped_matmul(
     check_segments(OP, rows, experts, &counts)?;
     #[cfg(feature = "cube")]
     {
-        Ok(cube::grouped_matmul(a, w, counts, transposed))
+        Ok(gpu::grouped_matmul(a, w, counts, transposed))
     }
     #[cfg(not(feature = "cube"))]
     {
@@ -357,7 +357,7 @@ pub fn grouped_swiglu(
     check_segments(OP, rows, experts, &counts)?;
     #[cfg(feature = "cube")]
     {
-        Ok(cube::grouped_swiglu(a, gate, up, counts))
+        Ok(gpu::grouped_swiglu(a, gate, up, counts))
     }
     #[cfg(not(feature = "cube"))]
     {
@@ -403,7 +403,7 @@ pub fn segment_outer(
     }
     #[cfg(feature = "cube")]
     {
-        Ok(cube::segment_outer(a, g, counts))
+        Ok(gpu::segment_outer(a, g, counts))
     }
     #[cfg(not(feature = "cube"))]
     {
@@ -484,7 +484,7 @@ pub fn route_epilogue(
         let bias = bias
             .map(|b| b.cast(burn::tensor::DType::F32))
             .unwrap_or_else(|| Tensor::zeros([1], &device));
-        let out = cube::route_epilogue(
+        let out = gpu::route_epilogue(
             logits,
             bias,
             k,

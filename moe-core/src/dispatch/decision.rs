@@ -169,7 +169,7 @@ pub(crate) fn device_step(
     strategy: DispatchStrategy,
     device: &Device,
 ) -> Result<StepPath, MoeError> {
-    let host = cfg!(feature = "flex") && moe_kernels::cpu::host_available(device);
+    let host = cfg!(feature = "flex") && moe_kernels::host::host_available(device);
     match strategy {
         DispatchStrategy::TensorOps => Ok(StepPath::tensor_ops(Fallback::Requested)),
         _ if moe_kernels::available(device) => Ok(StepPath::kernel(DispatchPath::Kernels)),
@@ -177,7 +177,7 @@ pub(crate) fn device_step(
         DispatchStrategy::Kernels => Err(MoeError::KernelsUnavailable {
             device: format!("{device:?}"),
         }),
-        DispatchStrategy::Auto if moe_kernels::cpu::host_under_autodiff(device) => {
+        DispatchStrategy::Auto if moe_kernels::host::host_under_autodiff(device) => {
             Ok(StepPath::tensor_ops(Fallback::Autodiff))
         }
         DispatchStrategy::Auto => Ok(StepPath::tensor_ops(Fallback::NoKernel)),

@@ -1,8 +1,8 @@
-//! Steps 2–5 on the host kernels (`moe_kernels::cpu`), for the flex CPU backend: the routing
+//! Steps 2–5 on the host kernels (`moe_kernels::host`), for the flex CPU backend: the routing
 //! is read once, then plan, permute + experts and combine run on the stored values.
 
 use burn::tensor::{DType, Tensor, TensorData};
-use moe_kernels::cpu::{self, ExpertMatrices, HostPlan, HostTensor};
+use moe_kernels::host::{self, ExpertMatrices, HostPlan, HostTensor};
 
 use super::Fallback;
 use crate::error::MoeError;
@@ -78,17 +78,17 @@ pub(crate) fn run_experts(
     // 3–4. permute + experts (the gather is fused into the products), in bf16 for a bf16
     // computation (its activations are bf16: x, and the hidden rows rounded as they are made)
     let compute = match dtype {
-        DType::BF16 => cpu::Compute::Bf16,
-        _ => cpu::Compute::F32,
+        DType::BF16 => host::Compute::Bf16,
+        _ => host::Compute::F32,
     };
     let x = HostTensor::new(x)?;
     let rows = match x.matrix() {
-        Some(cpu::Matrix::F32(values)) => cpu::grouped_ffn_in(values, &plan, &matrices, compute)?,
-        _ => cpu::grouped_ffn_in(&x.to_f32_vec()?, &plan, &matrices, compute)?,
+        Some(host::Matrix::F32(values)) => host::grouped_ffn_in(values, &plan, &matrices, compute)?,
+        _ => host::grouped_ffn_in(&x.to_f32_vec()?, &plan, &matrices, compute)?,
     };
     // 5. unpermute + combine
-    let out = cpu::combine(&rows, &plan, &weights, experts.d_model())?;
-    cpu::recycle(rows);
+    let out = host::combine(&rows, &plan, &weights, experts.d_model())?;
+    host::recycle(rows);
     let out = Tensor::<2>::from_data(
         TensorData::new(out, [t, experts.d_model()]),
         (&device, DType::F32),

@@ -86,7 +86,7 @@ pub fn combine(
 ///   slots last) and [`Experts::forward_grouped`] runs all experts in grouped-GEMM launches
 ///   whose tiles find their expert from the counts on the device. Nothing is read back to
 ///   the host and no launch is made per expert.
-/// - [`DispatchPath::HostKernels`]: one host read of the routing, then the `moe_kernels::cpu`
+/// - [`DispatchPath::HostKernels`]: one host read of the routing, then the `moe_kernels::host`
 ///   plan, experts (gather fused, weights read in place, threads across experts) and combine.
 ///   [`decide`] sends expert weights it cannot read in place (f16, a strided view) to the
 ///   tensor-op path.

@@ -26,7 +26,7 @@ pub enum DispatchPath {
     /// The `moe_kernels` plan, gather, grouped-GEMM experts and weighted combine: no host
     /// read, no per-expert launch.
     Kernels,
-    /// The `moe_kernels::cpu` host kernels on the flex CPU backend: one read of the routing,
+    /// The `moe_kernels::host` host kernels on the flex CPU backend: one read of the routing,
     /// a counting-sort plan, the experts on every segment spread over the threads (gather
     /// fused, weights read in place), a deterministic combine. Not differentiable.
     HostKernels,

@@ -303,7 +303,7 @@ fn bench(
         false => None,
     };
     // A host buffer far larger than the last-level cache, read whole before every timed call.
-    if options.stream && !moe::moe_kernels::cpu::host_available(&device) {
+    if options.stream && !moe::moe_kernels::host::host_available(&device) {
         return Err(format!(
             "--stream reads host memory beside the layer: it needs a CPU backend, not {}",
             backend.name()
@@ -318,7 +318,7 @@ fn bench(
     let mut read_stream = || {
         if !stream_buffer.is_empty() {
             let start = Instant::now();
-            std::hint::black_box(moe::moe_kernels::cpu::stream_sum(&stream_buffer));
+            std::hint::black_box(moe::moe_kernels::host::stream_sum(&stream_buffer));
             let seconds = start.elapsed().as_secs_f64();
             let bytes = std::mem::size_of_val(stream_buffer.as_slice()) as f64;
             stream_rates.borrow_mut().push(bytes / seconds);

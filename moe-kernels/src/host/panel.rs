@@ -838,11 +838,11 @@ pub(crate) unsafe fn gemm(
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::cpu::tiles::PackedRows;
+    use crate::host::tiles::PackedRows;
 
     /// A small deterministic generator of values in [-1, 1) for the tests of this module and
     /// its parent.
-    pub(in crate::cpu) fn lcg(seed: &mut u64) -> f32 {
+    pub(in crate::host) fn lcg(seed: &mut u64) -> f32 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
@@ -883,7 +883,7 @@ pub(super) mod tests {
             // output rows padded to catch writes past the block
             let stride = cols + 3;
             for method in 0..4 {
-                if method == 3 && !crate::cpu::tiles::available() {
+                if method == 3 && !crate::host::tiles::available() {
                     continue;
                 }
                 let mut out = vec![7.0f32; m * stride];

@@ -427,7 +427,7 @@ unsafe fn tile(kcp: usize, a: &[u32], b: &[u32], c: *mut f32, ldc: usize, first:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::panel::tests::lcg;
+    use crate::host::panel::tests::lcg;
 
     /// The packed product against a dumb f64 oracle of the bf16-rounded rows and weights, on
     /// edge shapes: odd K, K past one block with a tail, columns past one block and not a

@@ -1,9 +1,19 @@
 //! The backend extension: one trait, implemented for `CubeBackend` (the kernels), generated for
 //! `Fusion` (deferred like any other op) and written by hand for `Autodiff` (the backward passes).
 
+//!
+//! One file per step, each holding its device code and its launch: `plan.rs`, `gather.rs`
+//! (permute), `grouped.rs` (experts), `combine.rs`, `epilogue.rs` (router); `launch.rs` the
+//! helpers they share and the trait's `CubeBackend` implementation, `backward.rs` every
+//! backward pass.
+
 mod backward;
-mod kernels;
+mod combine;
+mod epilogue;
+mod gather;
+mod grouped;
 mod launch;
+mod plan;
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Dispatch, DispatchDevice, backend_extension};
@@ -136,7 +146,7 @@ pub(crate) fn weighted_combine(
 /// Whether a grouped GEMM over `rows` rows and `experts` segments fits the launch grid (row
 /// tiles along its second axis, at most 65 535).
 pub(crate) fn grouped_grid_fits(rows: usize, experts: usize) -> bool {
-    launch::grouped_grid_fits(rows, experts)
+    grouped::grouped_grid_fits(rows, experts)
 }
 
 pub(crate) fn grouped_matmul(

@@ -1,5 +1,7 @@
-//! Device code. Rows are read and written as vectors of `N` elements (`N` divides the width);
-//! indices of any integer dtype; every out-of-range index is skipped, never read.
+//! Step 4, **experts**: the grouped expert GEMM (every expert on its segment of sorted rows, in
+//! one launch) and the SwiGLU variant, the GEMV-like kernel for short segments, and the
+//! per-segment outer products of the backward pass (in `backward.rs`). Tensor-op twin
+//! `moe_core::Experts::forward_segments`, host kernel `crate::host::grouped_ffn`.
 
 // `#[cube]` functions are written in CubeCL's subset of Rust, which has no `div_ceil`,
 // `checked_div`, iterator adapters or compound assignment on every type; the lints that
@@ -11,135 +13,177 @@
     clippy::assign_op_pattern
 )]
 
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::tensor::Shape;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::CubeDim;
 use cubecl::prelude::*;
 
-/// One unit per output vector: `out[r, c] = x[indices[r], c]`.
-#[cube(launch, address_type = "dynamic")]
-pub(crate) fn gather_rows_kernel<F: Float, I: Numeric, N: Size>(
-    x: &Tensor<Vector<F, N>>,
-    indices: &Tensor<I>,
-    out: &mut Tensor<Vector<F, N>>,
-    rows: usize,
-    row_vectors: usize,
-    units: usize,
-    #[define(F, I)] _dtypes: [ElemType; 2],
-) {
-    if ABSOLUTE_POS >= units {
-        terminate!();
+use super::launch::{address_type, vector_size};
+
+/// The grouped-GEMM tile schedule of `rows` rows cut into segments of `counts` (see
+/// `tile_schedule_kernel`): `[2 · (E + 2)]`, in `counts`' dtype.
+fn tile_schedule(counts: &CubeTensor, rows: usize, block: usize) -> CubeTensor {
+    let counts = into_contiguous(counts.clone());
+    let experts = counts.meta.shape()[0];
+    let schedule = empty_device_dtype(
+        counts.client.clone(),
+        counts.device.clone(),
+        Shape::new([2 * (experts + 2)]),
+        counts.dtype,
+    );
+    tile_schedule_kernel::launch(
+        &counts.client,
+        CubeCount::Static(1, 1, 1),
+        CubeDim::new_1d(1),
+        address_type(&[&counts, &schedule]),
+        counts.clone().into_tensor_arg(),
+        schedule.clone().into_tensor_arg(),
+        rows,
+        experts,
+        block,
+        dtype_to_storage_type(counts.dtype),
+    );
+    schedule
+}
+
+/// Most row tiles of `block` rows that `rows` rows in `experts` segments (plus the rows of
+/// none) can take.
+fn max_row_tiles(rows: usize, experts: usize, block: usize) -> usize {
+    rows / block + experts + 1
+}
+
+/// The longest average segment the GEMV-like kernel takes. Measured on lavapipe (E 64, H 2048,
+/// I 128, SwiGLU then down, one call): at 64 rows per expert 4.6 s against 16.9 s for the
+/// shared-memory tiles (whose barriers lavapipe runs slowly); at 8 rows 0.9 s against 4.2 s
+/// for one matmul chain per expert.
+const GEMV_MAX_AVERAGE: usize = 64;
+
+/// Rows per unit of the grouped GEMM (its tiles have `SIDE ·` that many rows): the smallest of
+/// 1, 2, 4 whose tile holds the average segment, so that decoding (a row or two per expert)
+/// does not compute 64-row tiles.
+pub(super) fn rows_per_unit(rows: usize, experts: usize) -> usize {
+    let average = rows.div_ceil(experts.max(1));
+    [1, 2, 4]
+        .into_iter()
+        .find(|r| SIDE * r >= average)
+        .unwrap_or(TILE_M / SIDE)
+}
+
+/// Whether the grouped GEMM's launch grid holds every row tile (second axis ≤ 65 535) with
+/// the smallest tiles either kernel uses.
+pub(super) fn grouped_grid_fits(rows: usize, experts: usize) -> bool {
+    max_row_tiles(rows, experts, 4) <= u16::MAX as usize
+}
+
+/// One launch of `grouped_matmul_kernel`: `w2` is the up projection when gated.
+fn launch_grouped(
+    a: CubeTensor,
+    w: CubeTensor,
+    w2: Option<CubeTensor>,
+    counts: CubeTensor,
+    transposed: bool,
+) -> CubeTensor {
+    let a = into_contiguous(a);
+    let w = into_contiguous(w);
+    let (rows, kdim) = (a.meta.shape()[0], a.meta.shape()[1]);
+    let experts = w.meta.shape()[0];
+    let n = match transposed {
+        true => w.meta.shape()[1],
+        false => w.meta.shape()[2],
+    };
+    let out = empty_device_dtype(
+        a.client.clone(),
+        a.device.clone(),
+        Shape::new([rows, n]),
+        a.dtype,
+    );
+    if rows == 0 || n == 0 {
+        return out;
     }
-    let r = ABSOLUTE_POS / row_vectors;
-    let c = ABSOLUTE_POS % row_vectors;
-    let source = usize::cast_from(indices[r]);
-    if source < rows {
-        out[ABSOLUTE_POS] = x[source * row_vectors + c];
+    let per_unit = rows_per_unit(rows, experts);
+    // Segments of at most GEMV_MAX_AVERAGE rows on average, weights read along N: the
+    // GEMV-like kernel (register tiles, no shared memory, no barrier). Longer segments and
+    // transposed weights (the backward pass): shared-memory tiles, which read each weight once
+    // per 64 rows.
+    let gemv = rows.div_ceil(experts.max(1)) <= GEMV_MAX_AVERAGE && !transposed;
+    let gemv_rows = if rows.div_ceil(experts.max(1)) <= 4 {
+        4
     } else {
-        out[ABSOLUTE_POS] = Vector::new(F::from_int(0));
+        GEMV_ROWS
+    };
+    let block = if gemv { gemv_rows } else { SIDE * per_unit };
+    let schedule = tile_schedule(&counts, rows, block);
+    let gated = w2.is_some();
+    let w2 = match w2 {
+        Some(w2) => into_contiguous(w2),
+        // Never read: a stand-in for the missing second matrix, one vector of any width long.
+        None => empty_device_dtype(
+            a.client.clone(),
+            a.device.clone(),
+            Shape::new([1, 1, 16]),
+            a.dtype,
+        ),
+    };
+    let cube_count = CubeCount::Static(
+        n.div_ceil(TILE_N) as u32,
+        max_row_tiles(rows, experts, block) as u32,
+        1,
+    );
+    let address = address_type(&[&a, &w, &w2, &schedule, &out]);
+    let dtypes = [
+        dtype_to_storage_type(a.dtype),
+        dtype_to_storage_type(schedule.dtype),
+    ];
+    let client = a.client.clone();
+    if gemv {
+        let vector = vector_size(&w, w.dtype, n);
+        let n_vectors = n / vector;
+        grouped_gemv_kernel::launch(
+            &client,
+            CubeCount::Static(
+                n_vectors.div_ceil(GEMV_UNITS) as u32,
+                max_row_tiles(rows, experts, block) as u32,
+                1,
+            ),
+            CubeDim::new_1d(GEMV_UNITS.min(n_vectors) as u32),
+            address,
+            vector,
+            a.into_tensor_arg(),
+            w.into_tensor_arg(),
+            w2.into_tensor_arg(),
+            schedule.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            kdim,
+            n_vectors,
+            experts,
+            gemv_rows,
+            gated,
+            dtypes,
+        );
+        return out;
     }
-}
-
-/// One unit per output vector: `out[t, c] = Σ_j w[t, j] · rows[sources[t, j], c]`, in f32, in
-/// slot order.
-#[cube(launch, address_type = "dynamic")]
-pub(crate) fn weighted_combine_kernel<F: Float, W: Float, I: Numeric, N: Size>(
-    rows: &Tensor<Vector<F, N>>,
-    sources: &Tensor<I>,
-    weights: &Tensor<W>,
-    out: &mut Tensor<Vector<F, N>>,
-    num_rows: usize,
-    k: usize,
-    row_vectors: usize,
-    units: usize,
-    #[define(F, W, I)] _dtypes: [ElemType; 3],
-) {
-    if ABSOLUTE_POS >= units {
-        terminate!();
-    }
-    let t = ABSOLUTE_POS / row_vectors;
-    let c = ABSOLUTE_POS % row_vectors;
-    let mut acc = Vector::<f32, N>::new(0.0);
-    for j in 0..k {
-        let slot = t * k + j;
-        let source = usize::cast_from(sources[slot]);
-        if source < num_rows {
-            let w = Vector::<f32, N>::new(f32::cast_from(weights[slot]));
-            acc += Vector::<f32, N>::cast_from(rows[source * row_vectors + c]) * w;
-        }
-    }
-    out[ABSOLUTE_POS] = Vector::cast_from(acc);
-}
-
-/// Step 1 of the routing plan, one unit per (expert `e` in `0..=experts`, chunk `c` of `chunk`
-/// pairs): `counts[e · chunks + c]` = pairs of chunk `c` routed to `e`. Ids above `experts`
-/// count as `experts` (unused slots). Row-major over (expert, chunk), so the exclusive prefix
-/// sum of `counts` is where each unit's pairs start in the expert-sorted order.
-#[cube(launch, address_type = "dynamic")]
-pub(crate) fn chunk_counts_kernel<I: Numeric>(
-    ids: &Tensor<I>,
-    counts: &mut Tensor<I>,
-    pairs: usize,
-    experts: usize,
-    chunk: usize,
-    chunks: usize,
-    #[define(I)] _dtype: ElemType,
-) {
-    let e = ABSOLUTE_POS / chunks;
-    let c = ABSOLUTE_POS % chunks;
-    if e > experts {
-        terminate!();
-    }
-    let start = c * chunk;
-    let end = usize::min(start + chunk, pairs);
-    let mut mine = 0usize;
-    for p in start..end {
-        if usize::min(usize::cast_from(ids[p]), experts) == e {
-            mine += 1;
-        }
-    }
-    counts[ABSOLUTE_POS] = I::cast_from(mine);
-}
-
-/// Step 2, one unit per (expert, chunk) as in [`chunk_counts_kernel`], given `inclusive`, the
-/// inclusive prefix sum of its counts: writes the unit's pairs, in pair order, at their
-/// positions in the expert-sorted order and each pair's position into the inverse — a stable
-/// counting sort, no atomics. The first chunk of each real expert also writes its count and
-/// offset.
-///
-/// `out` = `[counts (E) | offsets (E) | sorted pairs (P) | inverse (P)]`.
-#[cube(launch, address_type = "dynamic")]
-pub(crate) fn place_pairs_kernel<I: Numeric>(
-    ids: &Tensor<I>,
-    counts: &Tensor<I>,
-    inclusive: &Tensor<I>,
-    out: &mut Tensor<I>,
-    pairs: usize,
-    experts: usize,
-    chunk: usize,
-    chunks: usize,
-    #[define(I)] _dtype: ElemType,
-) {
-    let e = ABSOLUTE_POS / chunks;
-    let c = ABSOLUTE_POS % chunks;
-    if e > experts {
-        terminate!();
-    }
-    let first = usize::cast_from(inclusive[ABSOLUTE_POS]) - usize::cast_from(counts[ABSOLUTE_POS]);
-    if c == 0 && e < experts {
-        let last = e * chunks + chunks - 1;
-        out[e] = I::cast_from(usize::cast_from(inclusive[last]) - first);
-        out[experts + e] = I::cast_from(first);
-    }
-    let sorted = 2 * experts;
-    let inverse = sorted + pairs;
-    let start = c * chunk;
-    let end = usize::min(start + chunk, pairs);
-    let mut position = first;
-    for p in start..end {
-        if usize::min(usize::cast_from(ids[p]), experts) == e {
-            out[sorted + position] = I::cast_from(p);
-            out[inverse + p] = I::cast_from(position);
-            position += 1;
-        }
-    }
+    grouped_matmul_kernel::launch(
+        &client,
+        cube_count,
+        CubeDim::new_2d(SIDE as u32, SIDE as u32),
+        address,
+        a.into_tensor_arg(),
+        w.into_tensor_arg(),
+        w2.into_tensor_arg(),
+        schedule.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        kdim,
+        n,
+        experts,
+        per_unit,
+        transposed,
+        gated,
+        dtypes,
+    );
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -547,183 +591,65 @@ pub(crate) fn segment_outer_kernel<F: Float, I: Numeric>(
     }
 }
 
-/// One router score: `sigmoid(logit)`, or the softmax entry given the row's max and
-/// `Σ exp(logit − max)`.
-#[cube]
-fn router_score(logit: f32, max: f32, total: f32, #[comptime] sigmoid: bool) -> f32 {
-    if sigmoid {
-        1.0f32 / (1.0f32 + f32::exp(-logit))
-    } else {
-        f32::exp(logit - max) / total
-    }
+pub(super) fn grouped_matmul(
+    a: CubeTensor,
+    w: CubeTensor,
+    counts: CubeTensor,
+    transposed: bool,
+) -> CubeTensor {
+    launch_grouped(a, w, None, counts, transposed)
 }
 
-/// Whether the expert with logit `a` (index `i`) ranks before the one with logit `b` (index
-/// `j`) by their f32 scores, ties to the lower index — compared on the logits wherever that
-/// gives the same answer, on the scores where two logits may share a score: logits within
-/// `1e-5` (relative) of each other, softmax entries below `e^-80` of the row's largest, or
-/// sigmoids that round to 1 (logits above 15) or to denormals (below −80).
-#[cube]
-fn score_before(
-    a: f32,
-    i: usize,
-    b: f32,
-    j: usize,
-    max: f32,
-    total: f32,
-    #[comptime] sigmoid: bool,
-) -> bool {
-    let mut magnitude = f32::abs(a);
-    if magnitude < 1.0f32 {
-        magnitude = 1.0f32;
-    }
-    let mut exact = f32::abs(a - b) <= 1e-5f32 * magnitude;
-    if sigmoid {
-        exact = exact || (a > 15.0f32 && b > 15.0f32) || (a < -80.0f32 && b < -80.0f32);
-    } else {
-        exact = exact || (a - max < -80.0f32 && b - max < -80.0f32);
-    }
-    let mut before = a > b || (a == b && i < j);
-    if exact {
-        let sa = router_score(a, max, total, sigmoid);
-        let sb = router_score(b, max, total, sigmoid);
-        before = sa > sb || (sa == sb && i < j);
-    }
-    before
+pub(super) fn grouped_swiglu(
+    a: CubeTensor,
+    gate: CubeTensor,
+    up: CubeTensor,
+    counts: CubeTensor,
+) -> CubeTensor {
+    launch_grouped(a, gate, Some(up), counts, false)
 }
 
-/// The router epilogue, one unit per token: from the f32 router logits, scores (softmax over
-/// the row, or sigmoid), selection values (scores + `bias` when `biased`), group-limited
-/// selection when `n_group > 0` (the `topk_group` groups with the largest sum of their two
-/// best selection values; groups tie to the lower index), the top k (descending, ties to the
-/// lower expert, as Burn's `topk`), their unbiased scores as weights, renormalised when
-/// `normalize` (sum + 1e-20) and multiplied by `scale`.
-///
-/// `out[t] = [ids as f32 (k) | weights (k)]`. Nothing is kept but the last pick: pass `j`
-/// takes the largest value after pass `j − 1`'s pick in (value desc, expert asc) order. Without
-/// a bias the passes compare logits (the scores rank alike), so a token costs one pass of
-/// exponentials (softmax) and `k` passes of comparisons.
-#[cube(launch, address_type = "dynamic")]
-pub(crate) fn route_epilogue_kernel(
-    logits: &Tensor<f32>,
-    bias: &Tensor<f32>,
-    out: &mut Tensor<f32>,
-    tokens: usize,
-    experts: usize,
-    k: usize,
-    n_group: usize,
-    topk_group: usize,
-    scale: f32,
-    #[comptime] sigmoid: bool,
-    #[comptime] biased: bool,
-    #[comptime] normalize: bool,
-) {
-    let t = ABSOLUTE_POS;
-    if t >= tokens {
-        terminate!();
+pub(super) fn segment_outer(a: CubeTensor, g: CubeTensor, counts: CubeTensor) -> CubeTensor {
+    let a = into_contiguous(a);
+    let g = into_contiguous(g);
+    let (rows, kdim) = (a.meta.shape()[0], a.meta.shape()[1]);
+    let n = g.meta.shape()[1];
+    let experts = counts.meta.shape()[0];
+    let out = empty_device_dtype(
+        a.client.clone(),
+        a.device.clone(),
+        Shape::new([experts, kdim, n]),
+        a.dtype,
+    );
+    if experts == 0 || kdim == 0 || n == 0 {
+        return out;
     }
-    let row = t * experts;
-    // Softmax statistics (no infinities: WGSL cannot be relied on to make them).
-    let mut max = logits[row];
-    let mut total = 0.0f32;
-    if !sigmoid {
-        for i in 1..experts {
-            if logits[row + i] > max {
-                max = logits[row + i];
-            }
-        }
-        for i in 0..experts {
-            total += f32::exp(logits[row + i] - max);
-        }
-    }
-    // Groups kept, as a bit mask (all when there are no groups).
-    let mut kept = 0u32;
-    if n_group > 0 {
-        let size = experts / n_group;
-        for _p in 0..topk_group {
-            let mut best_score = 0.0f32;
-            let mut best = n_group;
-            for g in 0..n_group {
-                if (kept >> g as u32) & 1u32 == 0u32 {
-                    let mut first = 0.0f32;
-                    let mut second = 0.0f32;
-                    let mut seen = 0usize;
-                    for i in g * size..g * size + size {
-                        let mut v = router_score(logits[row + i], max, total, sigmoid);
-                        if biased {
-                            v += bias[i];
-                        }
-                        if seen == 0 || v > first {
-                            second = first;
-                            first = v;
-                        } else if seen == 1 || v > second {
-                            second = v;
-                        }
-                        seen += 1;
-                    }
-                    let mut score = first;
-                    if size > 1 {
-                        score += second;
-                    }
-                    if best == n_group || score > best_score {
-                        best_score = score;
-                        best = g;
-                    }
-                }
-            }
-            kept |= 1u32 << best as u32;
-        }
-    }
-    // Top k over the kept experts.
-    let mut last_value = 0.0f32;
-    let mut last = experts;
-    let mut sum = 0.0f32;
-    for j in 0..k {
-        let mut best_value = 0.0f32;
-        let mut best = experts;
-        for i in 0..experts {
-            let mut allowed = true;
-            if n_group > 0 {
-                let g = i / (experts / n_group);
-                allowed = (kept >> g as u32) & 1u32 == 1u32;
-            }
-            if allowed {
-                if biased {
-                    let v = router_score(logits[row + i], max, total, sigmoid) + bias[i];
-                    let after = last == experts || v < last_value || (v == last_value && i > last);
-                    if after && (best == experts || v > best_value) {
-                        best_value = v;
-                        best = i;
-                    }
-                } else {
-                    // Without a bias the scores rank as the logits do (softmax and sigmoid
-                    // are increasing), but for logits whose f32 scores coincide.
-                    let v = logits[row + i];
-                    let after = last == experts
-                        || score_before(last_value, last, v, i, max, total, sigmoid);
-                    if after
-                        && (best == experts
-                            || score_before(v, i, best_value, best, max, total, sigmoid))
-                    {
-                        best_value = v;
-                        best = i;
-                    }
-                }
-            }
-        }
-        let best_score = router_score(logits[row + best], max, total, sigmoid);
-        out[t * 2 * k + j] = f32::cast_from(best);
-        out[t * 2 * k + k + j] = best_score;
-        sum += best_score;
-        last_value = best_value;
-        last = best;
-    }
-    for j in 0..k {
-        let at = t * 2 * k + k + j;
-        let mut w = out[at];
-        if normalize {
-            w = w / (sum + 1e-20f32);
-        }
-        out[at] = w * scale;
-    }
+    // Only the segment bounds of the schedule are read here; any block will do.
+    let schedule = tile_schedule(&counts, rows, TILE_M);
+    let cube_count = CubeCount::Static(
+        n.div_ceil(TILE_N) as u32,
+        kdim.div_ceil(TILE_M) as u32,
+        experts as u32,
+    );
+    let address = address_type(&[&a, &g, &schedule, &out]);
+    let dtypes = [
+        dtype_to_storage_type(a.dtype),
+        dtype_to_storage_type(schedule.dtype),
+    ];
+    let client = a.client.clone();
+    segment_outer_kernel::launch(
+        &client,
+        cube_count,
+        CubeDim::new_2d(SIDE as u32, SIDE as u32),
+        address,
+        a.into_tensor_arg(),
+        g.into_tensor_arg(),
+        schedule.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        kdim,
+        n,
+        experts,
+        dtypes,
+    );
+    out
 }

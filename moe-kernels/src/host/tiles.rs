@@ -370,7 +370,7 @@ mod tests {
     use half::bf16;
 
     use super::*;
-    use crate::cpu::panel::tests::lcg;
+    use crate::host::panel::tests::lcg;
 
     /// The tiles on f32 and bf16 weights, row-major and out-major, against an f64 oracle on
     /// shapes over several blocks of [`KC`] rows and [`NC`] columns (the next-block prefetch

@@ -542,7 +542,7 @@ unsafe fn dots_f32_avx512(split: &[f32], m: usize, w: &[bf16], k: usize, c0: usi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::panel::tests::lcg;
+    use crate::host::panel::tests::lcg;
 
     type Variant = unsafe fn(&[&[f32]], &[bf16], usize, usize, OutBlock);
 
