@@ -19,7 +19,10 @@
 //! ```
 
 pub mod backend;
+#[cfg(feature = "train")]
 pub mod train;
 
 pub use moe_core::*;
-pub use {moe_core, moe_kernels, moe_models};
+#[cfg(feature = "models")]
+pub use moe_models;
+pub use {moe_core, moe_kernels};

@@ -112,6 +112,7 @@ pub fn seeded_layer(config: &MoeLayerConfig, seed: u64, device: &Device) -> MoeL
 }
 
 /// Ids of prompt `p` of a reference file (`prompt{p}.input_ids`, `[1, L]`).
+#[cfg(feature = "models")]
 pub fn reference_prompt(r: &moe::moe_models::TensorSource, p: usize) -> Vec<i64> {
     let len = r.shape(&format!("prompt{p}.input_ids")).unwrap()[1];
     r.read_i64(&format!("prompt{p}.input_ids"), &[1, len])
@@ -121,6 +122,7 @@ pub fn reference_prompt(r: &moe::moe_models::TensorSource, p: usize) -> Vec<i64>
 /// Both reference prompts' greedy continuations (`prompt{p}.greedy.new_tokens` `[10]` and
 /// `.step_logits` `[10, vocab]`), with and without the KV cache: tokens identical, step logits
 /// within `tolerance`.
+#[cfg(feature = "models")]
 pub fn check_greedy(
     model: &moe::moe_models::OlmoeModel,
     r: &moe::moe_models::TensorSource,
