@@ -14,7 +14,7 @@ use burn::tensor::FloatDType;
 use clap::Parser;
 use moe::TopK;
 use moe::backend::Backend;
-use moe::moe_models::{GenerateOptions, LoadOptions, OlmoeModel, Sampling, io};
+use moe::moe_models::{GenerateOptions, LoadOptions, MoeCausalLm, Sampling, io};
 
 #[derive(Parser)]
 #[command(about = "Continue a prompt with an OLMoE checkpoint")]
@@ -59,7 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dtype,
         progress: true,
     };
-    let (model, config, report) = OlmoeModel::load_with(&args.model, &device, &options)?;
+    let (model, config, report) = MoeCausalLm::load_with(&args.model, &device, &options)?;
     println!(
         "loaded {} ({} layers, {} experts, top-{}) on {backend} in {}: {} tensors in {:.2} s",
         args.model.display(),

@@ -13,7 +13,7 @@ use moe_core::{
     AuxFreeBalancer, Capacity, DenseToSparse, ForwardOptions, MixedTopK, MoeError, MoeLayerConfig,
     RouterKind, TopK, expert_load, load_balancing_loss, load_cv, router_z_loss,
 };
-use moe_models::olmoe::{KvCache, OlmoeConfig, OlmoeModel};
+use moe_models::decoder::{KvCache, MoeCausalLm, MoeCausalLmConfig};
 use moe_models::{LoadError, RunError};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -203,8 +203,8 @@ impl TrainConfig {
     }
 
     /// The OLMoE shape of this configuration over `vocab` characters.
-    pub fn model(&self, vocab: usize) -> OlmoeConfig {
-        OlmoeConfig {
+    pub fn model(&self, vocab: usize) -> MoeCausalLmConfig {
+        MoeCausalLmConfig {
             vocab_size: vocab,
             hidden_size: self.d_model,
             intermediate_size: self.d_ff,
@@ -216,7 +216,7 @@ impl TrainConfig {
             eos_token_id: None,
             pad_token_id: None,
             max_position_embeddings: Some(self.seq_len),
-            ..OlmoeConfig::olmoe_1b_7b()
+            ..MoeCausalLmConfig::olmoe_1b_7b()
         }
     }
 
@@ -280,7 +280,7 @@ pub struct StepReport {
 /// A model being trained, its optimizer and its position in the run.
 pub struct Trainer {
     /// The model (on an autodiff device).
-    pub model: OlmoeModel,
+    pub model: MoeCausalLm,
     optim: ModuleOptimizer,
     /// The run's settings.
     pub config: TrainConfig,
@@ -329,7 +329,7 @@ impl Trainer {
             // The device's generator is global: one initialisation at a time in this process.
             let _one_at_a_time = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             device.seed(config.seed);
-            let model = OlmoeModel::init(&config.model(vocab), &config.moe(), &device)?;
+            let model = MoeCausalLm::init(&config.model(vocab), &config.moe(), &device)?;
             model.visit(&mut Materialize);
             model
         };
@@ -368,7 +368,7 @@ impl Trainer {
     /// Losses of `model` on `windows` (inputs are all but the last character, targets all but
     /// the first) and each layer's routing.
     fn losses(
-        model: &OlmoeModel,
+        model: &MoeCausalLm,
         windows: &[Vec<i64>],
         options: &ForwardOptions,
         device: &Device,

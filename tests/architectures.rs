@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use burn::tensor::Device;
 use moe::TopK;
-use moe::moe_models::{KvCache, OlmoeModel, TensorSource};
+use moe::moe_models::{KvCache, MoeCausalLm, TensorSource};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -55,7 +55,7 @@ fn prompts_match_reference_logits_and_every_moe_layer() {
 }
 
 fn check_prompts(model_name: &str, sparse_layers: &[usize], name: &str, device: &Device) {
-    let (model, config, report) = OlmoeModel::load(&dir(model_name), device).unwrap();
+    let (model, config, report) = MoeCausalLm::load(&dir(model_name), device).unwrap();
     assert!(report.unused.is_empty(), "unused: {:?}", report.unused);
     let sparse: Vec<usize> = (0..config.num_hidden_layers)
         .filter(|&i| config.is_sparse(i))
@@ -140,7 +140,7 @@ fn check_prompts(model_name: &str, sparse_layers: &[usize], name: &str, device: 
 fn greedy_continuations_match_with_and_without_cache() {
     for (model_name, _) in MODELS {
         for (device_name, device) in common::devices() {
-            let (model, _, _) = OlmoeModel::load(&dir(model_name), &device).unwrap();
+            let (model, _, _) = MoeCausalLm::load(&dir(model_name), &device).unwrap();
             let name = format!("{model_name} on {device_name}");
             common::check_greedy(&model, &reference(model_name), TOLERANCE, &name);
         }
@@ -156,7 +156,7 @@ fn sharded_checkpoints_and_bf16_compute_load_through_the_same_loader() {
         let r = reference(model_name);
         let ids = common::reference_prompt(&r, 1);
         let l = ids.len();
-        let logits_of = |model: &OlmoeModel| {
+        let logits_of = |model: &MoeCausalLm| {
             let mut cache = KvCache::new(model.layers.len(), 1);
             let out = model
                 .forward(
@@ -169,9 +169,9 @@ fn sharded_checkpoints_and_bf16_compute_load_through_the_same_loader() {
                 .unwrap();
             common::host(out.logits)
         };
-        let (single, _, _) = OlmoeModel::load(&dir(model_name), &device).unwrap();
+        let (single, _, _) = MoeCausalLm::load(&dir(model_name), &device).unwrap();
         let want = logits_of(&single);
-        let (sharded, _, report) = OlmoeModel::load(
+        let (sharded, _, report) = MoeCausalLm::load(
             &common::checkpoints::sharded_from(
                 &dir(model_name),
                 &format!("{model_name}-sharded"),
@@ -198,7 +198,7 @@ fn sharded_checkpoints_and_bf16_compute_load_through_the_same_loader() {
                 dtype: FloatDType::BF16,
                 progress: false,
             };
-            let (half, _, _) = OlmoeModel::load_with(&dir(model_name), &device, &options).unwrap();
+            let (half, _, _) = MoeCausalLm::load_with(&dir(model_name), &device, &options).unwrap();
             // bf16 keeps 8 significant bits; through 2–3 random layers the logits move by up
             // to a few % of the largest one (Qwen2-MoE: 3.6 %, the most of the four).
             let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));

@@ -5,7 +5,7 @@
 //!
 //! | target        | what one input is                 | what runs                                         |
 //! |---------------|-----------------------------------|---------------------------------------------------|
-//! | `config`      | `config.json` text                | `OlmoeConfig::from_json`, then on `Ok` `validate`, `parameter_counts`, `moe_layer` (and its `validate`) and the size getters |
+//! | `config`      | `config.json` text                | `MoeCausalLmConfig::from_json`, then on `Ok` `validate`, `parameter_counts`, `moe_layer` (and its `validate`) and the size getters |
 //! | `safetensors` | a whole safetensors file          | `TensorSource::from_bytes`, then on `Ok` `shape`, `read_f32` and `read_i64` of every tensor |
 //! | `index`       | `model.safetensors.index.json`    | `Checkpoint::open` on a fresh folder holding two valid shards, a FIFO, a directory, symbolic links to `/dev/zero` and out of the folder, a 1 TiB sparse file, and this index; on `Ok` `unused`, `shape` and `read_f32` |
 //! | `cli`         | arguments, one per line           | `moe`'s own clap definition (`src/bin/moe/cli.rs`): `Cli::try_parse_from`, and the error's rendering |
@@ -78,7 +78,7 @@ use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use arbitrary::Unstructured;
-use moe::moe_models::{Checkpoint, OlmoeConfig, TensorSource};
+use moe::moe_models::{Checkpoint, MoeCausalLmConfig, TensorSource};
 use rand::rngs::StdRng;
 use rand::{Rng, RngExt, SeedableRng};
 
@@ -962,7 +962,7 @@ fn json_value(u: &mut Unstructured) -> String {
 // ---------------------------------------------------------------------------------------------
 // Target `config`.
 
-/// Every field `OlmoeConfig` reads (and its aliases): the fields whose transformers defaults
+/// Every field `MoeCausalLmConfig` reads (and its aliases): the fields whose transformers defaults
 /// `tests/data/config-defaults.json` records for some architecture (one list, kept by
 /// `scripts/fixtures/config_defaults.py`), and `architectures`.
 fn config_fields() -> &'static [String] {
@@ -1092,7 +1092,7 @@ fn structured_config(u: &mut Unstructured) -> Vec<u8> {
 
 fn run_config(input: &[u8]) -> bool {
     let text = String::from_utf8_lossy(input);
-    let Ok(config) = OlmoeConfig::from_json(&text) else {
+    let Ok(config) = MoeCausalLmConfig::from_json(&text) else {
         return false;
     };
     let _ = config.validate();

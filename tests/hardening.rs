@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use burn::tensor::Device;
 use common::checkpoints::{self, Stored, scratch, tensors_in, write_tensors};
 use moe::TopK;
-use moe::moe_models::olmoe::Stage;
-use moe::moe_models::{Checkpoint, KvCache, LoadError, OlmoeConfig, OlmoeModel, RunError};
+use moe::moe_models::decoder::Stage;
+use moe::moe_models::{Checkpoint, KvCache, LoadError, MoeCausalLm, MoeCausalLmConfig, RunError};
 use serde_json::json;
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
@@ -213,7 +213,7 @@ fn a_hugging_face_cache_snapshot_still_loads() {
         std::os::unix::fs::symlink(format!("../../blobs/blob-{file}"), snapshot.join(file))
             .unwrap();
     }
-    let (model, _, report) = OlmoeModel::load(&snapshot, &cpu()).unwrap();
+    let (model, _, report) = MoeCausalLm::load(&snapshot, &cpu()).unwrap();
     assert!(report.unused.is_empty());
     assert_eq!(model.layers.len(), 2);
 }
@@ -314,7 +314,7 @@ fn configs_that_disagree_with_their_tensors_are_typed_errors() {
         edit_config(&dir, |c| {
             c.insert(field.into(), value.clone());
         });
-        let err = OlmoeModel::load(&dir, &cpu()).unwrap_err();
+        let err = MoeCausalLm::load(&dir, &cpu()).unwrap_err();
         match &err {
             LoadError::ConfigMismatch { field: f, .. } => {
                 assert!(f.contains(field), "{case}: {err}")
@@ -330,7 +330,7 @@ fn configs_that_disagree_with_their_tensors_are_typed_errors() {
     edit_config(&dir, |c| {
         c.insert("intermediate_size".into(), json!(48));
     });
-    let err = OlmoeModel::load(&dir, &cpu()).unwrap_err().to_string();
+    let err = MoeCausalLm::load(&dir, &cpu()).unwrap_err().to_string();
     assert!(
         err.contains("intermediate_size = 48")
             && err.contains("model.layers.0.mlp.experts.0.gate_proj.weight")
@@ -375,7 +375,7 @@ fn inspect_is_bounded_and_never_wraps() {
         );
         assert_clean_error(&run, field);
         let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
-        assert!(OlmoeConfig::from_json(&text).is_err());
+        assert!(MoeCausalLmConfig::from_json(&text).is_err());
     }
     // With the weights present, inspect checks the config against them.
     let dir = copy_of(&data("deepseek-v3-tiny"), "hardening-inspect-weights");
@@ -421,7 +421,7 @@ fn odd_head_sizes_are_config_errors() {
             with(&olmoe, &[("num_attention_heads", 5.into())]),
         ),
     ] {
-        let err = OlmoeConfig::from_json(&text).unwrap_err();
+        let err = MoeCausalLmConfig::from_json(&text).unwrap_err();
         assert!(matches!(err, LoadError::Config { .. }), "{case}: {err}");
     }
     // Through the CLI: a clean error, not the panic in the rotary tables of today's main.
@@ -441,7 +441,7 @@ fn the_context_limit_is_enforced_and_long_prompts_run_in_blocks() {
     edit_config(&dir, |c| {
         c.insert("max_position_embeddings".into(), json!(16));
     });
-    let (model, _, _) = OlmoeModel::load(&dir, &cpu()).unwrap();
+    let (model, _, _) = MoeCausalLm::load(&dir, &cpu()).unwrap();
     let mut cache = KvCache::new(model.layers.len(), 1);
     let ids: Vec<i64> = (0..17).map(|i| 2 + i % 500).collect();
     let err = model
@@ -487,7 +487,7 @@ fn the_context_limit_is_enforced_and_long_prompts_run_in_blocks() {
     assert_clean_error(&run, "exceed the model's context of 16 positions");
 
     // A prompt of more than one attention block gives the logits of a prompt fed in pieces.
-    let (model, _, _) = OlmoeModel::load(&checkpoints::tiny_dir(), &cpu()).unwrap();
+    let (model, _, _) = MoeCausalLm::load(&checkpoints::tiny_dir(), &cpu()).unwrap();
     let ids: Vec<i64> = (0..1100).map(|i| 2 + (i * 7919) % 509).collect();
     let mut whole = KvCache::new(model.layers.len(), 1);
     let all = model
@@ -562,7 +562,7 @@ fn non_finite_values_are_errors_naming_the_first_layer() {
     ];
     for (case, tensor, value, stage, ids) in cases {
         let dir = poisoned(&format!("hardening-nan-{case}"), tensor, value);
-        let (model, _, _) = OlmoeModel::load(&dir, &cpu()).unwrap();
+        let (model, _, _) = MoeCausalLm::load(&dir, &cpu()).unwrap();
         let ids: Vec<i64> = ids.split(',').map(|x| x.parse().unwrap()).collect();
         let mut cache = KvCache::new(model.layers.len(), 1);
         let err = model
@@ -599,12 +599,12 @@ fn non_finite_values_are_errors_naming_the_first_layer() {
     let tiny = std::fs::read_to_string(checkpoints::tiny_dir().join("config.json")).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&tiny).unwrap();
     v["rope_theta"] = json!(1e-50);
-    let err = OlmoeConfig::from_json(&v.to_string()).unwrap_err();
+    let err = MoeCausalLmConfig::from_json(&v.to_string()).unwrap_err();
     assert!(err.to_string().contains("rope_theta"), "{err}");
     let ds = std::fs::read_to_string(data("deepseek-v3-tiny/config.json")).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&ds).unwrap();
     v["routed_scaling_factor"] = json!(1e300);
-    let err = OlmoeConfig::from_json(&v.to_string()).unwrap_err();
+    let err = MoeCausalLmConfig::from_json(&v.to_string()).unwrap_err();
     assert!(err.to_string().contains("routed_scaling_factor"), "{err}");
 }
 
@@ -616,7 +616,7 @@ fn missing_fields_take_the_transformers_defaults() {
     let defaults: serde_json::Value = serde_json::from_str(&text).unwrap();
     for model_type in ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3"] {
         let want = &defaults[model_type];
-        let config = OlmoeConfig::from_json(&format!(r#"{{"model_type": "{model_type}"}}"#))
+        let config = MoeCausalLmConfig::from_json(&format!(r#"{{"model_type": "{model_type}"}}"#))
             .unwrap_or_else(|e| panic!("{model_type}: {e}"));
         let mut ours = serde_json::to_value(&config).unwrap();
         // values transformers stores under other names, or derives when absent
@@ -658,7 +658,7 @@ fn unused_tensors_are_reported_and_strict_refuses_them() {
     edit_config(&dir, |c| {
         c.insert("qkv_bias".into(), json!(false));
     });
-    let (_, _, report) = OlmoeModel::load(&dir, &cpu()).unwrap();
+    let (_, _, report) = MoeCausalLm::load(&dir, &cpu()).unwrap();
     assert!(
         report
             .unused
@@ -682,7 +682,7 @@ fn unused_tensors_are_reported_and_strict_refuses_them() {
     edit_config(&dir, |c| {
         c.remove("n_shared_experts");
     });
-    let (_, _, report) = OlmoeModel::load(&dir, &cpu()).unwrap();
+    let (_, _, report) = MoeCausalLm::load(&dir, &cpu()).unwrap();
     assert!(report.unused.is_empty(), "{:?}", report.unused);
 }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use burn::tensor::Device;
 use moe::TopK;
-use moe::moe_models::{KvCache, OlmoeModel, TensorSource};
+use moe::moe_models::{KvCache, MoeCausalLm, TensorSource};
 
 const LOGIT_TOLERANCE: f32 = 1e-4;
 
@@ -21,7 +21,7 @@ fn reference() -> TensorSource {
 }
 
 fn check_prompts(name: &str, device: &Device) {
-    let (model, config, report) = OlmoeModel::load(&dir(), device).unwrap();
+    let (model, config, report) = MoeCausalLm::load(&dir(), device).unwrap();
     assert!(
         report.unused.is_empty(),
         "unused tensors: {:?}",
@@ -110,7 +110,7 @@ fn prompts_match_reference_logits_and_every_moe_layer() {
 #[test]
 fn greedy_continuations_match_with_and_without_cache() {
     for (name, device) in common::devices() {
-        let (model, _, _) = OlmoeModel::load(&dir(), &device).unwrap();
+        let (model, _, _) = MoeCausalLm::load(&dir(), &device).unwrap();
         common::check_greedy(&model, &reference(), LOGIT_TOLERANCE, name);
     }
 }
@@ -118,7 +118,7 @@ fn greedy_continuations_match_with_and_without_cache() {
 #[test]
 fn left_padded_batch_matches_single_prompts() {
     for (name, device) in common::devices() {
-        let (model, config, _) = OlmoeModel::load(&dir(), &device).unwrap();
+        let (model, config, _) = MoeCausalLm::load(&dir(), &device).unwrap();
         let r = reference();
         let (b, l, v) = (2, 13, config.vocab_size);
         let ids = r.read_i64("batch.input_ids", &[b, l]).unwrap();
@@ -153,13 +153,13 @@ fn left_padded_batch_matches_single_prompts() {
 
 #[test]
 fn bad_configs_name_the_field() {
-    use moe::moe_models::OlmoeConfig;
+    use moe::moe_models::MoeCausalLmConfig;
     let good = std::fs::read_to_string(dir().join("config.json")).unwrap();
-    assert!(OlmoeConfig::from_json(&good).is_ok());
+    assert!(MoeCausalLmConfig::from_json(&good).is_ok());
     let with = |field: &str, value: &str| {
         let mut json: serde_json::Value = serde_json::from_str(&good).unwrap();
         json[field] = serde_json::from_str(value).unwrap();
-        OlmoeConfig::from_json(&json.to_string())
+        MoeCausalLmConfig::from_json(&json.to_string())
             .unwrap_err()
             .to_string()
     };
@@ -177,7 +177,7 @@ fn bad_configs_name_the_field() {
     );
     assert!(with("rope_scaling", r#"{"type": "linear", "factor": 2.0}"#).contains("rope_scaling"));
     assert!(with("num_attention_heads", "5").contains("does not divide hidden_size 64"));
-    let err = OlmoeConfig::from_json("{ not json").unwrap_err();
+    let err = MoeCausalLmConfig::from_json("{ not json").unwrap_err();
     assert!(
         err.to_string()
             .starts_with("config.json: `config.json` not valid JSON"),

@@ -10,8 +10,8 @@ use burn::tensor::{Device, FloatDType};
 use common::checkpoints;
 use moe::TopK;
 use moe::moe_models::{
-    GenerateOptions, KvCache, LoadError, LoadOptions, OlmoeConfig, OlmoeModel, RunError, Sampling,
-    TensorSource,
+    GenerateOptions, KvCache, LoadError, LoadOptions, MoeCausalLm, MoeCausalLmConfig, RunError,
+    Sampling, TensorSource,
 };
 use safetensors::Dtype;
 
@@ -38,7 +38,7 @@ fn reference_logits(p: usize, len: usize, vocab: usize) -> Vec<f32> {
 }
 
 /// Logits of one prompt, `[L · vocab]` on the host.
-fn logits(model: &OlmoeModel, ids: &[i64]) -> Vec<f32> {
+fn logits(model: &MoeCausalLm, ids: &[i64]) -> Vec<f32> {
     let mut cache = KvCache::new(model.layers.len(), 1);
     let out = model
         .forward(
@@ -52,12 +52,12 @@ fn logits(model: &OlmoeModel, ids: &[i64]) -> Vec<f32> {
     common::host(out.logits)
 }
 
-fn load(dir: &Path, device: &Device, dtype: FloatDType) -> OlmoeModel {
+fn load(dir: &Path, device: &Device, dtype: FloatDType) -> MoeCausalLm {
     let options = LoadOptions {
         dtype,
         progress: false,
     };
-    let (model, _, report) = OlmoeModel::load_with(dir, device, &options).unwrap();
+    let (model, _, report) = MoeCausalLm::load_with(dir, device, &options).unwrap();
     assert!(report.unused.is_empty(), "unused: {:?}", report.unused);
     model
 }
@@ -129,7 +129,7 @@ fn half_precision_checkpoints_and_compute_stay_within_tolerance() {
                         dtype,
                         progress: false,
                     };
-                    let err = OlmoeModel::load_with(&tiny, &device, &options).unwrap_err();
+                    let err = MoeCausalLm::load_with(&tiny, &device, &options).unwrap_err();
                     assert!(
                         matches!(err, LoadError::UnsupportedComputeDtype { .. }),
                         "{name}: {err}"
@@ -171,7 +171,7 @@ fn clip_qkv_matches_transformers() {
     )
     .unwrap();
     for (name, device) in common::devices() {
-        let (model, parsed, _) = OlmoeModel::load(&dir, &device).unwrap();
+        let (model, parsed, _) = MoeCausalLm::load(&dir, &device).unwrap();
         assert_eq!(parsed.clip_qkv, Some(c));
         for p in 0..2 {
             let len = clip.shape(&format!("input_ids.p{p}")).unwrap()[0];
@@ -336,7 +336,7 @@ fn bad_calls_are_typed_errors_and_leave_the_cache_alone() {
 fn broken_checkpoints_are_typed_errors_naming_the_problem() {
     let device = moe::backend::Backend::default().device();
     for (case, dir, expect) in checkpoints::broken("lib") {
-        let err = OlmoeModel::load(&dir, &device).unwrap_err();
+        let err = MoeCausalLm::load(&dir, &device).unwrap_err();
         let message = err.to_string();
         assert!(
             message.contains(expect),
@@ -364,25 +364,25 @@ fn broken_checkpoints_are_typed_errors_naming_the_problem() {
     }
     // The config's own checks, without a folder.
     let text = std::fs::read_to_string(checkpoints::tiny_dir().join("config.json")).unwrap();
-    assert!(OlmoeConfig::from_json(&text).is_ok());
+    assert!(MoeCausalLmConfig::from_json(&text).is_ok());
     // Another architecture is refused by name, whether model_type or architectures says so.
     let dbrx_type = text.replace("\"olmoe\"", "\"dbrx\"");
-    let err = OlmoeConfig::from_json(&dbrx_type).unwrap_err();
+    let err = MoeCausalLmConfig::from_json(&dbrx_type).unwrap_err();
     assert!(
         matches!(&err, LoadError::UnsupportedArchitecture { model_type, .. } if model_type == "dbrx"),
         "{err:?}"
     );
     assert!(err.to_string().contains("dbrx"), "{err}");
     let jamba = text.replace("OlmoeForCausalLM", "JambaForCausalLM");
-    let err = OlmoeConfig::from_json(&jamba).unwrap_err();
+    let err = MoeCausalLmConfig::from_json(&jamba).unwrap_err();
     assert!(err.to_string().contains("JambaForCausalLM"), "{err}");
 }
 
 #[test]
 fn tensors_larger_than_the_device_buffer_limit_are_refused_up_front() {
-    use moe::moe_models::olmoe::check_fits;
+    use moe::moe_models::decoder::check_fits;
     let device = moe::backend::Backend::default().device();
-    let big = OlmoeConfig::olmoe_1b_7b();
+    let big = MoeCausalLmConfig::olmoe_1b_7b();
     let lavapipe_limit = Some(128 << 20);
     let err = check_fits(&big, FloatDType::F32, lavapipe_limit, &device).unwrap_err();
     assert!(matches!(err, LoadError::TensorTooLarge { .. }), "{err}");
@@ -398,7 +398,7 @@ fn tensors_larger_than_the_device_buffer_limit_are_refused_up_front() {
     // No limit (CPU backends), or a limit the tensors fit under.
     assert!(check_fits(&big, FloatDType::F32, None, &device).is_ok());
     assert!(check_fits(&big, FloatDType::F32, Some(1 << 30), &device).is_ok());
-    let tiny = OlmoeConfig::from_json(
+    let tiny = MoeCausalLmConfig::from_json(
         &std::fs::read_to_string(checkpoints::tiny_dir().join("config.json")).unwrap(),
     )
     .unwrap();

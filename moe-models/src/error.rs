@@ -85,7 +85,7 @@ pub enum LoadError {
         /// Its `architectures`.
         architectures: Vec<String>,
         /// What is supported.
-        supported: &'static str,
+        supported: String,
     },
     /// The file is not valid safetensors (truncated, bad header, sizes that do not add up).
     #[error("{source_name} is not a valid safetensors file: {reason}")]
@@ -217,7 +217,7 @@ pub enum RunError {
     )]
     NonFinite {
         /// The first step whose output is not finite.
-        stage: crate::olmoe::Stage,
+        stage: crate::decoder::Stage,
     },
     /// The MoE layers rejected the call (e.g. k out of range).
     #[error(transparent)]

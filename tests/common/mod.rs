@@ -124,7 +124,7 @@ pub fn reference_prompt(r: &moe::moe_models::TensorSource, p: usize) -> Vec<i64>
 /// within `tolerance`.
 #[cfg(feature = "models")]
 pub fn check_greedy(
-    model: &moe::moe_models::OlmoeModel,
+    model: &moe::moe_models::MoeCausalLm,
     r: &moe::moe_models::TensorSource,
     tolerance: f32,
     name: &str,

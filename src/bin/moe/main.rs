@@ -14,7 +14,7 @@ use clap::Parser;
 use moe::TopK;
 use moe::backend::Backend;
 use moe::moe_models::{
-    GenerateOptions, KvCache, LoadOptions, OlmoeConfig, OlmoeModel, Sampling, io,
+    GenerateOptions, KvCache, LoadOptions, MoeCausalLm, MoeCausalLmConfig, Sampling, io,
 };
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -30,13 +30,13 @@ fn load(
     backend: Backend,
     dtype: Dtype,
     strict: bool,
-) -> Result<(OlmoeModel, OlmoeConfig)> {
+) -> Result<(MoeCausalLm, MoeCausalLmConfig)> {
     let device = backend.device();
     let options = LoadOptions {
         dtype: dtype.into(),
         progress: true,
     };
-    let (model, config, report) = OlmoeModel::load_with(dir, &device, &options)?;
+    let (model, config, report) = MoeCausalLm::load_with(dir, &device, &options)?;
     if !report.unused.is_empty() {
         let count = report.unused.len();
         let shown: Vec<&str> = report.unused.iter().take(8).map(String::as_str).collect();
@@ -101,7 +101,7 @@ impl TextStream<'_> {
 fn list_backends(json: bool) {
     for backend in Backend::ALL {
         let dtypes: Vec<String> = match backend.is_compiled() {
-            true => moe::moe_models::olmoe::supported_dtypes(&backend.device())
+            true => moe::moe_models::decoder::supported_dtypes(&backend.device())
                 .into_iter()
                 .map(|d| format!("{:?}", burn::tensor::DType::from(d)).to_lowercase())
                 .collect(),
@@ -268,7 +268,7 @@ fn bench(
     }
     let device = backend.device();
     let float: FloatDType = dtype.into();
-    moe::moe_models::olmoe::check_dtype(&device, float)?;
+    moe::moe_models::decoder::check_dtype(&device, float)?;
     // Kernels on a device without them: an error before any work.
     strategy.resolve(&device)?;
     let stacked = (config.num_experts * config.d_model * config.d_ff) as u64
@@ -381,16 +381,16 @@ fn run(cli: Cli) -> Result<()> {
     let backend: Backend = cli.backend.parse()?;
     match cli.command {
         Command::Inspect { model, json } => {
-            let c = moe::moe_models::olmoe::read_config(&model)?;
+            let c = moe::moe_models::decoder::read_config(&model)?;
             // With the weights present, the config's sizes must agree with their shapes.
             if moe::moe_models::files::exists_in_folder(&model, "model.safetensors")
                 || moe::moe_models::files::exists_in_folder(&model, "model.safetensors.index.json")
             {
                 let ckpt = moe::moe_models::Checkpoint::open(&model)?;
-                moe::moe_models::olmoe::check_against(&c, &ckpt)?;
+                moe::moe_models::decoder::check_against(&c, &ckpt)?;
             }
             let (total, active) = c.parameter_counts()?;
-            let architecture = c.model_type.clone().unwrap_or_else(|| "olmoe".into());
+            let architecture = c.architecture.model_type();
             let dense_layers: Vec<usize> = (0..c.num_hidden_layers)
                 .filter(|&i| !c.is_sparse(i))
                 .collect();

@@ -5,14 +5,17 @@
 //! latent), head size, expert width and naming, dense layers, shared expert and attention
 //! window apply.
 
+mod architecture;
 mod config;
 mod model;
 
-pub use config::{Mla, OlmoeConfig};
+pub use architecture::{
+    Architecture, AttentionKind, DenseLayers, QkNorm, RoutingKind, SharedExperts, Traits,
+};
+pub use config::{Mla, MoeCausalLmConfig};
 pub use model::{
-    AttentionMask, DecoderAttention, DecoderMlp, GenerateOptions, KvCache, LatentAttention,
-    LayerCache, ModelOutput, MoeTrace, OlmoeAttention, OlmoeDecoderLayer, OlmoeModel, Sampling,
-    Stage,
+    AttentionMask, DecoderAttention, DecoderLayer, DecoderMlp, GenerateOptions, GroupedAttention,
+    KvCache, LatentAttention, LayerCache, ModelOutput, MoeCausalLm, MoeTrace, Sampling, Stage,
 };
 
 use std::io::IsTerminal;
@@ -75,7 +78,7 @@ pub fn check_dtype(device: &Device, dtype: FloatDType) -> Result<(), LoadError> 
 /// Fails with [`LoadError::TensorTooLarge`] when a parameter of `config` in `dtype` exceeds
 /// `limit` bytes (the device's largest buffer, see `moe_kernels::max_buffer_bytes`).
 pub fn check_fits(
-    config: &OlmoeConfig,
+    config: &MoeCausalLmConfig,
     dtype: FloatDType,
     limit: Option<u64>,
     device: &Device,
@@ -113,9 +116,9 @@ pub fn check_fits(
 }
 
 /// Reads and validates `dir/config.json` (a regular file of at most 16 MiB inside `dir`).
-pub fn read_config(dir: &Path) -> Result<OlmoeConfig, LoadError> {
+pub fn read_config(dir: &Path) -> Result<MoeCausalLmConfig, LoadError> {
     let text = crate::files::read_text_in_folder(dir, "config.json", crate::files::CONFIG_LIMIT)?;
-    OlmoeConfig::from_json(&text)
+    MoeCausalLmConfig::from_json(&text)
 }
 
 /// Checks the sizes `config` claims against the tensors `ckpt` holds (their shapes only:
@@ -124,7 +127,7 @@ pub fn read_config(dir: &Path) -> Result<OlmoeConfig, LoadError> {
 /// from the config exists. Checks the embeddings (vocabulary and hidden size), the layer count,
 /// and the first sparse and first dense layer's widths; every other tensor's shape is checked
 /// as it is read, before anything of its size is allocated.
-pub fn check_against(config: &OlmoeConfig, ckpt: &Checkpoint) -> Result<(), LoadError> {
+pub fn check_against(config: &MoeCausalLmConfig, ckpt: &Checkpoint) -> Result<(), LoadError> {
     let mismatch =
         |field: &str, value: String, name: &str, shape: Vec<usize>| LoadError::ConfigMismatch {
             field: field.to_string(),
@@ -206,7 +209,7 @@ pub fn check_against(config: &OlmoeConfig, ckpt: &Checkpoint) -> Result<(), Load
                 &[s, h],
             )?;
         }
-        if config.is_deepseek_v3() {
+        if config.traits().shared == SharedExperts::Ungated {
             let shared = config.moe_layer().shared_expert.map_or(0, |s| s.d_ff);
             let name = format!("{p}shared_experts.gate_proj.weight");
             let value = config.n_shared_experts.unwrap_or(0).to_string();
@@ -421,18 +424,21 @@ fn linear_biased(
     Ok(layer)
 }
 
-impl OlmoeModel {
+impl MoeCausalLm {
     /// Loads `dir/config.json` and the checkpoint beside it (single file or sharded) in f32.
-    pub fn load(dir: &Path, device: &Device) -> Result<(Self, OlmoeConfig, LoadReport), LoadError> {
+    pub fn load(
+        dir: &Path,
+        device: &Device,
+    ) -> Result<(Self, MoeCausalLmConfig, LoadReport), LoadError> {
         Self::load_with(dir, device, &LoadOptions::default())
     }
 
-    /// [`OlmoeModel::load`] with a compute dtype and an optional progress bar.
+    /// [`MoeCausalLm::load`] with a compute dtype and an optional progress bar.
     pub fn load_with(
         dir: &Path,
         device: &Device,
         options: &LoadOptions,
-    ) -> Result<(Self, OlmoeConfig, LoadReport), LoadError> {
+    ) -> Result<(Self, MoeCausalLmConfig, LoadReport), LoadError> {
         check_dtype(device, options.dtype)?;
         let config = read_config(dir)?;
         let ckpt = Checkpoint::open(dir)?;
@@ -444,18 +450,18 @@ impl OlmoeModel {
     /// weight to f32 and transposing matrices once.
     pub fn from_checkpoint(
         ckpt: &Checkpoint,
-        config: &OlmoeConfig,
+        config: &MoeCausalLmConfig,
         device: &Device,
     ) -> Result<(Self, LoadReport), LoadError> {
         Self::from_checkpoint_with(ckpt, config, device, &LoadOptions::default())
     }
 
-    /// [`OlmoeModel::from_checkpoint`] in `options.dtype`. Each tensor is converted on the
+    /// [`MoeCausalLm::from_checkpoint`] in `options.dtype`. Each tensor is converted on the
     /// host as it is read, so the weights exist once in the compute dtype plus one tensor in
     /// transit.
     pub fn from_checkpoint_with(
         ckpt: &Checkpoint,
-        config: &OlmoeConfig,
+        config: &MoeCausalLmConfig,
         device: &Device,
         options: &LoadOptions,
     ) -> Result<(Self, LoadReport), LoadError> {
@@ -498,13 +504,13 @@ impl OlmoeModel {
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}.");
             let a = format!("{p}self_attn.");
-            layers.push(OlmoeDecoderLayer {
+            layers.push(DecoderLayer {
                 input_layernorm: norm(ckpt, &format!("{p}input_layernorm.weight"), h, eps, to)?,
                 self_attn: match config.mla() {
                     Some(mla) => {
                         DecoderAttention::Latent(latent_attention(ckpt, &a, h, heads, mla, to)?)
                     }
-                    None => DecoderAttention::Standard(OlmoeAttention {
+                    None => DecoderAttention::Standard(GroupedAttention {
                         q_proj: linear_biased(
                             ckpt,
                             &format!("{a}q_proj.weight"),
@@ -588,7 +594,7 @@ impl OlmoeModel {
             });
             bar.inc(1);
         }
-        let model = OlmoeModel {
+        let model = MoeCausalLm {
             embed_tokens: Param::from_tensor(embed_tokens),
             layers,
             norm: norm(ckpt, "model.norm.weight", h, eps, to)?,
@@ -619,7 +625,7 @@ fn layer_router(moe: &moe_core::MoeLayerConfig, layer: usize) -> moe_core::MoeLa
     moe.clone().with_router_kind(kind)
 }
 
-impl OlmoeModel {
+impl MoeCausalLm {
     /// A freshly initialised model of `config`'s shape whose MoE blocks follow `moe` (any
     /// router kind, shared expert or selection bias; hash and random routers are seeded per
     /// layer), for training from scratch: projections
@@ -628,7 +634,7 @@ impl OlmoeModel {
     /// # Errors
     /// An invalid `config`, or a `moe` whose `d_model` is not `hidden_size`.
     pub fn init(
-        config: &OlmoeConfig,
+        config: &MoeCausalLmConfig,
         moe: &moe_core::MoeLayerConfig,
         device: &Device,
     ) -> Result<Self, LoadError> {
@@ -638,7 +644,7 @@ impl OlmoeModel {
             return Err(LoadError::Config {
                 field: "model_type".into(),
                 reason:
-                    "OlmoeModel::init does not build multi-head latent attention (deepseek_v3) yet"
+                    "MoeCausalLm::init does not build multi-head latent attention (deepseek_v3) yet"
                         .into(),
             });
         }
@@ -674,9 +680,9 @@ impl OlmoeModel {
         };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
-            layers.push(OlmoeDecoderLayer {
+            layers.push(DecoderLayer {
                 input_layernorm: norm(h),
-                self_attn: DecoderAttention::Standard(OlmoeAttention {
+                self_attn: DecoderAttention::Standard(GroupedAttention {
                     q_proj: linear_with(h, q_width, qkv_bias),
                     k_proj: linear_with(h, kv_width, qkv_bias),
                     v_proj: linear_with(h, kv_width, qkv_bias),
@@ -700,7 +706,7 @@ impl OlmoeModel {
             });
         }
         let v = config.vocab_size;
-        Ok(OlmoeModel {
+        Ok(MoeCausalLm {
             embed_tokens: init.init_with([v, h], Some(h), Some(v), device),
             layers,
             norm: norm(h),

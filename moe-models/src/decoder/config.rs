@@ -6,6 +6,9 @@ use serde_json::Value;
 
 use moe_core::MoeLayerConfig;
 
+use super::architecture::{
+    Architecture, AttentionKind, DenseLayers, QkNorm, RoutingKind, SharedExperts, Traits,
+};
 use crate::error::LoadError;
 
 /// Multi-head latent attention sizes (DeepSeek-V3).
@@ -36,10 +39,10 @@ pub struct Mla {
 /// DeepSeek-V3 has multi-head latent attention ([`Mla`]), `first_k_dense_replace` dense layers,
 /// sigmoid group-limited routing with a selection bias, and ungated shared experts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OlmoeConfig {
-    /// `olmoe`, `qwen2_moe`, `qwen3_moe`, `mixtral` or `deepseek_v3` (absent: OLMoE).
-    #[serde(default)]
-    pub model_type: Option<String>,
+pub struct MoeCausalLmConfig {
+    /// The architecture, `model_type` in config.json (absent: OLMoE).
+    #[serde(rename = "model_type", default)]
+    pub architecture: Architecture,
     /// Vocabulary size.
     pub vocab_size: usize,
     /// Hidden size `H`.
@@ -172,85 +175,25 @@ const REQUIRED_SIZES: [&str; 7] = [
     "num_experts_per_tok",
 ];
 
-/// Every field transformers 4.57 gives a default, per architecture (`model_type`), as its
-/// config class does when the field is absent from config.json (`tests/data/config-defaults.json`
-/// holds the classes' own values, written by `scripts/fixtures/config_defaults.py`, and a test
-/// compares the two). Fields derived from others when absent (OLMoE's `num_key_value_heads`,
-/// the head size) are left out and derived as transformers derives them; Qwen's
-/// `sliding_window` is unset unless `use_sliding_window`, as transformers stores it.
-const DEFAULTS: [(&str, &str); 5] = [
-    (
-        "olmoe",
-        r#"{"vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 2048,
-            "num_hidden_layers": 16, "num_attention_heads": 16, "hidden_act": "silu",
-            "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "pad_token_id": 1,
-            "eos_token_id": 50279, "tie_word_embeddings": false, "rope_theta": 10000.0,
-            "attention_bias": false, "num_experts_per_tok": 8, "num_experts": 64,
-            "norm_topk_prob": false}"#,
-    ),
-    (
-        "qwen2_moe",
-        r#"{"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632,
-            "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
-            "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-06,
-            "tie_word_embeddings": false, "rope_theta": 10000.0, "use_sliding_window": false,
-            "decoder_sparse_step": 1, "moe_intermediate_size": 1408,
-            "shared_expert_intermediate_size": 5632, "num_experts_per_tok": 4,
-            "num_experts": 60, "norm_topk_prob": false, "mlp_only_layers": [],
-            "qkv_bias": true}"#,
-    ),
-    (
-        "qwen3_moe",
-        r#"{"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
-            "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 4,
-            "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-06,
-            "tie_word_embeddings": false, "rope_theta": 10000.0, "attention_bias": false,
-            "use_sliding_window": false, "decoder_sparse_step": 1,
-            "moe_intermediate_size": 768, "num_experts_per_tok": 8, "num_experts": 128,
-            "norm_topk_prob": false, "mlp_only_layers": []}"#,
-    ),
-    (
-        "mixtral",
-        r#"{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
-            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-05,
-            "eos_token_id": 2, "tie_word_embeddings": false, "rope_theta": 1000000.0,
-            "num_experts_per_tok": 2, "num_experts": 8}"#,
-    ),
-    (
-        "deepseek_v3",
-        r#"{"vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
-            "moe_intermediate_size": 2048, "num_hidden_layers": 61,
-            "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
-            "num_experts": 256, "routed_scaling_factor": 2.5, "kv_lora_rank": 512,
-            "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
-            "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
-            "first_k_dense_replace": 3, "norm_topk_prob": true, "hidden_act": "silu",
-            "max_position_embeddings": 4096, "rms_norm_eps": 1e-06, "eos_token_id": 1,
-            "tie_word_embeddings": false, "rope_theta": 10000.0, "rope_interleave": true,
-            "attention_bias": false}"#,
-    ),
-];
-
 /// Names of the expert count across architectures.
 const EXPERT_COUNT_NAMES: [&str; 3] = ["num_experts", "num_local_experts", "n_routed_experts"];
 
-/// `object` with every absent field of its architecture's [`DEFAULTS`] filled in (an absent
-/// `model_type` is OLMoE). A `null` `mlp_only_layers` is the empty list, as in transformers.
+/// `object` with every absent field of its architecture's defaults ([`Traits::defaults`])
+/// filled in (an absent or null `model_type` is OLMoE). A `null` `mlp_only_layers` is the
+/// empty list, as in transformers.
 fn with_defaults(object: &serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
     let mut object = object.clone();
-    let model_type = object
-        .get("model_type")
-        .and_then(Value::as_str)
-        .unwrap_or("olmoe")
-        .to_string();
-    if object.get("mlp_only_layers").is_some_and(Value::is_null) {
-        object.remove("mlp_only_layers");
+    for field in ["model_type", "mlp_only_layers"] {
+        if object.get(field).is_some_and(Value::is_null) {
+            object.remove(field);
+        }
     }
-    let table = DEFAULTS
-        .iter()
-        .find(|(name, _)| *name == model_type)
-        .map(|(_, table)| serde_json::from_str::<serde_json::Map<String, Value>>(table));
+    let architecture = match object.get("model_type").and_then(Value::as_str) {
+        Some(name) => Architecture::from_model_type(name),
+        None => Some(Architecture::Olmoe),
+    };
+    let table = architecture
+        .map(|a| serde_json::from_str::<serde_json::Map<String, Value>>(a.traits().defaults));
     if let Some(Ok(table)) = table {
         for (field, value) in table {
             let present = match field.as_str() {
@@ -265,17 +208,8 @@ fn with_defaults(object: &serde_json::Map<String, Value>) -> serde_json::Map<Str
     object
 }
 
-/// The architectures this engine runs: `model_type` and the `architectures` class name.
-const SUPPORTED: [(&str, &str); 5] = [
-    ("olmoe", "OlmoeForCausalLM"),
-    ("qwen2_moe", "Qwen2MoeForCausalLM"),
-    ("qwen3_moe", "Qwen3MoeForCausalLM"),
-    ("mixtral", "MixtralForCausalLM"),
-    ("deepseek_v3", "DeepseekV3ForCausalLM"),
-];
-
 /// Refuses a config whose `model_type` or `architectures` name another model than those of
-/// [`SUPPORTED`] (a config without either is read as OLMoE).
+/// [`Architecture`] (a config without either is read as OLMoE).
 fn check_architecture(object: &serde_json::Map<String, Value>) -> Result<(), LoadError> {
     let model_type = object.get("model_type").and_then(Value::as_str);
     let architectures: Vec<String> = object
@@ -288,17 +222,17 @@ fn check_architecture(object: &serde_json::Map<String, Value>) -> Result<(), Loa
                 .collect()
         })
         .unwrap_or_default();
-    let type_ok = model_type.is_none_or(|t| SUPPORTED.iter().any(|(name, _)| *name == t));
+    let type_ok = model_type.is_none_or(|t| Architecture::from_model_type(t).is_some());
     let arch_ok = architectures.is_empty()
         || architectures
             .iter()
-            .any(|a| SUPPORTED.iter().any(|(_, class)| class == a));
+            .any(|a| Architecture::from_class(a).is_some());
     match type_ok && arch_ok {
         true => Ok(()),
         false => Err(LoadError::UnsupportedArchitecture {
             model_type: model_type.unwrap_or_default().to_string(),
             architectures,
-            supported: "olmoe (OlmoeForCausalLM), qwen2_moe (Qwen2MoeForCausalLM), qwen3_moe (Qwen3MoeForCausalLM), mixtral (MixtralForCausalLM), deepseek_v3 (DeepseekV3ForCausalLM)",
+            supported: Architecture::supported(),
         }),
     }
 }
@@ -316,11 +250,11 @@ fn invalid(field: &str, reason: impl Into<String>) -> LoadError {
     }
 }
 
-impl OlmoeConfig {
+impl MoeCausalLmConfig {
     /// OLMoE-1B-7B (0924/0125): 16 layers, H 2048, 16 heads, 64 experts of I 1024, top-8.
     pub fn olmoe_1b_7b() -> Self {
-        OlmoeConfig {
-            model_type: Some("olmoe".into()),
+        MoeCausalLmConfig {
+            architecture: Architecture::Olmoe,
             vocab_size: 50304,
             hidden_size: 2048,
             intermediate_size: 1024,
@@ -390,7 +324,7 @@ impl OlmoeConfig {
             }
         }
         let value = Value::Object(with_defaults(object));
-        let config: OlmoeConfig =
+        let config: MoeCausalLmConfig =
             serde_json::from_value(value).map_err(|e| invalid("config.json", e.to_string()))?;
         config.validate()?;
         Ok(config)
@@ -421,29 +355,19 @@ impl OlmoeConfig {
         }
     }
 
-    /// Whether this is a Qwen3-MoE config.
-    pub fn is_qwen3_moe(&self) -> bool {
-        self.model_type.as_deref() == Some("qwen3_moe")
+    /// What sets this config's architecture apart.
+    pub fn traits(&self) -> &'static Traits {
+        self.architecture.traits()
     }
 
-    /// Whether this is a Qwen2-MoE config.
-    pub fn is_qwen2_moe(&self) -> bool {
-        self.model_type.as_deref() == Some("qwen2_moe")
-    }
-
-    /// Whether the q/k/v projections carry biases (Qwen2-MoE).
+    /// Whether the q/k/v projections carry biases (Qwen2-MoE, unless `qkv_bias` is false).
     pub fn has_qkv_bias(&self) -> bool {
-        self.is_qwen2_moe() && self.qkv_bias.unwrap_or(true)
-    }
-
-    /// Whether this is a DeepSeek-V3 config.
-    pub fn is_deepseek_v3(&self) -> bool {
-        self.model_type.as_deref() == Some("deepseek_v3")
+        self.traits().qkv_bias && self.qkv_bias.unwrap_or(true)
     }
 
     /// The multi-head latent attention sizes (DeepSeek-V3), if attention is latent.
     pub fn mla(&self) -> Option<Mla> {
-        if !self.is_deepseek_v3() {
+        if self.traits().attention != AttentionKind::Latent {
             return None;
         }
         Some(Mla {
@@ -456,25 +380,20 @@ impl OlmoeConfig {
         })
     }
 
-    /// Whether this is a Mixtral config.
-    pub fn is_mixtral(&self) -> bool {
-        self.model_type.as_deref() == Some("mixtral")
-    }
-
     /// Whether attention normalises q and k (OLMoE, Qwen3-MoE; not Mixtral or Qwen2-MoE).
     pub fn has_qk_norm(&self) -> bool {
-        !self.is_mixtral() && !self.is_qwen2_moe() && !self.is_deepseek_v3()
+        self.traits().qk_norm != QkNorm::None
     }
 
     /// The q/k RMSNorm of attention runs over each head (Qwen3-MoE) rather than over the whole
     /// projection (OLMoE).
     pub fn per_head_qk_norm(&self) -> bool {
-        self.is_qwen3_moe()
+        self.traits().qk_norm == QkNorm::PerHead
     }
 
     /// The attention window, if attention is windowed.
     pub fn attention_window(&self) -> Option<usize> {
-        match self.is_qwen3_moe() || self.is_qwen2_moe() {
+        match self.traits().window_needs_flag {
             true => self.sliding_window.filter(|_| self.use_sliding_window),
             false => self.sliding_window,
         }
@@ -482,10 +401,7 @@ impl OlmoeConfig {
 
     /// Prefix of a sparse block's tensors within a layer and their expert naming.
     pub fn moe_prefix(&self) -> (&'static str, crate::ExpertNaming) {
-        match self.is_mixtral() {
-            true => ("block_sparse_moe.", crate::ExpertNaming::Mixtral),
-            false => ("mlp.", crate::ExpertNaming::Proj),
-        }
+        self.traits().moe_block
     }
 
     /// Width of each routed expert.
@@ -496,7 +412,7 @@ impl OlmoeConfig {
     /// Whether decoder layer `layer` has the MoE block (else a dense MLP of width
     /// `intermediate_size`), as transformers' Qwen3-MoE decides it.
     pub fn is_sparse(&self, layer: usize) -> bool {
-        if self.is_deepseek_v3() {
+        if self.traits().dense_layers == DenseLayers::FirstK {
             return layer >= self.first_k_dense_replace.unwrap_or(0);
         }
         let step = self.decoder_sparse_step.unwrap_or(1).max(1);
@@ -552,13 +468,15 @@ impl OlmoeConfig {
                 "sliding-window attention is not supported (only false)",
             ));
         }
-        if self.is_qwen2_moe() && self.shared_expert_intermediate_size.is_none_or(|s| s == 0) {
+        if self.traits().shared == SharedExperts::Gated
+            && self.shared_expert_intermediate_size.is_none_or(|s| s == 0)
+        {
             return Err(invalid(
                 "shared_expert_intermediate_size",
-                "must be at least 1 for qwen2_moe",
+                format!("must be at least 1 for {}", self.architecture.model_type()),
             ));
         }
-        if self.is_deepseek_v3() {
+        if self.traits().attention == AttentionKind::Latent {
             let mla = self.mla().ok_or_else(|| {
                 invalid(
                     "kv_lora_rank / qk_nope_head_dim / qk_rope_head_dim / v_head_dim",
@@ -720,7 +638,7 @@ impl OlmoeConfig {
 
     /// The MoE layer of every sparse decoder block.
     pub fn moe_layer(&self) -> MoeLayerConfig {
-        if self.is_deepseek_v3() {
+        if self.traits().routing == RoutingKind::GroupLimitedSigmoid {
             let groups =
                 moe_core::GroupLimit::new(self.n_group.unwrap_or(1), self.topk_group.unwrap_or(1));
             let shared = self.deepseek_shared_size();
@@ -745,7 +663,9 @@ impl OlmoeConfig {
             self.num_experts,
             self.num_experts_per_tok,
         )
-        .with_normalize_top_k(self.norm_topk_prob || self.is_mixtral())
+        .with_normalize_top_k(
+            self.norm_topk_prob || self.traits().routing == RoutingKind::SoftmaxRenormalised,
+        )
         .with_shared_expert(
             self.shared_expert_size().map(|size| {
                 moe_core::SharedExpertConfig::new(self.hidden_size, size).with_gated(true)
@@ -763,14 +683,14 @@ impl OlmoeConfig {
     /// Width of the gated shared expert (Qwen2-MoE), if the blocks have one.
     pub fn shared_expert_size(&self) -> Option<usize> {
         self.shared_expert_intermediate_size
-            .filter(|_| self.is_qwen2_moe())
+            .filter(|_| self.traits().shared == SharedExperts::Gated)
     }
 
     /// How many of the decoder layers have the MoE block (the others a dense MLP), worked out
     /// without walking the layers.
     pub fn sparse_layers(&self) -> usize {
         let n = self.num_hidden_layers;
-        if self.is_deepseek_v3() {
+        if self.traits().dense_layers == DenseLayers::FirstK {
             return n - self.first_k_dense_replace.unwrap_or(0).min(n);
         }
         let step = self.decoder_sparse_step.unwrap_or(1).max(1);
@@ -789,7 +709,7 @@ impl OlmoeConfig {
     ///
     /// # Errors
     /// [`LoadError::Config`] when a count does not fit in a `u64` (sizes no checkpoint can
-    /// have); [`OlmoeConfig::validate`] refuses such configs.
+    /// have); [`MoeCausalLmConfig::validate`] refuses such configs.
     pub fn parameter_counts(&self) -> Result<(u64, u64), LoadError> {
         // Saturating u128 arithmetic: every term is a sum of products of non-negative sizes,
         // so a saturated term still compares above u64::MAX.
@@ -826,7 +746,7 @@ impl OlmoeConfig {
             }
         };
         let experts = n(self.num_experts);
-        let shared = match self.is_deepseek_v3() {
+        let shared = match self.traits().shared == SharedExperts::Ungated {
             // ungated shared experts, and the selection bias
             true => sum(&[
                 mul(&[
@@ -877,7 +797,7 @@ impl OlmoeConfig {
         }
     }
 
-    /// [`OlmoeConfig::attention_widths`] without overflow, as u128.
+    /// [`MoeCausalLmConfig::attention_widths`] without overflow, as u128.
     fn attention_widths_wide(&self) -> (u128, u128, u128, u128) {
         let head_dim = self.head_dim() as u128;
         let q = (self.num_attention_heads as u128).saturating_mul(head_dim);

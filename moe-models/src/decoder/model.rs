@@ -16,7 +16,7 @@ use crate::error::RunError;
 
 /// Self-attention of one decoder layer.
 #[derive(Module, Debug)]
-pub struct OlmoeAttention {
+pub struct GroupedAttention {
     /// `[H, heads · head_dim]`.
     pub q_proj: Linear,
     /// `[H, kv_heads · head_dim]`.
@@ -175,7 +175,7 @@ fn rotate_half(x: Tensor<4>) -> Tensor<4> {
     Tensor::cat(vec![second.neg(), first], 3).reshape([b, h, l, d])
 }
 
-impl OlmoeAttention {
+impl GroupedAttention {
     /// # Shapes
     /// - `x`: `[B, L, H]`; `cos`, `sin`: `[B, 1, L, head_dim]`; `mask`: which of the `P`
     ///   cached and new positions each new one sees → `[B, L, H]`
@@ -268,7 +268,7 @@ pub struct LatentAttention {
 
 impl LatentAttention {
     /// # Shapes
-    /// As [`OlmoeAttention::forward`], with `cos`, `sin`: `[B, 1, L, rope_dim]`.
+    /// As [`GroupedAttention::forward`], with `cos`, `sin`: `[B, 1, L, rope_dim]`.
     pub fn forward(
         &self,
         x: Tensor<3>,
@@ -317,7 +317,7 @@ impl LatentAttention {
 #[derive(Module, Debug)]
 pub enum DecoderAttention {
     /// Multi-head (or grouped-query) attention: OLMoE, Qwen, Mixtral.
-    Standard(OlmoeAttention),
+    Standard(GroupedAttention),
     /// Multi-head latent attention: DeepSeek-V3.
     Latent(LatentAttention),
 }
@@ -331,7 +331,7 @@ impl DecoderAttention {
         }
     }
 
-    /// See [`OlmoeAttention::forward`].
+    /// See [`GroupedAttention::forward`].
     pub fn forward(
         &self,
         x: Tensor<3>,
@@ -379,7 +379,7 @@ impl DecoderMlp {
 
 /// One decoder layer: `h = x + attn(norm(x))`, `out = h + mlp(norm(h))`.
 #[derive(Module, Debug)]
-pub struct OlmoeDecoderLayer {
+pub struct DecoderLayer {
     /// Norm before attention.
     pub input_layernorm: RmsNorm,
     /// Self-attention.
@@ -388,6 +388,58 @@ pub struct OlmoeDecoderLayer {
     pub post_attention_layernorm: RmsNorm,
     /// The MoE block or a dense MLP.
     pub mlp: DecoderMlp,
+}
+
+/// What every decoder layer of one forward call shares: the rotary tables, the mask and the
+/// MoE blocks' per-call options.
+struct LayerInputs<'a> {
+    cos: &'a Tensor<4>,
+    sin: &'a Tensor<4>,
+    mask: &'a AttentionMask,
+    options: &'a ForwardOptions,
+    /// Fail with [`RunError::NonFinite`] at the first step whose output is not finite.
+    check: bool,
+}
+
+impl DecoderLayer {
+    /// Layer `index` on `x` (`[B, L, H]`) after what `cache` holds: `h = x + attn(norm(x))`,
+    /// `out = h + mlp(norm(h))`, and the MoE block's trace when `trace`.
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        inputs: &LayerInputs<'_>,
+        cache: &mut LayerCache,
+        index: usize,
+        trace: bool,
+    ) -> Result<(Tensor<3>, Option<MoeTrace>), RunError> {
+        let attn_in = self.input_layernorm.forward(x.clone());
+        let h = x + self
+            .self_attn
+            .forward(attn_in, inputs.cos, inputs.sin, inputs.mask, cache);
+        verify(inputs.check, &h, Stage::Attention(index))?;
+        let mlp_in = self.post_attention_layernorm.forward(h.clone());
+        let (out, moe_trace) = match &self.mlp {
+            DecoderMlp::Sparse(moe_layer) => {
+                let moe = moe_layer.try_forward_with(mlp_in.clone(), inputs.options)?;
+                let out = h + moe.hidden.clone();
+                let moe_trace = trace.then(|| MoeTrace {
+                    layer: index,
+                    input: mlp_in,
+                    routing: moe.routing,
+                    output: moe.hidden,
+                    path: moe.path,
+                });
+                (out, moe_trace)
+            }
+            DecoderMlp::Dense(mlp) => {
+                let [b, l, hidden] = mlp_in.dims();
+                let out = mlp.forward(mlp_in.reshape([b * l, hidden]));
+                (h + out.reshape([b, l, hidden]), None)
+            }
+        };
+        verify(inputs.check, &out, Stage::Mlp(index))?;
+        Ok((out, moe_trace))
+    }
 }
 
 /// What one layer's MoE block saw and produced (for parity tests and statistics).
@@ -407,11 +459,11 @@ pub struct MoeTrace {
 
 /// The whole causal language model.
 #[derive(Module, Debug)]
-pub struct OlmoeModel {
+pub struct MoeCausalLm {
     /// Token embeddings, `[vocab, H]`.
     pub embed_tokens: Param<Tensor<2>>,
     /// Decoder layers.
-    pub layers: Vec<OlmoeDecoderLayer>,
+    pub layers: Vec<DecoderLayer>,
     /// Final norm.
     pub norm: RmsNorm,
     /// Output projection, `[H, vocab]`.
@@ -494,6 +546,14 @@ impl std::fmt::Display for Stage {
     }
 }
 
+/// `Ok` unless `check` and `t` holds a non-finite value, which fails at `stage`.
+fn verify<const D: usize>(check: bool, t: &Tensor<D>, stage: Stage) -> Result<(), RunError> {
+    match !check || all_finite(t) {
+        true => Ok(()),
+        false => Err(RunError::NonFinite { stage }),
+    }
+}
+
 /// Whether every value of `t` is a finite number (one reduction and one read).
 fn all_finite<const D: usize>(t: &Tensor<D>) -> bool {
     t.clone()
@@ -513,7 +573,7 @@ pub struct ModelOutput {
     pub moe: Vec<MoeTrace>,
 }
 
-impl OlmoeModel {
+impl MoeCausalLm {
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
         self.embed_tokens.dims()[0]
@@ -607,7 +667,7 @@ impl OlmoeModel {
         self.forward_with(ids, mask, cache, &options, trace)
     }
 
-    /// [`OlmoeModel::forward`] with every per-call choice of the MoE layers (k, router
+    /// [`MoeCausalLm::forward`] with every per-call choice of the MoE layers (k, router
     /// temperature, capacity, the random router's seed). The hash router is given the call's
     /// token ids.
     ///
@@ -617,7 +677,7 @@ impl OlmoeModel {
     /// appear, leaves the cache as it was, and fails with [`RunError::NonFinite`].
     ///
     /// # Errors
-    /// Those of [`OlmoeModel::forward`], of [`MoeLayer::try_forward_with`], and
+    /// Those of [`MoeCausalLm::forward`], of [`MoeLayer::try_forward_with`], and
     /// [`RunError::NonFinite`].
     pub fn forward_with(
         &self,
@@ -666,10 +726,6 @@ impl OlmoeModel {
         trace: bool,
         check: bool,
     ) -> Result<ModelOutput, RunError> {
-        let verify = |t: &Tensor<3>, stage: Stage| match !check || all_finite(t) {
-            true => Ok(()),
-            false => Err(RunError::NonFinite { stage }),
-        };
         let device = self.embed_tokens.device();
         let dtype = self.dtype();
         let b = ids.len();
@@ -706,45 +762,28 @@ impl OlmoeModel {
             .val()
             .select(0, ids)
             .reshape([b, l, hidden_size]);
-        verify(&x, Stage::Embeddings)?;
+        verify(check, &x, Stage::Embeddings)?;
+        let inputs = LayerInputs {
+            cos: &cos,
+            sin: &sin,
+            mask: &mask,
+            options: &options,
+            check,
+        };
         let mut traces = Vec::new();
         for (index, (layer, layer_cache)) in
             self.layers.iter().zip(cache.layers.iter_mut()).enumerate()
         {
-            let attn_in = layer.input_layernorm.forward(x.clone());
-            let h = x + layer
-                .self_attn
-                .forward(attn_in, &cos, &sin, &mask, layer_cache);
-            verify(&h, Stage::Attention(index))?;
-            let mlp_in = layer.post_attention_layernorm.forward(h.clone());
-            match &layer.mlp {
-                DecoderMlp::Sparse(moe_layer) => {
-                    let moe = moe_layer.try_forward_with(mlp_in.clone(), &options)?;
-                    x = h + moe.hidden.clone();
-                    if trace {
-                        traces.push(MoeTrace {
-                            layer: index,
-                            input: mlp_in,
-                            routing: moe.routing,
-                            output: moe.hidden,
-                            path: moe.path,
-                        });
-                    }
-                }
-                DecoderMlp::Dense(mlp) => {
-                    let [b, l, hidden] = mlp_in.dims();
-                    let out = mlp.forward(mlp_in.reshape([b * l, hidden]));
-                    x = h + out.reshape([b, l, hidden]);
-                }
-            }
-            verify(&x, Stage::Mlp(index))?;
+            let (out, moe_trace) = layer.forward(x, &inputs, layer_cache, index, trace)?;
+            x = out;
+            traces.extend(moe_trace);
         }
         let logits = self
             .norm
             .forward(x)
             .matmul(self.lm_head.val().unsqueeze_dim(0))
             .cast(DType::F32);
-        verify(&logits, Stage::Head)?;
+        verify(check, &logits, Stage::Head)?;
         Ok(ModelOutput {
             logits,
             moe: traces,
@@ -801,7 +840,7 @@ pub enum Sampling {
     },
 }
 
-/// What [`OlmoeModel::generate`] does.
+/// What [`MoeCausalLm::generate`] does.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
     /// Most tokens to add.
@@ -854,14 +893,14 @@ fn argmax_rows(logits: Tensor<2>) -> Vec<i64> {
     logits.argmax(1).into_data().iter::<i64>().collect()
 }
 
-impl OlmoeModel {
+impl MoeCausalLm {
     /// Generates up to `options.max_new_tokens` after `prompt`, calling `on_token` with each
     /// new token as soon as it is chosen, and returns them all. Generation also ends when the
-    /// sequence fills the model's context ([`OlmoeModel::max_positions`]); a prompt longer than
+    /// sequence fills the model's context ([`MoeCausalLm::max_positions`]); a prompt longer than
     /// the context is [`RunError::ContextTooLong`].
     ///
     /// # Errors
-    /// As [`OlmoeModel::forward`]; a temperature that is negative or not finite.
+    /// As [`MoeCausalLm::forward`]; a temperature that is negative or not finite.
     pub fn generate(
         &self,
         prompt: &[i64],
