@@ -211,3 +211,45 @@ fn sharded_checkpoints_and_bf16_compute_load_through_the_same_loader() {
         }
     }
 }
+
+/// The loader and the random initialisation build through one path: for every architecture
+/// (OLMoE's tiny checkpoint too), `MoeCausalLm::init` of the checkpoint's config has the same
+/// modules (every parameter's shape, in order) as the loaded model, and runs.
+#[test]
+fn random_init_builds_what_the_loader_builds() {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::tensor::Tensor;
+
+    /// Every float parameter's shape, in visiting order.
+    #[derive(Default)]
+    struct Shapes(Vec<Vec<usize>>);
+    impl ModuleVisitor for Shapes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.val().dims().to_vec());
+        }
+    }
+    let shapes = |model: &MoeCausalLm| {
+        let mut visitor = Shapes::default();
+        model.visit(&mut visitor);
+        visitor.0
+    };
+    let device = moe::backend::Backend::default().device();
+    let olmoe = [("olmoe-tiny", &[][..])];
+    for (name, _) in MODELS.iter().chain(olmoe.iter()) {
+        let (loaded, config, _) = MoeCausalLm::load(&dir(name), &device).unwrap();
+        let init = MoeCausalLm::init(&config, &config.moe_layer(), &device).unwrap();
+        assert_eq!(shapes(&init), shapes(&loaded), "{name}");
+        assert_eq!(init.num_params(), loaded.num_params(), "{name}");
+        let mut cache = KvCache::new(init.layers.len(), 1);
+        let out = init
+            .forward(
+                &[vec![1, 2, 3]],
+                &[vec![true; 3]],
+                &mut cache,
+                &TopK::Configured,
+                false,
+            )
+            .unwrap();
+        assert_eq!(out.logits.dims(), [1, 3, config.vocab_size], "{name}");
+    }
+}

@@ -4,8 +4,14 @@
 //! says which attention (grouped-query with or without q/k norms and biases, or multi-head
 //! latent), head size, expert width and naming, dense layers, shared expert and attention
 //! window apply.
+//!
+//! `architecture.rs` holds what sets each architecture apart (one enum arm and one table row
+//! each), `config.rs` the parsed `config.json`, `model.rs` the modules and their forward
+//! passes, `build.rs` the one construction path (from a checkpoint or a random
+//! initialisation); this file the loader's checks and entry points.
 
 mod architecture;
+mod build;
 mod config;
 mod model;
 
@@ -21,13 +27,9 @@ pub use model::{
 use std::io::IsTerminal;
 use std::path::Path;
 
-use burn::module::Param;
-use burn::nn::{Linear, RmsNorm};
-use burn::tensor::{DType, Device, FloatDType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use moe_core::SharedExpert;
 
-use crate::block::{load_block_as, load_dense, matrix_transposed};
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
 
@@ -259,171 +261,6 @@ pub struct LoadReport {
     pub unused: Vec<String>,
 }
 
-/// Where and in which dtype tensors are created.
-#[derive(Clone, Copy)]
-struct Target<'a> {
-    device: &'a Device,
-    dtype: DType,
-}
-
-fn norm(
-    ckpt: &Checkpoint,
-    name: &str,
-    size: usize,
-    eps: f64,
-    to: Target,
-) -> Result<RmsNorm, LoadError> {
-    let gamma = ckpt.read_f32(name, &[size])?;
-    Ok(RmsNorm {
-        gamma: Param::from_tensor(Tensor::<1>::from_data(
-            TensorData::new(gamma, [size]),
-            (to.device, to.dtype),
-        )),
-        epsilon: eps,
-    })
-}
-
-fn linear(
-    ckpt: &Checkpoint,
-    name: &str,
-    out: usize,
-    inp: usize,
-    to: Target,
-) -> Result<Linear, LoadError> {
-    Ok(Linear {
-        weight: Param::from_tensor(matrix_transposed(
-            ckpt,
-            name.to_string(),
-            out,
-            inp,
-            to.device,
-            to.dtype,
-        )?),
-        bias: None,
-    })
-}
-
-/// DeepSeek-V3's multi-head latent attention of one layer (`{a}` is `model.layers.{i}.self_attn.`).
-fn latent_attention(
-    ckpt: &Checkpoint,
-    a: &str,
-    h: usize,
-    heads: usize,
-    mla: Mla,
-    to: Target,
-) -> Result<LatentAttention, LoadError> {
-    // transformers builds these two norms with their default epsilon, not the config's.
-    const LATENT_EPS: f64 = 1e-6;
-    let qk = mla.nope + mla.rope;
-    let (q_a_proj, q_a_layernorm, q_b_proj) = match mla.q_lora_rank {
-        Some(rank) => (
-            Some(linear(ckpt, &format!("{a}q_a_proj.weight"), rank, h, to)?),
-            Some(norm(
-                ckpt,
-                &format!("{a}q_a_layernorm.weight"),
-                rank,
-                LATENT_EPS,
-                to,
-            )?),
-            linear(ckpt, &format!("{a}q_b_proj.weight"), heads * qk, rank, to)?,
-        ),
-        None => (
-            None,
-            None,
-            linear(ckpt, &format!("{a}q_proj.weight"), heads * qk, h, to)?,
-        ),
-    };
-    let kvl = mla.kv_lora_rank;
-    let kv_a_proj_with_mqa = linear(
-        ckpt,
-        &format!("{a}kv_a_proj_with_mqa.weight"),
-        kvl + mla.rope,
-        h,
-        to,
-    )?;
-    // interleaved rotary pairs put into the halves layout once, here, rather than every call
-    let (q_b_proj, kv_a_proj_with_mqa) = match mla.interleave {
-        true => (
-            rope_columns_to_halves(q_b_proj, (0..heads).map(|i| i * qk + mla.nope), mla.rope),
-            rope_columns_to_halves(kv_a_proj_with_mqa, [kvl], mla.rope),
-        ),
-        false => (q_b_proj, kv_a_proj_with_mqa),
-    };
-    Ok(LatentAttention {
-        q_a_proj,
-        q_a_layernorm,
-        q_b_proj,
-        kv_a_proj_with_mqa,
-        kv_a_layernorm: norm(
-            ckpt,
-            &format!("{a}kv_a_layernorm.weight"),
-            kvl,
-            LATENT_EPS,
-            to,
-        )?,
-        kv_b_proj: linear(
-            ckpt,
-            &format!("{a}kv_b_proj.weight"),
-            heads * (mla.nope + mla.v),
-            kvl,
-            to,
-        )?,
-        o_proj: linear(ckpt, &format!("{a}o_proj.weight"), h, heads * mla.v, to)?,
-        heads,
-        nope_dim: mla.nope,
-        rope_dim: mla.rope,
-        v_dim: mla.v,
-        kv_lora_rank: kvl,
-    })
-}
-
-/// `layer` (no bias) with each block of `rope` output columns starting at `starts`, stored as
-/// interleaved pairs `(x0, x1), (x2, x3), …`, reordered to the halves layout
-/// `[x0, x2, …, x1, x3, …]` that rotate-half RoPE reads. A permutation of output columns: the
-/// products are the same values, in the order the attention wants them.
-fn rope_columns_to_halves(
-    layer: Linear,
-    starts: impl IntoIterator<Item = usize>,
-    rope: usize,
-) -> Linear {
-    let weight = layer.weight.val();
-    let [_, out] = weight.dims();
-    let mut order: Vec<i64> = (0..out as i64).collect();
-    for start in starts {
-        for j in 0..rope / 2 {
-            order[start + j] = (start + 2 * j) as i64;
-            order[start + rope / 2 + j] = (start + 2 * j + 1) as i64;
-        }
-    }
-    let device = weight.device();
-    let order = Tensor::<1, Int>::from_data(TensorData::new(order, [out]), &device);
-    Linear {
-        weight: Param::from_tensor(weight.select(1, order)),
-        bias: layer.bias,
-    }
-}
-
-/// [`linear`] plus its bias (`….bias` beside `….weight`) when `bias` is set.
-fn linear_biased(
-    ckpt: &Checkpoint,
-    name: &str,
-    out: usize,
-    inp: usize,
-    bias: bool,
-    to: Target,
-) -> Result<Linear, LoadError> {
-    let mut layer = linear(ckpt, name, out, inp, to)?;
-    if bias {
-        let bias_name = format!("{}.bias", name.trim_end_matches(".weight"));
-        let values = ckpt.read_f32(&bias_name, &[out])?;
-        layer.bias = Some(Param::from_tensor(Tensor::<1>::from_data(
-            TensorData::new(values, [out]),
-            (to.device, to.dtype),
-        )));
-    }
-    Ok(layer)
-}
-
 impl MoeCausalLm {
     /// Loads `dir/config.json` and the checkpoint beside it (single file or sharded) in f32.
     pub fn load(
@@ -474,155 +311,20 @@ impl MoeCausalLm {
             device,
         )?;
         check_against(config, ckpt)?;
-        let to = Target {
+        let mut weights = build::FromCheckpoint {
+            ckpt,
             device,
             dtype: options.dtype.into(),
+            bar: progress_bar(options.progress, config.num_hidden_layers + 2, ckpt.name()),
         };
-        let bar = progress_bar(options.progress, config.num_hidden_layers + 2, ckpt.name());
-        let (h, v) = (config.hidden_size, config.vocab_size);
-        let (heads, kv_heads, head_dim) = (
-            config.num_attention_heads,
-            config.kv_heads(),
-            config.head_dim(),
-        );
-        let (q_width, kv_width, q_norm_width, k_norm_width) = config.attention_widths();
-        let eps = config.rms_norm_eps;
-        let embed = ckpt.read_f32("model.embed_tokens.weight", &[v, h])?;
-        let embed_tokens =
-            Tensor::<2>::from_data(TensorData::new(embed, [v, h]), (to.device, to.dtype));
-        bar.inc(1);
-        let lm_head = if config.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
-            embed_tokens.clone().transpose()
-        } else {
-            matrix_transposed(ckpt, "lm_head.weight".into(), v, h, device, to.dtype)?
-        };
-        bar.inc(1);
-        let moe_config = config.moe_layer();
-        let (moe_prefix, naming) = config.moe_prefix();
-        let qkv_bias = config.has_qkv_bias();
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for i in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{i}.");
-            let a = format!("{p}self_attn.");
-            layers.push(DecoderLayer {
-                input_layernorm: norm(ckpt, &format!("{p}input_layernorm.weight"), h, eps, to)?,
-                self_attn: match config.mla() {
-                    Some(mla) => {
-                        DecoderAttention::Latent(latent_attention(ckpt, &a, h, heads, mla, to)?)
-                    }
-                    None => DecoderAttention::Standard(GroupedAttention {
-                        q_proj: linear_biased(
-                            ckpt,
-                            &format!("{a}q_proj.weight"),
-                            q_width,
-                            h,
-                            qkv_bias,
-                            to,
-                        )?,
-                        k_proj: linear_biased(
-                            ckpt,
-                            &format!("{a}k_proj.weight"),
-                            kv_width,
-                            h,
-                            qkv_bias,
-                            to,
-                        )?,
-                        v_proj: linear_biased(
-                            ckpt,
-                            &format!("{a}v_proj.weight"),
-                            kv_width,
-                            h,
-                            qkv_bias,
-                            to,
-                        )?,
-                        o_proj: linear(ckpt, &format!("{a}o_proj.weight"), h, q_width, to)?,
-                        q_norm: match config.has_qk_norm() {
-                            true => Some(norm(
-                                ckpt,
-                                &format!("{a}q_norm.weight"),
-                                q_norm_width,
-                                eps,
-                                to,
-                            )?),
-                            false => None,
-                        },
-                        k_norm: match config.has_qk_norm() {
-                            true => Some(norm(
-                                ckpt,
-                                &format!("{a}k_norm.weight"),
-                                k_norm_width,
-                                eps,
-                                to,
-                            )?),
-                            false => None,
-                        },
-                        per_head_norm: config.per_head_qk_norm(),
-                        heads,
-                        kv_heads,
-                        head_dim,
-                        clip_qkv: config.clip_qkv,
-                    }),
-                },
-                post_attention_layernorm: norm(
-                    ckpt,
-                    &format!("{p}post_attention_layernorm.weight"),
-                    h,
-                    eps,
-                    to,
-                )?,
-                mlp: match config.is_sparse(i) {
-                    true => DecoderMlp::Sparse(load_block_as(
-                        ckpt,
-                        &format!("{p}{moe_prefix}"),
-                        naming,
-                        &moe_config,
-                        device,
-                        to.dtype,
-                    )?),
-                    false => DecoderMlp::Dense(SharedExpert::from_parts(
-                        load_dense(
-                            ckpt,
-                            &format!("{p}mlp."),
-                            h,
-                            config.intermediate_size,
-                            device,
-                            to.dtype,
-                        )?,
-                        None,
-                    )?),
-                },
-            });
-            bar.inc(1);
-        }
-        let model = MoeCausalLm {
-            embed_tokens: Param::from_tensor(embed_tokens),
-            layers,
-            norm: norm(ckpt, "model.norm.weight", h, eps, to)?,
-            lm_head: Param::from_tensor(lm_head),
-            rope_theta: config.rope_theta,
-            sliding_window: config.attention_window(),
-            max_positions: config.max_position_embeddings,
-        };
-        bar.finish_and_clear();
+        let model = build::build(config, &config.moe_layer(), &mut weights)?;
+        weights.bar.finish_and_clear();
         let report = LoadReport {
             loaded: ckpt.used(),
             unused: ckpt.unused(),
         };
         Ok((model, report))
     }
-}
-
-/// `moe` for decoder layer `layer`: hash and random routers get a seed of their own per layer,
-/// so that a token is not sent to the same expert indices in every layer.
-fn layer_router(moe: &moe_core::MoeLayerConfig, layer: usize) -> moe_core::MoeLayerConfig {
-    use moe_core::RouterKind;
-    let mix = |seed: u64| seed ^ (layer as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
-    let kind = match moe.router_kind {
-        RouterKind::Hash { seed } => RouterKind::Hash { seed: mix(seed) },
-        RouterKind::Random { seed } => RouterKind::Random { seed: mix(seed) },
-        other => other,
-    };
-    moe.clone().with_router_kind(kind)
 }
 
 impl MoeCausalLm {
@@ -638,82 +340,20 @@ impl MoeCausalLm {
         moe: &moe_core::MoeLayerConfig,
         device: &Device,
     ) -> Result<Self, LoadError> {
-        use burn::nn::{Initializer, LinearConfig, RmsNormConfig};
         config.validate()?;
-        if config.mla().is_some() {
-            return Err(LoadError::Config {
-                field: "model_type".into(),
-                reason:
-                    "MoeCausalLm::init does not build multi-head latent attention (deepseek_v3) yet"
-                        .into(),
-            });
-        }
-        let h = config.hidden_size;
-        if moe.d_model != h {
+        if moe.d_model != config.hidden_size {
             return Err(LoadError::Moe(moe_core::MoeError::HiddenSizeMismatch {
-                expected: h,
+                expected: config.hidden_size,
                 got: moe.d_model,
             }));
         }
-        let (heads, kv_heads, head_dim) = (
-            config.num_attention_heads,
-            config.kv_heads(),
-            config.head_dim(),
-        );
-        let (q_width, kv_width, q_norm_width, k_norm_width) = config.attention_widths();
-        let init = Initializer::Normal {
-            mean: 0.0,
-            std: 0.02,
+        let mut weights = build::RandomInit {
+            device,
+            init: burn::nn::Initializer::Normal {
+                mean: 0.0,
+                std: 0.02,
+            },
         };
-        let linear_with = |inp: usize, out: usize, bias: bool| {
-            LinearConfig::new(inp, out)
-                .with_bias(bias)
-                .with_initializer(init.clone())
-                .init(device)
-        };
-        let linear = |inp: usize, out: usize| linear_with(inp, out, false);
-        let qkv_bias = config.has_qkv_bias();
-        let norm = |size: usize| {
-            RmsNormConfig::new(size)
-                .with_epsilon(config.rms_norm_eps)
-                .init(device)
-        };
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for i in 0..config.num_hidden_layers {
-            layers.push(DecoderLayer {
-                input_layernorm: norm(h),
-                self_attn: DecoderAttention::Standard(GroupedAttention {
-                    q_proj: linear_with(h, q_width, qkv_bias),
-                    k_proj: linear_with(h, kv_width, qkv_bias),
-                    v_proj: linear_with(h, kv_width, qkv_bias),
-                    o_proj: linear(q_width, h),
-                    q_norm: config.has_qk_norm().then(|| norm(q_norm_width)),
-                    k_norm: config.has_qk_norm().then(|| norm(k_norm_width)),
-                    per_head_norm: config.per_head_qk_norm(),
-                    heads,
-                    kv_heads,
-                    head_dim,
-                    clip_qkv: config.clip_qkv,
-                }),
-                post_attention_layernorm: norm(h),
-                mlp: match config.is_sparse(i) {
-                    true => DecoderMlp::Sparse(layer_router(moe, i).init(device)?),
-                    false => DecoderMlp::Dense(
-                        moe_core::SharedExpertConfig::new(h, config.intermediate_size)
-                            .init(device)?,
-                    ),
-                },
-            });
-        }
-        let v = config.vocab_size;
-        Ok(MoeCausalLm {
-            embed_tokens: init.init_with([v, h], Some(h), Some(v), device),
-            layers,
-            norm: norm(h),
-            lm_head: init.init_with([h, v], Some(h), Some(v), device),
-            rope_theta: config.rope_theta,
-            sliding_window: config.attention_window(),
-            max_positions: config.max_position_embeddings,
-        })
+        build::build(config, moe, &mut weights)
     }
 }
