@@ -39,8 +39,9 @@ use criterion::measurement::WallTime;
 use criterion::{
     BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, criterion_group, criterion_main,
 };
+use moe::DispatchPath;
 use moe::backend::Backend;
-use moe::dispatch::{self, DispatchPath, DispatchPlan};
+use moe::dispatch::{self, DispatchPlan};
 use moe::moe_kernels::host::{self, HostTensor};
 use moe::{DispatchStrategy, MoeLayer, MoeLayerConfig, TopK};
 

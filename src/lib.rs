@@ -1,9 +1,9 @@
 //! # moe
 //!
-//! A pure-Rust Mixture-of-Experts engine on [Burn](https://burn.dev): MoE layers
-//! ([`moe_core`]), Hugging Face checkpoints ([`moe_models`]) and, later, CubeCL kernels
-//! ([`moe_kernels`]). This facade re-exports the three crates and names the compiled-in
-//! backends ([`backend`]).
+//! A pure-Rust Mixture-of-Experts engine on [Burn](https://burn.dev): MoE layers (moe-core,
+//! whose items are this crate's root: [`MoeLayer`], [`Router`], …), Hugging Face checkpoints
+//! ([`moe_models`], feature `models`) and the CubeCL and host kernels ([`moe_kernels`]). Each
+//! item has one path. [`backend`] names the compiled-in backends.
 //!
 //! ```
 //! use burn::tensor::{Distribution, Tensor};
@@ -23,6 +23,6 @@ pub mod backend;
 pub mod train;
 
 pub use moe_core::*;
+pub use moe_kernels;
 #[cfg(feature = "models")]
 pub use moe_models;
-pub use {moe_core, moe_kernels};

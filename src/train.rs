@@ -1,7 +1,8 @@
 //! Training a small MoE language model from scratch: a character-level corpus, a tiny OLMoE
-//! whose MoE blocks follow any router, AdamW, the balance losses and hooks of
-//! [`moe_core::balance`], the k schedules of [`moe_core::schedule`], and checkpoints that
-//! resume bit for bit. `examples/train_tiny_moe.rs` is the command line over it.
+//! whose MoE blocks follow any router, AdamW, the balance losses and hooks
+//! (`moe::load_balancing_loss`, `moe::AuxFreeBalancer`, …), the k schedules
+//! (`moe::DenseToSparse`, `moe::MixedTopK`), and checkpoints that resume bit for bit.
+//! `examples/train_tiny_moe.rs` is the command line over it.
 
 use std::path::{Path, PathBuf};
 

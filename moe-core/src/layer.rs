@@ -5,7 +5,8 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
-use crate::dispatch::{self, CallPath, DispatchStrategy};
+use crate::CallPath;
+use crate::dispatch::{self, DispatchStrategy};
 use crate::error::MoeError;
 use crate::experts::{ExpertActivation, Experts, ExpertsConfig};
 use crate::options::ForwardOptions;

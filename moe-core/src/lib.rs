@@ -8,16 +8,16 @@
 //!
 //! | step | where |
 //! |---|---|
-//! | route: logits (f32), scores, top-k (or expert choice, hash, random), weights, capacity | [`router::Router::route_options`] |
+//! | route: logits (f32), scores, top-k (or expert choice, hash, random), weights, capacity | [`Router::route_options`] |
 //! | plan: sort `(token, slot)` pairs by expert | [`dispatch::DispatchPlan::build`] |
 //! | permute: gather rows into expert order | [`dispatch::permute`] |
-//! | experts: one FFN per contiguous segment | [`experts::Experts::forward_grouped`] (kernels), [`experts::Experts::forward_segments`] (tensor ops) |
+//! | experts: one FFN per contiguous segment | [`Experts::forward_grouped`] (kernels), [`Experts::forward_segments`] (tensor ops) |
 //! | unpermute + combine: gather back, weighted sum over k | [`dispatch::combine`] |
-//! | shared: dense expert for every token | [`shared::SharedExpert::forward`] |
+//! | shared: dense expert for every token | [`SharedExpert::forward`] |
 //!
 //! Per-call choices live in [`ForwardOptions`] ([`MoeLayer::try_forward_with`]); training
-//! losses and the auxiliary-loss-free balancer in [`balance`]; k and temperature schedules in
-//! [`schedule`].
+//! losses ([`load_balancing_loss`], [`router_z_loss`]) and the auxiliary-loss-free balancer
+//! ([`AuxFreeBalancer`]) beside them; k schedules in [`DenseToSparse`] and [`MixedTopK`].
 //!
 //! ## Embedding a layer in your own module
 //!
@@ -55,22 +55,25 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod balance;
+// One public path per item: the types at the crate root, the dispatch steps under
+// `dispatch`, the oracle under `reference`.
+mod balance;
 pub mod dispatch;
-pub mod error;
-pub mod experts;
-pub mod layer;
-pub mod options;
+mod error;
+mod experts;
+mod layer;
+mod options;
 pub mod reference;
-pub mod router;
-pub mod schedule;
-pub mod shared;
+mod router;
+mod schedule;
+mod shared;
 
 pub use balance::{
     AuxFreeBalancer, expert_load, load_balancing_loss, load_balancing_loss_layers, load_cv,
     router_z_loss,
 };
-pub use dispatch::{CallPath, DispatchPath, DispatchStrategy};
+pub use dispatch::decision::CallPath;
+pub use dispatch::strategy::{DispatchPath, DispatchStrategy};
 pub use error::MoeError;
 pub use experts::{ExpertActivation, Experts, ExpertsConfig};
 pub use layer::{MoeLayer, MoeLayerConfig, MoeOutput};
@@ -80,6 +83,7 @@ pub use moe_kernels;
 pub use options::{Capacity, ForwardOptions};
 pub use router::{
     GroupLimit, Router, RouterConfig, RouterKind, RouterSettings, Routing, Scoring, TopK,
+    expert_choice_capacity, hash_experts, random_experts,
 };
 pub use schedule::{DenseToSparse, MixedTopK};
 pub use shared::{SharedExpert, SharedExpertConfig};

@@ -2,18 +2,17 @@
 //! order), **experts** (one segment per expert), **unpermute + combine** (gather back and sum
 //! the k weighted rows of each token). Deterministic: no scatter-add touches activations.
 
-mod decision;
+pub(crate) mod decision;
 #[cfg(feature = "flex")]
 mod host;
 mod plan;
-mod strategy;
+pub(crate) mod strategy;
 
-pub use decision::{
-    CallPath, FUSED_EPILOGUE_MAX_GROUPS, FUSED_EPILOGUE_MAX_TOKENS, Fallback, StepPath,
-};
+// `CallPath`, `DispatchPath` and `DispatchStrategy` are the crate root's.
+pub use decision::{FUSED_EPILOGUE_MAX_GROUPS, FUSED_EPILOGUE_MAX_TOKENS, Fallback, StepPath};
 pub(crate) use decision::{decide, epilogue, experts_step};
 pub use plan::DispatchPlan;
-pub use strategy::{DispatchPath, DispatchStrategy};
+pub(crate) use strategy::{DispatchPath, DispatchStrategy};
 
 use burn::tensor::{DType, Tensor};
 
@@ -80,7 +79,8 @@ pub fn combine(
 }
 
 /// Steps 2–5 for one routing: plan, permute, experts, combine, on the implementation `path`
-/// that [`decide`] chose (it runs that one or fails; it never falls back).
+/// that the call's one decision chose (`decision.rs`; it runs that one or fails, it never
+/// falls back).
 ///
 /// - [`DispatchPath::Kernels`]: the plan kernel, then every pair's row is permuted (unused
 ///   slots last) and [`Experts::forward_grouped`] runs all experts in grouped-GEMM launches
@@ -88,7 +88,7 @@ pub fn combine(
 ///   the host and no launch is made per expert.
 /// - [`DispatchPath::HostKernels`]: one host read of the routing, then the `moe_kernels::host`
 ///   plan, experts (gather fused, weights read in place, threads across experts) and combine.
-///   [`decide`] sends expert weights it cannot read in place (f16, a strided view) to the
+///   the call's decision sends expert weights it cannot read in place (f16, a strided view) to the
 ///   tensor-op path.
 /// - [`DispatchPath::TensorOps`]: the tensor-op plan, **one host read** of the per-expert
 ///   counts, then [`Experts::forward_segments`] (one matmul chain per non-empty expert).

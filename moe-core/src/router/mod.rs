@@ -450,7 +450,7 @@ impl Router {
     /// `moe_kernels::route_epilogue` kernel (kernel path, where no gradient is needed, k is the
     /// same for every token and there are at most
     /// [`FUSED_EPILOGUE_MAX_TOKENS`](crate::dispatch::FUSED_EPILOGUE_MAX_TOKENS) tokens) or the
-    /// composed tensor ops, as [`crate::dispatch::CallPath`] reports.
+    /// composed tensor ops, as [`crate::CallPath`] reports.
     ///
     /// # Shapes
     /// - `x`: `[T, d_model]`

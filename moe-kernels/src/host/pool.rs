@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-/// Buffers of earlier calls ([`grouped_ffn`]'s hidden rows, and its outputs handed back by
+/// Buffers of earlier calls ([`grouped_ffn`](super::grouped_ffn)'s hidden rows, and its outputs handed back by
 /// [`recycle`]), kept so that later calls write into memory that is already mapped: a fresh
 /// 192 MB buffer costs about 130 ms of page faults (measured; the T = 2048 OLMoE layer needs
 /// that much), a reused one nothing. At most [`POOL_BUFFERS`] are kept, for the life of the
@@ -27,7 +27,7 @@ pub(super) fn take_buffer(len: usize) -> Vec<f32> {
     buffer
 }
 
-/// Hands a buffer [`grouped_ffn`] returned back for reuse by later calls (optional: dropping
+/// Hands a buffer [`grouped_ffn`](super::grouped_ffn) returned back for reuse by later calls (optional: dropping
 /// it is fine too, the next call then maps fresh memory).
 pub fn recycle(buffer: Vec<f32>) {
     if buffer.capacity() == 0 {
