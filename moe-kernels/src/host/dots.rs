@@ -30,7 +30,7 @@
 
 use half::bf16;
 
-use super::panel::OutBlock;
+use super::matrix::OutBlock;
 
 /// Outputs per pass (their weights stay in L1 while the segment's rows go by).
 #[cfg(target_arch = "x86_64")]

@@ -5,12 +5,13 @@
 
 use rayon::prelude::*;
 
+use super::matrix::{Matrix, Order, OutBlock};
 use super::pairs::PackedPairs;
-use super::panel::{self, Matrix, OutBlock};
 use super::pool::{recycle, take_buffer};
 use super::schedule::{Item, PANEL_MAX_ROWS, items};
 use super::tiles::PackedRows;
 use super::{HostPlan, dots, pairs, tiles};
+use super::{gemm, panel};
 use crate::KernelError;
 
 /// The precision the expert products read their rows in.
@@ -211,7 +212,7 @@ impl<'a> ItemRows<'a> {
     /// # Safety
     /// `out` must be this item's own block, and `packs` what [`Self::new`] was given.
     unsafe fn product(&self, w: Matrix<'_>, n: usize, c0: usize, out: OutBlock, packs: &mut Packs) {
-        let order = panel::Order::of(w, n, self.rows.first().map_or(0, |r| r.len()));
+        let order = Order::of(w, n, self.rows.first().map_or(0, |r| r.len()));
         match (&self.long, w) {
             // SAFETY: the caller's contract.
             (Long::No, Matrix::Bf16T(w)) => unsafe {
@@ -234,7 +235,7 @@ impl<'a> ItemRows<'a> {
             (Long::Tiles, _) => unsafe { packs.tiles.product(w, n, c0, out) },
             // SAFETY: the caller's contract.
             (Long::Gemm(a), _) => unsafe {
-                panel::gemm(a, self.rows.len(), w, n, c0, out, &mut packs.widened)
+                gemm::gemm(a, self.rows.len(), w, n, c0, out, &mut packs.widened)
             },
         }
     }

@@ -28,8 +28,9 @@
 //!
 //! One file per step: `plan.rs`, `experts.rs` (permute + experts: the two phases, and how an
 //! item's rows meet a product), `combine.rs`; with `schedule.rs` (work items), `pool.rs`
-//! (buffers kept between calls), the products (`panel.rs`: the matrix types, the streaming
-//! panel per ISA and the `gemm`-crate fallback; `dots.rs`, `tiles.rs`, `pairs.rs`), `flex.rs`
+//! (buffers kept between calls), `matrix.rs` (the matrix types the products share), the
+//! products (`panel/`: the streaming panel, one file per ISA; `dots.rs`, `tiles.rs`,
+//! `pairs.rs`; `gemm.rs`, the `gemm`-crate fallback), `flex.rs`
 //! (flex tensors as slices) and `stream.rs` (the memory-rate probe of `moe bench --stream`).
 //! The same steps on the GPU are `crate::gpu`'s files of the same names; their tensor-op twins
 //! are in `moe_core::dispatch`.
@@ -39,6 +40,8 @@ mod dots;
 mod experts;
 #[cfg(feature = "flex")]
 mod flex;
+mod gemm;
+mod matrix;
 mod pairs;
 mod panel;
 mod plan;
@@ -51,7 +54,7 @@ pub use combine::combine;
 pub use experts::{Compute, ExpertMatrices, grouped_ffn, grouped_ffn_in};
 #[cfg(feature = "flex")]
 pub use flex::{HostTensor, host_available, host_under_autodiff};
-pub use panel::Matrix;
+pub use matrix::Matrix;
 pub use plan::HostPlan;
 pub use pool::recycle;
 pub use schedule::PANEL_MAX_ROWS;

@@ -28,7 +28,7 @@
 
 use half::bf16;
 
-use super::panel::{Order, OutBlock};
+use super::matrix::{Order, OutBlock};
 #[cfg(target_arch = "x86_64")]
 use super::tiles::{NextBlock, store_corner};
 

@@ -27,7 +27,7 @@
 //! The summation order is fixed by the shapes (k in blocks of `KC`, each block in order), so
 //! results do not depend on the thread count.
 
-use super::panel::{Matrix, Order, OutBlock, Weight};
+use super::matrix::{Matrix, Order, OutBlock, Weight};
 
 /// Rows of the register tile.
 pub(crate) const MR: usize = 6;
