@@ -29,12 +29,15 @@
 //! One file per step: `plan.rs`, `experts.rs` (permute + experts: the two phases, and how an
 //! item's rows meet a product), `combine.rs`; with `schedule.rs` (work items), `pool.rs`
 //! (buffers kept between calls), `matrix.rs` (the matrix types the products share), the
-//! products (`panel/`: the streaming panel, one file per ISA; `dots.rs`, `tiles.rs`,
-//! `pairs.rs`; `gemm.rs`, the `gemm`-crate fallback), `flex.rs`
+//! products (`panel/`: the streaming panel, one file per ISA; `dots.rs`; `tiles.rs` and
+//! `pairs.rs`, the two tile families, over the one loop nest of `blocked.rs`; `gemm.rs`, the
+//! `gemm`-crate fallback), `flex.rs`
 //! (flex tensors as slices) and `stream.rs` (the memory-rate probe of `moe bench --stream`).
 //! The same steps on the GPU are `crate::gpu`'s files of the same names; their tensor-op twins
 //! are in `moe_core::dispatch`.
 
+#[cfg(target_arch = "x86_64")]
+mod blocked;
 mod combine;
 mod dots;
 mod experts;

@@ -28,9 +28,10 @@
 
 use half::bf16;
 
-use super::matrix::{Order, OutBlock};
 #[cfg(target_arch = "x86_64")]
-use super::tiles::{NextBlock, store_corner};
+#[cfg(target_arch = "x86_64")]
+use super::blocked::{Blocking, blocked};
+use super::matrix::{Order, OutBlock};
 
 /// Rows of the register tile.
 pub(crate) const MR: usize = 6;
@@ -42,6 +43,17 @@ const KC: usize = 512;
 const NC: usize = 256;
 /// Row strips multiplied with every column strip of a block before the next ones.
 const MC_STRIPS: usize = 12;
+
+/// The blocking above, for the loop nest of `blocked.rs`.
+#[cfg(target_arch = "x86_64")]
+const BLOCKING: Blocking = Blocking {
+    mr: MR,
+    nr: NR,
+    kc: KC,
+    nc: NC,
+    mc_strips: MC_STRIPS,
+    per_elem: 2,
+};
 
 /// Whether [`PackedPairs::product`] can run here (x86-64 with AVX-512 F and BF16).
 pub(crate) fn available() -> bool {
@@ -303,8 +315,9 @@ pub(crate) unsafe fn transpose16(src: [*const u32; 16]) -> [std::arch::x86_64::_
     out
 }
 
-/// The blocked product: column blocks of [`NC`], then weight-row blocks of [`KC`] (packed
-/// into `rows.b`), then [`NR`]-column strips × [`MR`]-row strips through [`tile`].
+/// The blocked product (the loop nest of `blocked.rs` with [`BLOCKING`]): column blocks of
+/// [`NC`], then weight-row blocks of [`KC`] packed into `rows.b` here, then [`NR`]-column
+/// strips × [`MR`]-row strips through [`tile`].
 ///
 /// # Safety
 /// AVX-512 F and BF16; the bounds checked by [`PackedPairs::product`]; `out` the caller's.
@@ -317,64 +330,31 @@ unsafe fn product_avx512(
     c0: usize,
     out: OutBlock,
 ) {
-    let (m, k, cols) = (rows.m, rows.k, out.cols);
-    let kp = k.div_ceil(2);
-    let row_strips = m.div_ceil(MR);
-    let mut tile_buf = [0.0f32; MR * NR];
-    let mut jb = 0;
-    while jb < cols {
-        let nc = NC.min(cols - jb);
-        let col_strips = nc.div_ceil(NR);
-        let mut pc = 0;
-        while pc < k {
-            let kc = KC.min(k - pc);
-            let kcp = kc.div_ceil(2);
-            rows.b.resize(col_strips * kcp * NR, 0);
-            match order {
-                // SAFETY: the block lies inside `w` (checked by the caller), `b` was just sized.
-                Order::KMajor { n } => unsafe {
-                    pack_block(&mut rows.b, w, n, c0 + jb, pc, kc, nc)
-                },
-                // SAFETY: AVX-512 F (this function's); the block lies inside `w`.
-                Order::OutMajor { .. } => unsafe {
-                    pack_block_out_major(&mut rows.b, w, k, c0 + jb, pc, kc, nc)
-                },
-            }
-            let mut next = NextBlock::new(
-                (pc, kc, k, KC),
-                (jb, nc, cols, NC),
-                std::mem::size_of::<bf16>(),
-                col_strips * row_strips,
-                order,
-            );
-            for s0 in (0..row_strips).step_by(MC_STRIPS) {
-                for st in 0..col_strips {
-                    let strip_cols = NR.min(nc - st * NR);
-                    let b = &rows.b[st * kcp * NR..(st + 1) * kcp * NR];
-                    for s in s0..(s0 + MC_STRIPS).min(row_strips) {
-                        next.share(w, c0);
-                        let strip_rows = MR.min(m - s * MR);
-                        let a = &rows.a[(s * kp + pc / 2) * MR..(s * kp + pc / 2 + kcp) * MR];
-                        let first = pc == 0;
-                        // SAFETY: rows s·MR.., columns jb + st·NR.. of the block are the caller's;
-                        // a full tile is written in place, a partial one through `tile_buf`.
-                        unsafe {
-                            let dst = out.ptr.add(s * MR * out.stride + jb + st * NR);
-                            if strip_rows == MR && strip_cols == NR {
-                                tile(kcp, a, b, dst, out.stride, first);
-                            } else {
-                                tile(kcp, a, b, tile_buf.as_mut_ptr(), NR, true);
-                                let corner = (strip_rows, strip_cols);
-                                store_corner(&tile_buf, NR, dst, out.stride, corner, first);
-                            }
-                        }
-                    }
-                }
-            }
-            pc += kc;
+    let pack = |b: &mut [u32], pc: usize, kc: usize, jb: usize, nc: usize| {
+        match order {
+            // SAFETY: the block lies inside `w` (checked by the caller), `b` was just sized.
+            Order::KMajor { n } => unsafe { pack_block(b, w, n, c0 + jb, pc, kc, nc) },
+            // SAFETY: AVX-512 F (this function's); the block lies inside `w`.
+            Order::OutMajor { k } => unsafe { pack_block_out_major(b, w, k, c0 + jb, pc, kc, nc) },
         }
-        jb += nc;
-    }
+    };
+    // SAFETY: AVX-512 F and BF16 (this function's), the bounds checked by
+    // `PackedPairs::product`.
+    let micro = |kcp: usize, a: &[u32], b: &[u32], c: *mut f32, ldc: usize, first: bool| unsafe {
+        tile(kcp, a, b, c, ldc, first)
+    };
+    // SAFETY: the caller's contract.
+    unsafe {
+        blocked(
+            BLOCKING,
+            (&rows.a, &mut rows.b),
+            (rows.m, rows.k),
+            (w, order, c0),
+            out,
+            pack,
+            micro,
+        )
+    };
 }
 
 /// The microkernel: `c[i, j] (=|+=) Σ_p dot(a[p·MR + i], b[p·NR + j])` over `kcp` k-pairs for

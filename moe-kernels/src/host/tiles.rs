@@ -27,6 +27,8 @@
 //! The summation order is fixed by the shapes (k in blocks of `KC`, each block in order), so
 //! results do not depend on the thread count.
 
+#[cfg(target_arch = "x86_64")]
+use super::blocked::{Blocking, blocked};
 use super::matrix::{Matrix, Order, OutBlock, Weight};
 
 /// Rows of the register tile.
@@ -40,6 +42,17 @@ const NC: usize = 256;
 /// Row strips multiplied with every column strip of a block before the next ones: their
 /// slice of the packed rows (72 rows × `KC`, 72 KiB) stays in L2 beside the weight block.
 const MC_STRIPS: usize = 12;
+
+/// The blocking above, for the loop nest of `blocked.rs`.
+#[cfg(target_arch = "x86_64")]
+const BLOCKING: Blocking = Blocking {
+    mr: MR,
+    nr: NR,
+    kc: KC,
+    nc: NC,
+    mc_strips: MC_STRIPS,
+    per_elem: 1,
+};
 
 /// Whether [`PackedRows::product`] can run here (x86-64 with AVX2 and FMA).
 pub(crate) fn available() -> bool {
@@ -119,8 +132,9 @@ impl PackedRows {
     }
 }
 
-/// The blocked product: column blocks of [`NC`], then weight-row blocks of [`KC`] (packed
-/// into `rows.b`), then [`NR`]-column strips × [`MR`]-row strips through [`tile`].
+/// The blocked product (the loop nest of `blocked.rs` with [`BLOCKING`]): column blocks of
+/// [`NC`], then weight-row blocks of [`KC`] packed into `rows.b` here, then [`NR`]-column
+/// strips × [`MR`]-row strips through [`tile`].
 ///
 /// # Safety
 /// AVX2 and FMA; the bounds checked by [`PackedRows::product`]; `out` the caller's.
@@ -133,196 +147,58 @@ unsafe fn product_avx2<T: Weight>(
     c0: usize,
     out: OutBlock,
 ) {
-    let (m, k, cols) = (rows.m, rows.k, out.cols);
-    let row_strips = m.div_ceil(MR);
-    let mut tile_buf = [0.0f32; MR * NR];
-    let mut jb = 0;
-    while jb < cols {
-        let nc = NC.min(cols - jb);
-        let col_strips = nc.div_ceil(NR);
-        let mut pc = 0;
-        while pc < k {
-            let kc = KC.min(k - pc);
-            // pack the block: [strip][kk][NR]
-            // no zeroing pass: every column of the block is written below, and the last
-            // strip's padding columns (whatever they hold) only feed tile columns that are
-            // never stored
-            rows.b.resize(col_strips * kc * NR, 0.0);
-            match order {
-                Order::KMajor { n } => {
-                    for kk in 0..kc {
-                        let src = &w[(pc + kk) * n + c0 + jb..][..nc];
-                        let (full, tail) = src.as_chunks::<NR>();
-                        for (st, piece) in full.iter().enumerate() {
-                            // fixed-size pieces: vector moves inline, not a memcpy call each
-                            let dst: &mut [f32; NR] = (&mut rows.b[(st * kc + kk) * NR..][..NR])
-                                .try_into()
-                                .expect("NR values");
-                            for (d, &s) in dst.iter_mut().zip(piece) {
-                                *d = s.widen();
-                            }
-                        }
-                        if !tail.is_empty() {
-                            let dst = &mut rows.b[(full.len() * kc + kk) * NR..][..tail.len()];
-                            for (d, &s) in dst.iter_mut().zip(tail) {
-                                *d = s.widen();
-                            }
+    // pack a block: [strip][kk][NR]
+    let pack = |b: &mut [f32], pc: usize, kc: usize, jb: usize, nc: usize| {
+        match order {
+            Order::KMajor { n } => {
+                for kk in 0..kc {
+                    let src = &w[(pc + kk) * n + c0 + jb..][..nc];
+                    let (full, tail) = src.as_chunks::<NR>();
+                    for (st, piece) in full.iter().enumerate() {
+                        // fixed-size pieces: vector moves inline, not a memcpy call each
+                        let dst: &mut [f32; NR] = (&mut b[(st * kc + kk) * NR..][..NR])
+                            .try_into()
+                            .expect("NR values");
+                        for (d, &s) in dst.iter_mut().zip(piece) {
+                            *d = s.widen();
                         }
                     }
-                }
-                Order::OutMajor { k } => {
-                    // each column's weights are contiguous: read down them, write across
-                    for j in 0..nc {
-                        let src = &w[(c0 + jb + j) * k + pc..][..kc];
-                        let strip = &mut rows.b[(j / NR) * kc * NR..][..kc * NR];
-                        for (kk, &s) in src.iter().enumerate() {
-                            strip[kk * NR + j % NR] = s.widen();
+                    if !tail.is_empty() {
+                        let dst = &mut b[(full.len() * kc + kk) * NR..][..tail.len()];
+                        for (d, &s) in dst.iter_mut().zip(tail) {
+                            *d = s.widen();
                         }
                     }
                 }
             }
-            let mut next = NextBlock::new(
-                (pc, kc, k, KC),
-                (jb, nc, cols, NC),
-                std::mem::size_of::<T>(),
-                col_strips * row_strips,
-                order,
-            );
-            for s0 in (0..row_strips).step_by(MC_STRIPS) {
-                for st in 0..col_strips {
-                    let strip_cols = NR.min(nc - st * NR);
-                    let b = &rows.b[st * kc * NR..(st + 1) * kc * NR];
-                    for s in s0..(s0 + MC_STRIPS).min(row_strips) {
-                        next.share(w, c0);
-                        let strip_rows = MR.min(m - s * MR);
-                        let a = &rows.a[(s * k + pc) * MR..(s * k + pc + kc) * MR];
-                        let first = pc == 0;
-                        // SAFETY: rows s·MR.., columns jb + st·NR.. of the block are the caller's;
-                        // a full tile is written in place, a partial one through `tile_buf`.
-                        unsafe {
-                            let dst = out.ptr.add(s * MR * out.stride + jb + st * NR);
-                            if strip_rows == MR && strip_cols == NR {
-                                tile(kc, a, b, dst, out.stride, first);
-                            } else {
-                                tile(kc, a, b, tile_buf.as_mut_ptr(), NR, true);
-                                let corner = (strip_rows, strip_cols);
-                                store_corner(&tile_buf, NR, dst, out.stride, corner, first);
-                            }
-                        }
+            Order::OutMajor { k } => {
+                // each column's weights are contiguous: read down them, write across
+                for j in 0..nc {
+                    let src = &w[(c0 + jb + j) * k + pc..][..kc];
+                    let strip = &mut b[(j / NR) * kc * NR..][..kc * NR];
+                    for (kk, &s) in src.iter().enumerate() {
+                        strip[kk * NR + j % NR] = s.widen();
                     }
                 }
             }
-            pc += kc;
         }
-        jb += nc;
-    }
-}
-
-/// The weight block after the current one (the next `KC` rows of this column block, else the
-/// first rows of the next column block), prefetched an even share of its cache lines before
-/// every tile of the current block (see the module docs). Shared by the f32 tiles and the
-/// bf16 pair tiles.
-#[cfg(target_arch = "x86_64")]
-pub(crate) struct NextBlock {
-    /// First weight row and column (within the item's columns) of the next block.
-    pc: usize,
-    jb: usize,
-    /// How the weights lie: a row-major block is read along its rows, an out-major one down
-    /// its columns.
-    order: Order,
-    /// Elements per cache line.
-    line: usize,
-    lines_per_row: usize,
-    lines: usize,
-    per_tile: usize,
-    cursor: usize,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl NextBlock {
-    /// The block after rows `pc..pc + kc`, columns `jb..jb + nc` of a `k × cols` product cut
-    /// into blocks of `kc_max × nc_max`, spread over `tiles` tiles; `elem_bytes` per weight,
-    /// laid out in `order`.
-    pub(crate) fn new(
-        (pc, kc, k, kc_max): (usize, usize, usize, usize),
-        (jb, nc, cols, nc_max): (usize, usize, usize, usize),
-        elem_bytes: usize,
-        tiles: usize,
-        order: Order,
-    ) -> Self {
-        let (next_pc, next_jb) = match pc + kc < k {
-            true => (pc + kc, jb),
-            false => (0, jb + nc),
-        };
-        let (next_kc, next_nc) = match next_jb < cols {
-            true => (kc_max.min(k - next_pc), nc_max.min(cols - next_jb)),
-            false => (0, 0),
-        };
-        let line = (64 / elem_bytes.max(1)).max(1);
-        // a "row" is what lies contiguous: a weight row's columns, or a column's weight rows
-        let (runs, run) = match order {
-            Order::KMajor { .. } => (next_kc, next_nc),
-            Order::OutMajor { .. } => (next_nc, next_kc),
-        };
-        let lines_per_row = run.div_ceil(line);
-        let lines = runs * lines_per_row;
-        Self {
-            pc: next_pc,
-            jb: next_jb,
-            order,
-            line,
-            lines_per_row,
-            lines,
-            per_tile: lines.div_ceil(tiles.max(1)),
-            cursor: 0,
-        }
-    }
-
-    /// Prefetches the next share of lines of `w` (the item's columns from `c0`), before one
-    /// tile.
-    #[inline(always)]
-    pub(crate) fn share<T>(&mut self, w: &[T], c0: usize) {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        let stop = (self.cursor + self.per_tile).min(self.lines);
-        while self.cursor < stop {
-            let (r, l) = (
-                self.cursor / self.lines_per_row,
-                self.cursor % self.lines_per_row,
-            );
-            let at = &w[match self.order {
-                Order::KMajor { .. } => self.order.at(self.pc + r, c0 + self.jb + l * self.line),
-                Order::OutMajor { .. } => self.order.at(self.pc + l * self.line, c0 + self.jb + r),
-            }];
-            // SAFETY: `at` is an element of `w`; a prefetch reads nothing.
-            unsafe { _mm_prefetch(at as *const T as *const i8, _MM_HINT_T0) };
-            self.cursor += 1;
-        }
-    }
-}
-
-/// Writes the `rows × cols` corner of a tile computed into `tile` (rows `nr` apart) to `dst`
-/// (rows `ldc` apart): overwritten when `first`, else added to what is there. The tiles of a
-/// block's right and bottom edges go through here.
-///
-/// # Safety
-/// `dst` points to `rows` rows of `cols` writable values, `ldc` apart, no one else touches.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-pub(crate) unsafe fn store_corner(
-    tile: &[f32],
-    nr: usize,
-    dst: *mut f32,
-    ldc: usize,
-    (rows, cols): (usize, usize),
-    first: bool,
-) {
-    for i in 0..rows {
-        // SAFETY: the caller's contract.
-        let o = unsafe { std::slice::from_raw_parts_mut(dst.add(i * ldc), cols) };
-        for (o, &t) in o.iter_mut().zip(&tile[i * nr..i * nr + cols]) {
-            *o = if first { t } else { *o + t };
-        }
-    }
+    };
+    // SAFETY: AVX2 and FMA (this function's), the bounds checked by `PackedRows::product`.
+    let micro = |kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, first: bool| unsafe {
+        tile(kc, a, b, c, ldc, first)
+    };
+    // SAFETY: the caller's contract.
+    unsafe {
+        blocked(
+            BLOCKING,
+            (&rows.a, &mut rows.b),
+            (rows.m, rows.k),
+            (w, order, c0),
+            out,
+            pack,
+            micro,
+        )
+    };
 }
 
 /// The microkernel: `c[i, j] (=|+=) Σ_kk a[kk·MR + i] · b[kk·NR + j]` for an MR × NR tile, `c`
