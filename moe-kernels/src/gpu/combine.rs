@@ -3,14 +3,11 @@
 //! kernel `crate::host::combine`.
 
 use burn::backend::cubecl::dtype_to_storage_type;
-use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
-use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::launch::{address_type, vector_size};
+use super::launch::{address_type, elementwise, empty_like, vector_size};
 
 /// One unit per output vector: `out[t, c] = Σ_j w[t, j] · rows[sources[t, j], c]`, in f32, in
 /// slot order.
@@ -53,19 +50,13 @@ pub(super) fn weighted_combine(
     let weights = into_contiguous(weights);
     let (num_rows, width) = (rows.meta.shape()[0], rows.meta.shape()[1]);
     let (t, k) = (sources.meta.shape()[0], sources.meta.shape()[1]);
-    let out = empty_device_dtype(
-        rows.client.clone(),
-        rows.device.clone(),
-        Shape::new([t, width]),
-        rows.dtype,
-    );
+    let out = empty_like(&rows, [t, width], rows.dtype);
     if t == 0 || width == 0 {
         return out;
     }
     let vector = vector_size(&rows, rows.dtype, width);
     let units = t * width / vector;
-    let cube_dim = CubeDim::new(&rows.client, units);
-    let cube_count = calculate_cube_count_elemwise(&rows.client, units, cube_dim);
+    let (cube_count, cube_dim) = elementwise(&rows, units);
     let address = address_type(&[&rows, &sources, &weights, &out]);
     let dtypes = [
         dtype_to_storage_type(rows.dtype),

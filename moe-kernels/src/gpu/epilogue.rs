@@ -12,14 +12,11 @@
     clippy::assign_op_pattern
 )]
 
-use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
-use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::launch::address_type;
+use super::launch::{address_type, elementwise, empty_like};
 
 /// One router score: `sigmoid(logit)`, or the softmax entry given the row's max and
 /// `Σ exp(logit − max)`.
@@ -218,17 +215,11 @@ pub(super) fn route_epilogue(
     let logits = into_contiguous(logits);
     let bias = into_contiguous(bias);
     let (tokens, experts) = (logits.meta.shape()[0], logits.meta.shape()[1]);
-    let out = empty_device_dtype(
-        logits.client.clone(),
-        logits.device.clone(),
-        Shape::new([tokens, 2 * k]),
-        logits.dtype,
-    );
+    let out = empty_like(&logits, [tokens, 2 * k], logits.dtype);
     if tokens == 0 || k == 0 {
         return out;
     }
-    let cube_dim = CubeDim::new(&logits.client, tokens);
-    let cube_count = calculate_cube_count_elemwise(&logits.client, tokens, cube_dim);
+    let (cube_count, cube_dim) = elementwise(&logits, tokens);
     let address = address_type(&[&logits, &bias, &out]);
     let client = logits.client.clone();
     route_epilogue_kernel::launch(

@@ -2,14 +2,11 @@
 //! (a scatter-add) is in `backward.rs`; its tensor-op twin is `moe_core::dispatch::permute`.
 
 use burn::backend::cubecl::dtype_to_storage_type;
-use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
-use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::launch::{address_type, vector_size};
+use super::launch::{address_type, elementwise, empty_like, vector_size};
 
 /// One unit per output vector: `out[r, c] = x[indices[r], c]`.
 #[cube(launch, address_type = "dynamic")]
@@ -40,19 +37,13 @@ pub(super) fn gather_rows(x: CubeTensor, indices: CubeTensor) -> CubeTensor {
     let indices = into_contiguous(indices);
     let (rows, width) = (x.meta.shape()[0], x.meta.shape()[1]);
     let m = indices.meta.shape()[0];
-    let out = empty_device_dtype(
-        x.client.clone(),
-        x.device.clone(),
-        Shape::new([m, width]),
-        x.dtype,
-    );
+    let out = empty_like(&x, [m, width], x.dtype);
     if m == 0 || width == 0 {
         return out;
     }
     let vector = vector_size(&x, x.dtype, width);
     let units = m * width / vector;
-    let cube_dim = CubeDim::new(&x.client, units);
-    let cube_count = calculate_cube_count_elemwise(&x.client, units, cube_dim);
+    let (cube_count, cube_dim) = elementwise(&x, units);
     let address = address_type(&[&x, &indices, &out]);
     let dtypes = [
         dtype_to_storage_type(x.dtype),

@@ -14,26 +14,19 @@
 )]
 
 use burn::backend::cubecl::dtype_to_storage_type;
-use burn::tensor::Shape;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::CubeDim;
 use cubecl::prelude::*;
 
-use super::launch::{address_type, vector_size};
+use super::launch::{address_type, empty_like, vector_size};
 
 /// The grouped-GEMM tile schedule of `rows` rows cut into segments of `counts` (see
 /// `tile_schedule_kernel`): `[2 · (E + 2)]`, in `counts`' dtype.
 fn tile_schedule(counts: &CubeTensor, rows: usize, block: usize) -> CubeTensor {
     let counts = into_contiguous(counts.clone());
     let experts = counts.meta.shape()[0];
-    let schedule = empty_device_dtype(
-        counts.client.clone(),
-        counts.device.clone(),
-        Shape::new([2 * (experts + 2)]),
-        counts.dtype,
-    );
+    let schedule = empty_like(&counts, [2 * (experts + 2)], counts.dtype);
     tile_schedule_kernel::launch(
         &counts.client,
         CubeCount::Static(1, 1, 1),
@@ -94,12 +87,7 @@ fn launch_grouped(
         true => w.meta.shape()[1],
         false => w.meta.shape()[2],
     };
-    let out = empty_device_dtype(
-        a.client.clone(),
-        a.device.clone(),
-        Shape::new([rows, n]),
-        a.dtype,
-    );
+    let out = empty_like(&a, [rows, n], a.dtype);
     if rows == 0 || n == 0 {
         return out;
     }
@@ -120,12 +108,7 @@ fn launch_grouped(
     let w2 = match w2 {
         Some(w2) => into_contiguous(w2),
         // Never read: a stand-in for the missing second matrix, one vector of any width long.
-        None => empty_device_dtype(
-            a.client.clone(),
-            a.device.clone(),
-            Shape::new([1, 1, 16]),
-            a.dtype,
-        ),
+        None => empty_like(&a, [1, 1, 16], a.dtype),
     };
     let cube_count = CubeCount::Static(
         n.div_ceil(TILE_N) as u32,
@@ -615,12 +598,7 @@ pub(super) fn segment_outer(a: CubeTensor, g: CubeTensor, counts: CubeTensor) ->
     let (rows, kdim) = (a.meta.shape()[0], a.meta.shape()[1]);
     let n = g.meta.shape()[1];
     let experts = counts.meta.shape()[0];
-    let out = empty_device_dtype(
-        a.client.clone(),
-        a.device.clone(),
-        Shape::new([experts, kdim, n]),
-        a.dtype,
-    );
+    let out = empty_like(&a, [experts, kdim, n], a.dtype);
     if experts == 0 || kdim == 0 || n == 0 {
         return out;
     }

@@ -2,12 +2,39 @@
 //! in the file of its step (`plan.rs`, `gather.rs`, `grouped.rs`, `combine.rs`, `epilogue.rs`);
 //! here are the helpers they share.
 
-use burn::tensor::DType;
+use burn::tensor::{DType, Shape};
 use burn_cubecl::CubeBackend;
+use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
+use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
 use super::MoeKernelOps;
+
+/// A new tensor of `shape` in `dtype` on `like`'s device, its values unset (every launch
+/// writes all of its output).
+pub(super) fn empty_like<const D: usize>(
+    like: &CubeTensor,
+    shape: [usize; D],
+    dtype: DType,
+) -> CubeTensor {
+    empty_device_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::new(shape),
+        dtype,
+    )
+}
+
+/// The geometry of a launch of `units` units, one per output element (or vector): the cube
+/// shape and how many cubes.
+pub(super) fn elementwise(tensor: &CubeTensor, units: usize) -> (CubeCount, CubeDim) {
+    let cube_dim = CubeDim::new(&tensor.client, units);
+    (
+        calculate_cube_count_elemwise(&tensor.client, units, cube_dim),
+        cube_dim,
+    )
+}
 
 /// The widest vector the device likes for `dtype` that divides `width` (1 at worst).
 pub(super) fn vector_size(tensor: &CubeTensor, dtype: DType, width: usize) -> usize {

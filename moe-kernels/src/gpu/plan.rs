@@ -4,15 +4,12 @@
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::IntTensorOps;
-use burn::tensor::Shape;
 use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
-use cubecl::{CubeDim, calculate_cube_count_elemwise};
 
-use super::launch::address_type;
+use super::launch::{address_type, elementwise, empty_like};
 
 /// Pairs one unit of the plan kernels scans. Short loops keep the work parallel; one unit per
 /// expert scanning every pair was also cut short on lavapipe past about 2^16 loop iterations
@@ -96,23 +93,12 @@ pub(crate) fn place_pairs_kernel<I: Numeric>(
 pub(super) fn expert_plan(ids: CubeTensor, num_experts: usize) -> CubeTensor {
     let ids = into_contiguous(ids);
     let pairs = ids.meta.shape()[0];
-    let out = empty_device_dtype(
-        ids.client.clone(),
-        ids.device.clone(),
-        Shape::new([2 * num_experts + 2 * pairs]),
-        ids.dtype,
-    );
+    let out = empty_like(&ids, [2 * num_experts + 2 * pairs], ids.dtype);
     // Every unit scans one chunk of pairs for one expert (short loops, many units).
     let chunks = pairs.div_ceil(PLAN_CHUNK).max(1);
     let units = (num_experts + 1) * chunks;
-    let counts = empty_device_dtype(
-        ids.client.clone(),
-        ids.device.clone(),
-        Shape::new([units]),
-        ids.dtype,
-    );
-    let cube_dim = CubeDim::new(&ids.client, units);
-    let cube_count = calculate_cube_count_elemwise(&ids.client, units, cube_dim);
+    let counts = empty_like(&ids, [units], ids.dtype);
+    let (cube_count, cube_dim) = elementwise(&ids, units);
     let dtype = dtype_to_storage_type(ids.dtype);
     chunk_counts_kernel::launch(
         &ids.client,
