@@ -9,9 +9,11 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use indicatif::ProgressBar;
 use moe_core::{MoeLayer, MoeLayerConfig, SharedExpert};
 
-use super::config::{Mla, MoeCausalLmConfig};
+use super::architecture::QkNorm;
+use super::config::MoeCausalLmConfig;
 use super::model::{
-    DecoderAttention, DecoderLayer, DecoderMlp, GroupedAttention, LatentAttention, MoeCausalLm,
+    DecoderAttention, DecoderLayer, DecoderMlp, GroupedAttention, GroupedAttentionConfig,
+    LatentAttention, LatentAttentionConfig, MoeCausalLm,
 };
 use crate::ExpertNaming;
 use crate::block::{load_block_as, load_dense, matrix_transposed};
@@ -69,9 +71,13 @@ pub(crate) fn build(
         let p = format!("model.layers.{i}.");
         let input_layernorm = weights.norm(&format!("{p}input_layernorm.weight"), h, eps)?;
         let a = format!("{p}self_attn.");
-        let self_attn = match config.mla() {
-            Some(mla) => DecoderAttention::Latent(latent_attention(weights, &a, config, mla)?),
-            None => DecoderAttention::Standard(grouped_attention(weights, &a, config)?),
+        let self_attn = match config.latent_attention() {
+            Some(latent) => DecoderAttention::Latent(latent_attention(weights, &a, &latent)?),
+            None => DecoderAttention::Standard(grouped_attention(
+                weights,
+                &a,
+                &config.grouped_attention(),
+            )?),
         };
         let post_attention_layernorm =
             weights.norm(&format!("{p}post_attention_layernorm.weight"), h, eps)?;
@@ -115,17 +121,16 @@ pub(crate) fn build(
 fn grouped_attention(
     weights: &mut impl Weights,
     a: &str,
-    config: &MoeCausalLmConfig,
+    config: &GroupedAttentionConfig,
 ) -> Result<GroupedAttention, LoadError> {
-    let h = config.hidden_size;
-    let (q_width, kv_width, q_norm_width, k_norm_width) = config.attention_widths();
-    let bias = config.has_qkv_bias();
-    let eps = config.rms_norm_eps;
+    let h = config.hidden;
+    let (q_width, kv_width, q_norm_width, k_norm_width) = config.widths();
+    let (bias, eps) = (config.qkv_bias, config.eps);
     let q_proj = weights.linear(&format!("{a}q_proj.weight"), q_width, h, bias)?;
     let k_proj = weights.linear(&format!("{a}k_proj.weight"), kv_width, h, bias)?;
     let v_proj = weights.linear(&format!("{a}v_proj.weight"), kv_width, h, bias)?;
     let o_proj = weights.linear(&format!("{a}o_proj.weight"), h, q_width, false)?;
-    let (q_norm, k_norm) = match config.has_qk_norm() {
+    let (q_norm, k_norm) = match config.qk_norm != QkNorm::None {
         true => (
             Some(weights.norm(&format!("{a}q_norm.weight"), q_norm_width, eps)?),
             Some(weights.norm(&format!("{a}k_norm.weight"), k_norm_width, eps)?),
@@ -139,10 +144,10 @@ fn grouped_attention(
         o_proj,
         q_norm,
         k_norm,
-        per_head_norm: config.per_head_qk_norm(),
-        heads: config.num_attention_heads,
-        kv_heads: config.kv_heads(),
-        head_dim: config.head_dim(),
+        per_head_norm: config.qk_norm == QkNorm::PerHead,
+        heads: config.heads,
+        kv_heads: config.kv_heads,
+        head_dim: config.head_dim,
         clip_qkv: config.clip_qkv,
     })
 }
@@ -151,12 +156,11 @@ fn grouped_attention(
 fn latent_attention(
     weights: &mut impl Weights,
     a: &str,
-    config: &MoeCausalLmConfig,
-    mla: Mla,
+    config: &LatentAttentionConfig,
 ) -> Result<LatentAttention, LoadError> {
     // transformers builds these two norms with their default epsilon, not the config's.
     const LATENT_EPS: f64 = 1e-6;
-    let (h, heads) = (config.hidden_size, config.num_attention_heads);
+    let (h, heads, mla) = (config.hidden, config.heads, config.mla);
     let qk = mla.nope + mla.rope;
     let (q_a_proj, q_a_layernorm, q_b_proj) = match mla.q_lora_rank {
         Some(rank) => (

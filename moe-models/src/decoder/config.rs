@@ -9,6 +9,7 @@ use moe_core::MoeLayerConfig;
 use super::architecture::{
     Architecture, AttentionKind, DenseLayers, QkNorm, RoutingKind, SharedExperts, Traits,
 };
+use super::model::{GroupedAttentionConfig, LatentAttentionConfig};
 use crate::error::LoadError;
 
 /// Multi-head latent attention sizes (DeepSeek-V3).
@@ -344,15 +345,31 @@ impl MoeCausalLmConfig {
     /// Widths of the query and key/value projections, then of the q and k norms (one head
     /// each when they run per head).
     pub fn attention_widths(&self) -> (usize, usize, usize, usize) {
-        let head_dim = self.head_dim();
-        let (q, kv) = (
-            self.num_attention_heads.saturating_mul(head_dim),
-            self.kv_heads().saturating_mul(head_dim),
-        );
-        match self.per_head_qk_norm() {
-            true => (q, kv, head_dim, head_dim),
-            false => (q, kv, q, kv),
+        self.grouped_attention().widths()
+    }
+
+    /// The shape of every layer's grouped-query attention (what the attention of a config
+    /// without latent attention is).
+    pub fn grouped_attention(&self) -> GroupedAttentionConfig {
+        GroupedAttentionConfig {
+            hidden: self.hidden_size,
+            heads: self.num_attention_heads,
+            kv_heads: self.kv_heads(),
+            head_dim: self.head_dim(),
+            qkv_bias: self.has_qkv_bias(),
+            qk_norm: self.traits().qk_norm,
+            eps: self.rms_norm_eps,
+            clip_qkv: self.clip_qkv,
         }
+    }
+
+    /// The shape of every layer's latent attention, if attention is latent (DeepSeek-V3).
+    pub fn latent_attention(&self) -> Option<LatentAttentionConfig> {
+        self.mla().map(|mla| LatentAttentionConfig {
+            hidden: self.hidden_size,
+            heads: self.num_attention_heads,
+            mla,
+        })
     }
 
     /// What sets this config's architecture apart.

@@ -21,7 +21,8 @@ pub use architecture::{
 pub use config::{Mla, MoeCausalLmConfig};
 pub use model::{
     AttentionMask, DecoderAttention, DecoderLayer, DecoderMlp, GenerateOptions, GroupedAttention,
-    KvCache, LatentAttention, LayerCache, ModelOutput, MoeCausalLm, MoeTrace, Sampling, Stage,
+    GroupedAttentionConfig, KvCache, LatentAttention, LatentAttentionConfig, LayerCache,
+    ModelOutput, MoeCausalLm, MoeTrace, Sampling, Stage,
 };
 
 use std::io::IsTerminal;

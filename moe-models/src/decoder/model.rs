@@ -12,7 +12,56 @@ use rand::distr::Distribution;
 use rand::distr::weighted::WeightedIndex;
 use rand::rngs::StdRng;
 
+use super::architecture::QkNorm;
+use super::config::Mla;
 use crate::error::RunError;
+
+/// The shape of one layer's grouped-query attention ([`GroupedAttention`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupedAttentionConfig {
+    /// Hidden size `H`.
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+    /// q/k/v projections with biases.
+    pub qkv_bias: bool,
+    /// The q/k norms.
+    pub qk_norm: QkNorm,
+    /// Their epsilon.
+    pub eps: f64,
+    /// Clamp for q, k and v.
+    pub clip_qkv: Option<f64>,
+}
+
+impl GroupedAttentionConfig {
+    /// Widths of the query and key/value projections, then of the q and k norms (one head
+    /// each when they run per head).
+    pub fn widths(&self) -> (usize, usize, usize, usize) {
+        let (q, kv) = (
+            self.heads.saturating_mul(self.head_dim),
+            self.kv_heads.saturating_mul(self.head_dim),
+        );
+        match self.qk_norm {
+            QkNorm::PerHead => (q, kv, self.head_dim, self.head_dim),
+            QkNorm::Projection | QkNorm::None => (q, kv, q, kv),
+        }
+    }
+}
+
+/// The shape of one layer's multi-head latent attention ([`LatentAttention`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LatentAttentionConfig {
+    /// Hidden size `H`.
+    pub hidden: usize,
+    /// Heads.
+    pub heads: usize,
+    /// The latent sizes.
+    pub mla: Mla,
+}
 
 /// Self-attention of one decoder layer.
 #[derive(Module, Debug)]
