@@ -308,7 +308,7 @@ impl MoeLayer {
             &x.device(),
             &self.router.settings,
             &self.experts,
-            Some(tokens),
+            tokens,
             slots.per_token.is_some(),
         )?;
         if tokens == 0 {

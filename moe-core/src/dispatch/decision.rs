@@ -143,7 +143,7 @@ impl fmt::Display for CallPath {
 
 /// What a call that routes with `settings` and runs `experts` on `device` runs.
 ///
-/// - `tokens`: the call's tokens (`None`: no limit applies, as for [`crate::Router::select`]);
+/// - `tokens`: the call's tokens;
 /// - `per_token_k`: whether the call's k varies between tokens.
 ///
 /// # Errors
@@ -154,11 +154,11 @@ pub(crate) fn decide(
     device: &Device,
     settings: &RouterSettings,
     experts: &Experts,
-    tokens: Option<usize>,
+    tokens: usize,
     per_token_k: bool,
 ) -> Result<CallPath, MoeError> {
     Ok(CallPath {
-        epilogue: epilogue(strategy, device, settings, tokens, per_token_k)?,
+        epilogue: epilogue(strategy, device, settings, Some(tokens), per_token_k)?,
         experts: experts_step(strategy, device, experts)?,
     })
 }

@@ -732,7 +732,10 @@ impl MoeCausalLmConfig {
         // so a saturated term still compares above u64::MAX.
         let n = |x: usize| x as u128;
         let (h, v) = (n(self.hidden_size), n(self.vocab_size));
-        let (q, kv, q_norm, k_norm) = self.attention_widths_wide();
+        // The widths saturate at usize::MAX; every term they enter is at least twice one of
+        // them, so a saturated width still makes the count overflow u64, as it should.
+        let (q, kv, q_norm, k_norm) = self.attention_widths();
+        let (q, kv, q_norm, k_norm) = (n(q), n(kv), n(q_norm), n(k_norm));
         let qk_norms = match self.has_qk_norm() {
             true => q_norm.saturating_add(k_norm),
             false => 0,
@@ -811,17 +814,6 @@ impl MoeCausalLmConfig {
                 "hidden_size / intermediate_size / num_experts / num_hidden_layers / vocab_size",
                 "give more parameters than a 64-bit count holds",
             )),
-        }
-    }
-
-    /// [`MoeCausalLmConfig::attention_widths`] without overflow, as u128.
-    fn attention_widths_wide(&self) -> (u128, u128, u128, u128) {
-        let head_dim = self.head_dim() as u128;
-        let q = (self.num_attention_heads as u128).saturating_mul(head_dim);
-        let kv = (self.kv_heads() as u128).saturating_mul(head_dim);
-        match self.per_head_qk_norm() {
-            true => (q, kv, head_dim, head_dim),
-            false => (q, kv, q, kv),
         }
     }
 
