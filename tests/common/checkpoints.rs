@@ -10,9 +10,11 @@ use half::{bf16, f16};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
+use super::{data, host, max_abs_diff};
+
 /// The tiny checkpoint shipped with the repo.
 pub fn tiny_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/olmoe-tiny")
+    data("olmoe-tiny")
 }
 
 /// An empty folder `name` under the test scratch dir (removed first if a run left it).
@@ -319,4 +321,43 @@ fn rebuild(header: &serde_json::Value, data: &[u8]) -> Vec<u8> {
     out.extend(text);
     out.extend_from_slice(data);
     out
+}
+
+/// Ids of prompt `p` of a reference file (`prompt{p}.input_ids`, `[1, L]`).
+pub fn reference_prompt(r: &moe_models::TensorSource, p: usize) -> Vec<i64> {
+    let len = r.shape(&format!("prompt{p}.input_ids")).unwrap()[1];
+    r.read_i64(&format!("prompt{p}.input_ids"), &[1, len])
+        .unwrap()
+}
+
+/// Both reference prompts' greedy continuations (`prompt{p}.greedy.new_tokens` `[10]` and
+/// `.step_logits` `[10, vocab]`), with and without the KV cache: tokens identical, step logits
+/// within `tolerance`.
+pub fn check_greedy(
+    model: &moe_models::MoeCausalLm,
+    r: &moe_models::TensorSource,
+    tolerance: f32,
+    name: &str,
+) {
+    let vocab = model.vocab_size();
+    for p in 0..2 {
+        let ids = reference_prompt(r, p);
+        let want = r
+            .read_i64(&format!("prompt{p}.greedy.new_tokens"), &[10])
+            .unwrap();
+        let want_logits = r
+            .read_f32(&format!("prompt{p}.greedy.step_logits"), &[10, vocab])
+            .unwrap();
+        for use_cache in [true, false] {
+            let (tokens, logits) = model
+                .generate_greedy(&ids, 10, &moe_core::TopK::Configured, use_cache)
+                .unwrap();
+            assert_eq!(tokens, want, "{name} prompt {p} cache {use_cache}");
+            let err = max_abs_diff(&host(logits), &want_logits);
+            assert!(
+                err <= tolerance,
+                "{name} p{p} cache {use_cache}: step logits off by {err:e}"
+            );
+        }
+    }
 }

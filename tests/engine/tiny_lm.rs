@@ -1,12 +1,12 @@
 //! The tiny MoE language model of `moe::train` (the engine of `examples/train_tiny_moe.rs`):
 //! it learns, its checkpoints resume bit for bit, and its inputs are checked.
 
-mod common;
+use crate::common;
 
 use burn::tensor::Device;
 use moe::train::{CharCorpus, TrainConfig, TrainError, Trainer};
 
-const CORPUS: &str = include_str!("../examples/data/tiny_shakespeare.txt");
+const CORPUS: &str = include_str!("../../examples/data/tiny_shakespeare.txt");
 
 /// A model small enough for the test profile: 2 layers, d 32, 4 experts, top-2.
 fn small() -> TrainConfig {

@@ -2,11 +2,11 @@
 //! scripts/fixtures/make_moe_blocks.py): router logits, selected experts, routing weights and
 //! block output, on every backend of the suite.
 
-mod common;
+use crate::common;
 
 use burn::tensor::{Device, Tensor, TensorData};
-use moe::moe_models::{ExpertNaming, TensorSource, load_block, load_block_as};
-use moe::{MoeLayerConfig, TopK};
+use moe_core::{MoeLayerConfig, TopK};
+use moe_models::{ExpertNaming, TensorSource, load_block, load_block_as};
 
 /// transformers reproduces itself within ~4e-6; the engine must stay within 1e-5.
 const TOLERANCE: f32 = 1e-5;
@@ -48,13 +48,9 @@ fn cases() -> Vec<Case> {
 }
 
 fn check_case(case: &Case, device_name: &str, device: &Device) {
-    let path = format!(
-        "{}/tests/data/moe-block/{}.safetensors",
-        env!("CARGO_MANIFEST_DIR"),
-        case.file
-    );
+    let path = common::data(&format!("moe-block/{}.safetensors", case.file));
     let bytes = std::fs::read(&path).unwrap();
-    let source = TensorSource::from_bytes(bytes, &path).unwrap();
+    let source = TensorSource::from_bytes(bytes, path.display().to_string()).unwrap();
     let layer = load_block(&source, "", case.naming, &case.config, device).unwrap();
 
     let (d, e, k) = (
@@ -157,14 +153,11 @@ fn olmoe_64_experts_top8_block_matches_transformers() {
 #[test]
 fn half_precision_checkpoints_load() {
     use safetensors::tensor::{Dtype, TensorView};
-    let path = format!(
-        "{}/tests/data/moe-block/olmoe_e8_k2.safetensors",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = common::data("moe-block/olmoe_e8_k2.safetensors");
     let bytes = std::fs::read(&path).unwrap();
-    let source = TensorSource::from_bytes(bytes, &path).unwrap();
+    let source = TensorSource::from_bytes(bytes, path.display().to_string()).unwrap();
     let config = MoeLayerConfig::olmoe(64, 32, 8, 2);
-    let device = moe::backend::Backend::default().device();
+    let device = common::cpu();
     let input = source.read_f32("input", &[37, 64]).unwrap();
     let want = source.read_f32("output", &[37, 64]).unwrap();
 
@@ -210,12 +203,9 @@ fn half_precision_checkpoints_load() {
 #[test]
 fn packed_expert_layout_loads_identically() {
     use safetensors::tensor::{Dtype, TensorView};
-    let path = format!(
-        "{}/tests/data/moe-block/olmoe_e8_k2.safetensors",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = common::data("moe-block/olmoe_e8_k2.safetensors");
     let bytes = std::fs::read(&path).unwrap();
-    let source = TensorSource::from_bytes(bytes, &path).unwrap();
+    let source = TensorSource::from_bytes(bytes, path.display().to_string()).unwrap();
     let (e, h, i) = (8, 64, 32);
     let mut gate_up = Vec::new();
     let mut down = Vec::new();
@@ -279,7 +269,7 @@ fn packed_expert_layout_loads_identically() {
     // bf16 on the host kernels: both forms load out-major where that is preferred, holding
     // the f32 load's values rounded
     use burn::tensor::DType;
-    use moe::moe_kernels::host;
+    use moe_kernels::host;
     let Some((_, flex)) = common::devices().into_iter().find(|(n, _)| *n == "flex") else {
         return;
     };

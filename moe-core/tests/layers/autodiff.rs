@@ -1,10 +1,10 @@
 //! The layer is differentiable: gradients with respect to the input and the router match
 //! central finite differences of the f64 oracle.
 
-mod common;
+use crate::common;
 
-use moe::reference::NaiveMoe;
-use moe::{MoeLayerConfig, TopK};
+use moe_core::reference::NaiveMoe;
+use moe_core::{MoeLayerConfig, TopK};
 
 #[test]
 fn input_gradient_matches_finite_differences_of_the_oracle() {

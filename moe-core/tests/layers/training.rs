@@ -3,12 +3,12 @@
 //! auxiliary-loss-free bias balancing, and gradients of every router type against finite
 //! differences.
 
-mod common;
+use crate::common;
 
 use burn::module::Param;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use moe::reference::{NaiveMoe, NaiveOptions};
-use moe::{
+use moe_core::reference::{NaiveMoe, NaiveOptions};
+use moe_core::{
     AuxFreeBalancer, Capacity, DispatchStrategy, ForwardOptions, GroupLimit, MoeError, MoeLayer,
     MoeLayerConfig, RouterKind, Routing, TopK, expert_load, load_balancing_loss,
     load_balancing_loss_layers, load_cv, router_z_loss,
@@ -470,7 +470,7 @@ fn temperature_flattens_or_sharpens_the_weights() {
 }
 
 /// `(E Σ_e f_e P_e, mean_t lse(logits_t)²)` on the host from the oracle's routes.
-fn host_losses(routes: &[moe::reference::NaiveRoute], e: usize) -> (f64, f64) {
+fn host_losses(routes: &[moe_core::reference::NaiveRoute], e: usize) -> (f64, f64) {
     let t = routes.len() as f64;
     let mut count = vec![0.0; e];
     let mut prob = vec![0.0; e];
@@ -596,10 +596,40 @@ fn balance_losses_match_their_formulas_and_gradients() {
     }
 }
 
+/// A transformers reference file: named tensors checked against the shape the test expects.
+struct Reference<'a>(safetensors::SafeTensors<'a>);
+
+impl Reference<'_> {
+    fn bytes(&self, name: &str, shape: &[usize], dtype: safetensors::Dtype) -> Vec<u8> {
+        let view = self.0.tensor(name).unwrap();
+        assert_eq!((view.shape(), view.dtype()), (shape, dtype), "{name}");
+        view.data().to_vec()
+    }
+
+    fn read_f32(&self, name: &str, shape: &[usize]) -> Option<Vec<f32>> {
+        let bytes = self.bytes(name, shape, safetensors::Dtype::F32);
+        Some(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+        )
+    }
+
+    fn read_i64(&self, name: &str, shape: &[usize]) -> Option<Vec<i64>> {
+        let bytes = self.bytes(name, shape, safetensors::Dtype::I64);
+        Some(
+            bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+        )
+    }
+}
+
 #[test]
 fn balance_losses_match_transformers() {
     use burn::tensor::activation::softmax;
-    use moe::moe_models::TensorSource;
     // name, layers, tokens, experts, k (scripts/fixtures/make_aux_losses.py)
     let cases = [
         ("one_layer_e8_k2", 1, 37, 8, 2),
@@ -607,11 +637,8 @@ fn balance_losses_match_transformers() {
         ("one_layer_e4_k1", 1, 9, 4, 1),
     ];
     for (file, layers, t, e, k) in cases {
-        let path = format!(
-            "{}/tests/data/aux-losses/{file}.safetensors",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let source = TensorSource::open(std::path::Path::new(&path)).unwrap();
+        let bytes = std::fs::read(common::data(&format!("aux-losses/{file}.safetensors"))).unwrap();
+        let source = Reference(safetensors::SafeTensors::deserialize(&bytes).unwrap());
         for (name, device) in common::devices() {
             let mut routings = Vec::new();
             for layer in 0..layers {
@@ -815,7 +842,7 @@ fn gradients_of_every_router_kind_match_finite_differences() {
                             let mut l = common::seeded_layer(&config, 43, &device);
                             let shared = l.shared.take().unwrap();
                             l.shared = Some(
-                                moe::SharedExpert::from_parts(
+                                moe_core::SharedExpert::from_parts(
                                     shared.ffn,
                                     Some(common::upload(g, [d, 1], &device)),
                                 )

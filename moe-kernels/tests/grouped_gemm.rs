@@ -10,10 +10,11 @@
 //! transposed weights), and the cases cover each. The kernels run wherever a CubeCL device is in
 //! `common::devices()` (wgpu on lavapipe in CI).
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use moe::moe_kernels::{self, KernelError};
+use moe_kernels::{self, KernelError};
 
 fn kernel_devices() -> Vec<(&'static str, Device)> {
     common::devices()

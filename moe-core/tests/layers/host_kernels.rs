@@ -2,15 +2,15 @@
 //! on shapes that reach every branch of the expert products (vector tails, the streaming
 //! panel and the `gemm` crate), with bf16 weights, across thread counts, and on bad routings.
 
-mod common;
+use crate::common;
 
 use burn::module::Param;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use moe::moe_kernels::host::{self, PANEL_MAX_ROWS};
-use moe::{
+use moe_core::{
     DispatchPath, DispatchStrategy, ExpertActivation, MoeError, MoeLayer, MoeLayerConfig, Routing,
     TopK,
 };
+use moe_kernels::host::{self, PANEL_MAX_ROWS};
 
 fn flex() -> Option<Device> {
     common::devices()
@@ -27,9 +27,9 @@ fn run(layer: &MoeLayer, x: &[f32], t: usize, k: usize, strategy: DispatchStrate
 }
 
 /// `experts` with every matrix cast to `dtype` (stored contiguous, row-major).
-fn cast_experts(experts: &moe::Experts, dtype: DType) -> moe::Experts {
+fn cast_experts(experts: &moe_core::Experts, dtype: DType) -> moe_core::Experts {
     let cast = |p: &Param<Tensor<3>>| p.val().cast(dtype);
-    moe::Experts::from_tensors(
+    moe_core::Experts::from_tensors(
         experts.gate.as_ref().map(cast),
         cast(&experts.up),
         cast(&experts.down),
@@ -38,7 +38,7 @@ fn cast_experts(experts: &moe::Experts, dtype: DType) -> moe::Experts {
 }
 
 /// `experts` rounded to bf16 and widened back to f32.
-fn widened(experts: &moe::Experts) -> moe::Experts {
+fn widened(experts: &moe_core::Experts) -> moe_core::Experts {
     cast_experts(&cast_experts(experts, DType::BF16), DType::F32)
 }
 

@@ -2,13 +2,13 @@
 //! reference activations: logits, every layer's MoE input/routing/output, greedy continuations
 //! with and without the KV cache, and a left-padded batch.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 
 use burn::tensor::Device;
-use moe::TopK;
-use moe::moe_models::{KvCache, MoeCausalLm, TensorSource};
+use moe_core::TopK;
+use moe_models::{KvCache, MoeCausalLm, TensorSource};
 
 const LOGIT_TOLERANCE: f32 = 1e-4;
 
@@ -153,7 +153,7 @@ fn left_padded_batch_matches_single_prompts() {
 
 #[test]
 fn bad_configs_name_the_field() {
-    use moe::moe_models::MoeCausalLmConfig;
+    use moe_models::MoeCausalLmConfig;
     let good = std::fs::read_to_string(dir().join("config.json")).unwrap();
     assert!(MoeCausalLmConfig::from_json(&good).is_ok());
     let with = |field: &str, value: &str| {

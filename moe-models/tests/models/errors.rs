@@ -1,14 +1,14 @@
 //! One test per error variant: bad configs, bad inputs and bad checkpoints return typed errors
 //! carrying the numbers, and never panic.
 
-mod common;
+use crate::common;
 
 use burn::tensor::{Device, Tensor};
-use moe::moe_models::{ExpertNaming, LoadError, TensorSource, load_block};
-use moe::{Experts, GroupLimit, MoeError, MoeLayerConfig, SharedExpert, TopK};
+use moe_core::{Experts, GroupLimit, MoeError, MoeLayerConfig, SharedExpert, TopK};
+use moe_models::{ExpertNaming, LoadError, TensorSource, load_block};
 
 fn device() -> Device {
-    moe::backend::Backend::default().device()
+    common::cpu()
 }
 
 fn init_err(config: MoeLayerConfig) -> MoeError {
@@ -254,11 +254,7 @@ fn mis_shaped_parameters() {
 }
 
 fn block_bytes() -> Vec<u8> {
-    std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/moe-block/olmoe_e8_k2.safetensors"
-    ))
-    .unwrap()
+    std::fs::read(common::data("moe-block/olmoe_e8_k2.safetensors")).unwrap()
 }
 
 #[test]

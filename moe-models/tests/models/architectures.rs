@@ -12,13 +12,13 @@
 //!   decoupled rotary part), layer 0 dense, sigmoid routing with a selection bias over 4 groups
 //!   (2 kept), renormalised and scaled weights, an ungated shared expert.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 
 use burn::tensor::Device;
-use moe::TopK;
-use moe::moe_models::{KvCache, MoeCausalLm, TensorSource};
+use moe_core::TopK;
+use moe_models::{KvCache, MoeCausalLm, TensorSource};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -31,9 +31,7 @@ const MODELS: [(&str, &[usize]); 4] = [
 ];
 
 fn dir(model: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(model)
+    common::data(model)
 }
 
 fn reference(model: &str) -> TensorSource {
@@ -150,8 +148,8 @@ fn greedy_continuations_match_with_and_without_cache() {
 #[test]
 fn sharded_checkpoints_and_bf16_compute_load_through_the_same_loader() {
     use burn::tensor::FloatDType;
-    use moe::moe_models::LoadOptions;
-    let device = moe::backend::Backend::default().device();
+    use moe_models::LoadOptions;
+    let device = common::cpu();
     for (model_name, _) in MODELS {
         let r = reference(model_name);
         let ids = common::reference_prompt(&r, 1);
@@ -233,7 +231,7 @@ fn random_init_builds_what_the_loader_builds() {
         model.visit(&mut visitor);
         visitor.0
     };
-    let device = moe::backend::Backend::default().device();
+    let device = common::cpu();
     let olmoe = [("olmoe-tiny", &[][..])];
     for (name, _) in MODELS.iter().chain(olmoe.iter()) {
         let (loaded, config, _) = MoeCausalLm::load(&dir(name), &device).unwrap();

@@ -1,12 +1,12 @@
-//! The layer against the dumb per-token oracle (`moe::reference::NaiveMoe`) across shapes, k,
+//! The layer against the dumb per-token oracle (`moe_core::reference::NaiveMoe`) across shapes, k,
 //! routing rules and backends.
 
-mod common;
+use crate::common;
 
 use burn::module::Param;
 use burn::tensor::Tensor;
-use moe::reference::{NaiveMoe, NaiveRoute};
-use moe::{ExpertActivation, GroupLimit, MoeLayer, MoeLayerConfig, TopK};
+use moe_core::reference::{NaiveMoe, NaiveRoute};
+use moe_core::{ExpertActivation, GroupLimit, MoeLayer, MoeLayerConfig, TopK};
 
 /// Output tolerance: values are O(1) and the oracle accumulates in f64.
 const TOLERANCE: f32 = 2e-5;
@@ -193,7 +193,7 @@ fn hand_made_routing_sends_every_token_to_one_expert() {
             &device,
         );
         let weights = common::upload(vec![0.5f32; t], [t, 1], &device);
-        let routing = moe::Routing::new(ids, weights, 4).unwrap();
+        let routing = moe_core::Routing::new(ids, weights, 4).unwrap();
         let got = layer
             .experts
             .forward(common::upload(x.clone(), [t, 16], &device), &routing)

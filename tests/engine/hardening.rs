@@ -2,7 +2,7 @@
 //! library and through the `moe` command line. None may crash, hang, read outside the model
 //! folder, replace a file it was not asked to write, or return non-finite results quietly.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

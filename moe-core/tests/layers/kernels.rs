@@ -10,11 +10,11 @@
 //! The kernels run wherever a CubeCL device is in `common::devices()` (wgpu on lavapipe in CI,
 //! where `MOE_REQUIRE_WGPU=1` makes its absence a failure).
 
-mod common;
+use crate::common;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
-use moe::moe_kernels::{self, KernelError};
-use moe::{DispatchPath, DispatchStrategy, ExpertActivation, MoeError, MoeLayerConfig, TopK};
+use moe_core::{DispatchPath, DispatchStrategy, ExpertActivation, MoeError, MoeLayerConfig, TopK};
+use moe_kernels::{self, KernelError};
 
 /// The devices of the suite on which the kernels run.
 fn kernel_devices() -> Vec<(&'static str, Device)> {
@@ -193,7 +193,7 @@ fn routing_ids(t: usize, e: usize, k: usize, seed: u64) -> Vec<i64> {
 }
 
 /// Seeded SwiGLU experts of width `width` and hidden size 12.
-fn grid_experts(e: usize, width: usize, device: &Device) -> moe::Experts {
+fn grid_experts(e: usize, width: usize, device: &Device) -> moe_core::Experts {
     let f = 12;
     let w = |rows, cols, seed| {
         common::upload(
@@ -202,11 +202,12 @@ fn grid_experts(e: usize, width: usize, device: &Device) -> moe::Experts {
             device,
         )
     };
-    moe::Experts::from_tensors(Some(w(width, f, 31)), w(width, f, 32), w(f, width, 33)).unwrap()
+    moe_core::Experts::from_tensors(Some(w(width, f, 31)), w(width, f, 32), w(f, width, 33))
+        .unwrap()
 }
 
 /// `down(silu(x·gate) ⊙ x·up)` in f64 over expert-sorted host rows cut by `counts`.
-fn host_experts(experts: &moe::Experts, rows: &[f32], counts: &[usize], d: usize) -> Vec<f32> {
+fn host_experts(experts: &moe_core::Experts, rows: &[f32], counts: &[usize], d: usize) -> Vec<f32> {
     let f = experts.d_ff();
     let gate = common::host(experts.gate.as_ref().unwrap().val());
     let up = common::host(experts.up.val());
@@ -241,7 +242,7 @@ fn host_experts(experts: &moe::Experts, rows: &[f32], counts: &[usize], d: usize
 
 #[test]
 fn permute_and_combine_on_real_plans_equal_the_tensor_op_path() {
-    use moe::dispatch::{self, DispatchPlan};
+    use moe_core::dispatch::{self, DispatchPlan};
     let width = 20; // not a multiple of the 4-wide vectors
     for (name, device) in kernel_devices() {
         let mut cases = 0;
@@ -566,9 +567,7 @@ fn strategies_resolve_from_the_device() {
         }
     }
     // wgpu compiled in and present: the kernels must run there.
-    if moe::backend::Backend::compiled().contains(&moe::backend::Backend::Wgpu)
-        && std::env::var("MOE_REQUIRE_WGPU").is_ok_and(|v| v == "1")
-    {
+    if cfg!(feature = "wgpu") && std::env::var("MOE_REQUIRE_WGPU").is_ok_and(|v| v == "1") {
         assert!(
             !kernel_devices().is_empty(),
             "wgpu is required but runs no kernel"

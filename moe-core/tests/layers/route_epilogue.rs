@@ -5,11 +5,11 @@
 //! (DeepSeek-V3), k = 1 and k = E, E = 1, one token to a thousand, exact ties; its typed errors;
 //! and the cases where the router must keep the composed ops (autodiff, per-token k).
 
-mod common;
+use crate::common;
 
 use burn::tensor::{DType, Tensor};
-use moe::moe_kernels::{self, EpilogueSpec, KernelError};
-use moe::{DispatchStrategy, GroupLimit, MoeLayer, MoeLayerConfig, Scoring, TopK};
+use moe_core::{DispatchStrategy, GroupLimit, MoeLayer, MoeLayerConfig, Scoring, TopK};
+use moe_kernels::{self, EpilogueSpec, KernelError};
 
 fn kernel_devices() -> Vec<(&'static str, burn::tensor::Device)> {
     common::devices()
@@ -248,7 +248,7 @@ fn bad_epilogue_calls_are_typed_errors() {
         }
     }
     // Not a CubeCL device.
-    let cpu = moe::backend::Backend::default().device();
+    let cpu = common::cpu();
     if moe_kernels::available(&cpu) {
         return;
     }

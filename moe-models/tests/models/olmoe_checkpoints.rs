@@ -2,14 +2,14 @@
 //! experts, bf16/f16 storage), computed in f32, bf16 and f16, with `clip_qkv`, and every way a
 //! checkpoint or a call can be wrong, through the library API.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
 use burn::tensor::{Device, FloatDType};
 use common::checkpoints;
-use moe::TopK;
-use moe::moe_models::{
+use moe_core::TopK;
+use moe_models::{
     GenerateOptions, KvCache, LoadError, LoadOptions, MoeCausalLm, MoeCausalLmConfig, RunError,
     Sampling, TensorSource,
 };
@@ -192,7 +192,7 @@ fn clip_qkv_matches_transformers() {
 
 #[test]
 fn sampling_is_seeded_and_follows_the_softmax() {
-    let device = moe::backend::Backend::default().device();
+    let device = common::cpu();
     let model = load(&checkpoints::tiny_dir(), &device, FloatDType::F32);
     let prompt = &prompts()[0];
     let run = |sampling: Sampling, max_new: usize| {
@@ -281,7 +281,7 @@ fn sampling_is_seeded_and_follows_the_softmax() {
 
 #[test]
 fn bad_calls_are_typed_errors_and_leave_the_cache_alone() {
-    let device = moe::backend::Backend::default().device();
+    let device = common::cpu();
     let model = load(&checkpoints::tiny_dir(), &device, FloatDType::F32);
     let layers = model.layers.len();
     let call = |ids: Vec<Vec<i64>>, mask: Vec<Vec<bool>>, rows: usize, k: TopK| {
@@ -334,7 +334,7 @@ fn bad_calls_are_typed_errors_and_leave_the_cache_alone() {
 
 #[test]
 fn broken_checkpoints_are_typed_errors_naming_the_problem() {
-    let device = moe::backend::Backend::default().device();
+    let device = common::cpu();
     for (case, dir, expect) in checkpoints::broken("lib") {
         let err = MoeCausalLm::load(&dir, &device).unwrap_err();
         let message = err.to_string();
@@ -380,8 +380,8 @@ fn broken_checkpoints_are_typed_errors_naming_the_problem() {
 
 #[test]
 fn tensors_larger_than_the_device_buffer_limit_are_refused_up_front() {
-    use moe::moe_models::decoder::check_fits;
-    let device = moe::backend::Backend::default().device();
+    use moe_models::decoder::check_fits;
+    let device = common::cpu();
     let big = MoeCausalLmConfig::olmoe_1b_7b();
     let lavapipe_limit = Some(128 << 20);
     let err = check_fits(&big, FloatDType::F32, lavapipe_limit, &device).unwrap_err();
@@ -405,12 +405,8 @@ fn tensors_larger_than_the_device_buffer_limit_are_refused_up_front() {
     assert!(check_fits(&tiny, FloatDType::F32, lavapipe_limit, &device).is_ok());
     // Every backend of the suite reports a limit exactly when it is a CubeCL device.
     for (name, device) in common::devices() {
-        let limit = moe::moe_kernels::max_buffer_bytes(&device);
-        assert_eq!(
-            limit.is_some(),
-            moe::moe_kernels::available(&device),
-            "{name}"
-        );
+        let limit = moe_kernels::max_buffer_bytes(&device);
+        assert_eq!(limit.is_some(), moe_kernels::available(&device), "{name}");
         if let Some(limit) = limit {
             assert!(limit >= 1 << 20, "{name}: {limit}");
             eprintln!("{name}: largest buffer {limit} bytes");

@@ -5,12 +5,14 @@
 //! host kernels). Each fallback's output is checked against the tensor-op path, so a reported
 //! path that did not run the layer right fails too.
 
-mod common;
+use crate::common;
 
 use burn::module::Param;
 use burn::tensor::{DType, Device, Tensor};
-use moe::dispatch::{FUSED_EPILOGUE_MAX_GROUPS, FUSED_EPILOGUE_MAX_TOKENS, Fallback, StepPath};
-use moe::{
+use moe_core::dispatch::{
+    FUSED_EPILOGUE_MAX_GROUPS, FUSED_EPILOGUE_MAX_TOKENS, Fallback, StepPath,
+};
+use moe_core::{
     CallPath, DispatchPath, DispatchStrategy, Experts, GroupLimit, MoeLayer, MoeLayerConfig,
     RouterKind, TopK,
 };
@@ -41,8 +43,8 @@ fn ops(why: Fallback) -> StepPath {
 /// What the device runs when nothing forces a fallback.
 fn device_kind(device: &Device) -> (bool, bool) {
     (
-        moe::moe_kernels::available(device),
-        moe::moe_kernels::host::host_available(device),
+        moe_kernels::available(device),
+        moe_kernels::host::host_available(device),
     )
 }
 
@@ -195,7 +197,7 @@ fn autodiff_keeps_the_kernels_that_have_a_backward_pass() {
 fn weights_the_host_kernels_cannot_read_take_tensor_ops() {
     for (name, device) in common::devices() {
         // The weights' dtype and layout matter only to the host kernels.
-        if !moe::moe_kernels::host::host_available(&device) {
+        if !moe_kernels::host::host_available(&device) {
             continue;
         }
         let f16 = {
@@ -225,7 +227,7 @@ fn weights_the_host_kernels_cannot_read_take_tensor_ops() {
     }
     // The same layer with its f32 weights stored contiguous runs the host kernels again.
     for (name, device) in common::devices() {
-        if moe::moe_kernels::host::host_available(&device) {
+        if moe_kernels::host::host_available(&device) {
             let (path, _) = run(&olmoe(&device), 5, &TopK::Configured);
             assert_eq!(path.experts, host(), "{name}: {path}");
         }
@@ -274,7 +276,7 @@ fn routers_without_a_top_k_epilogue_report_none() {
         let layer = common::seeded_layer(&config, 2, &device);
         let ids = Tensor::<1, burn::tensor::Int>::arange(0..3, &device);
         let x = common::upload(common::normal(3 * D, 1.0, 1), [3, D], &device);
-        let options = moe::ForwardOptions::new().with_token_ids(ids);
+        let options = moe_core::ForwardOptions::new().with_token_ids(ids);
         let out = layer.try_forward_with(x, &options).unwrap();
         assert_eq!(out.path.epilogue, None, "{name}: {}", out.path);
     }
@@ -291,7 +293,7 @@ fn kernels_forced_on_a_device_without_them_is_an_error() {
         let x = common::upload(vec![0.5; 2 * D], [2, D], &device);
         let err = layer.try_forward(x, &TopK::Configured).unwrap_err();
         assert!(
-            matches!(err, moe::MoeError::KernelsUnavailable { .. }),
+            matches!(err, moe_core::MoeError::KernelsUnavailable { .. }),
             "{name}: {err}"
         );
     }

@@ -1,6 +1,6 @@
 //! The `moe` command-line tool on the tiny OLMoE checkpoint: results and one-line errors.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
