@@ -304,23 +304,6 @@ pub(crate) fn grouped_matmul_kernel<F: Float, I: Numeric>(
     let tx = UNIT_POS_X as usize;
     let ty = UNIT_POS_Y as usize;
 
-    if e == experts {
-        #[unroll]
-        for i in 0..rows {
-            #[unroll]
-            for j in 0..PER_UNIT {
-                let row = row0 + ty + SIDE * i;
-                let col = col0 + tx + SIDE * j;
-                if row < row_end && col < n {
-                    out[row * n + col] = F::from_int(0);
-                }
-            }
-        }
-        terminate!();
-    }
-
-    let lin = ty * SIDE + tx;
-    let busy = row0 + ty < row_end;
     let mut acc = Array::<f32>::new(comptime!(rows * PER_UNIT));
     let mut acc2 = Array::<f32>::new(comptime!(rows * PER_UNIT));
     #[unroll]
@@ -328,6 +311,16 @@ pub(crate) fn grouped_matmul_kernel<F: Float, I: Numeric>(
         acc[i] = 0.0f32;
         acc2[i] = 0.0f32;
     }
+    if e == experts {
+        // Rows of no expert: zeros.
+        store_tile::<F>(
+            out, &acc, &acc2, 0, row0, row_end, col0, n, tx, ty, rows, false,
+        );
+        terminate!();
+    }
+
+    let lin = ty * SIDE + tx;
+    let busy = row0 + ty < row_end;
     let mut sa = Shared::<[f32]>::new_slice(TILE_K * tile_m);
     let mut sw = Shared::<[f32]>::new_slice(TILE_K * TILE_N);
     let mut sw2 = Shared::<[f32]>::new_slice(TILE_K * TILE_N);
@@ -365,33 +358,68 @@ pub(crate) fn grouped_matmul_kernel<F: Float, I: Numeric>(
         }
         sync_cube();
         if busy {
-            #[unroll]
-            for kk in 0..TILE_K {
-                let mut av = Array::<f32>::new(rows);
-                #[unroll]
-                for i in 0..rows {
-                    av[i] = sa[kk * tile_m + ty + SIDE * i];
-                }
-                #[unroll]
-                for j in 0..PER_UNIT {
-                    let bv = sw[kk * TILE_N + tx + SIDE * j];
-                    #[unroll]
-                    for i in 0..rows {
-                        acc[i * PER_UNIT + j] += av[i] * bv;
-                    }
-                    if gated {
-                        let bv2 = sw2[kk * TILE_N + tx + SIDE * j];
-                        #[unroll]
-                        for i in 0..rows {
-                            acc2[i * PER_UNIT + j] += av[i] * bv2;
-                        }
-                    }
-                }
+            tile_fma(&sa, &sw, &mut acc, tile_m, tx, ty, rows);
+            if gated {
+                tile_fma(&sa, &sw2, &mut acc2, tile_m, tx, ty, rows);
             }
         }
         sync_cube();
     }
+    store_tile::<F>(
+        out, &acc, &acc2, 0, row0, row_end, col0, n, tx, ty, rows, gated,
+    );
+}
 
+/// One staged slice of K into a unit's register tile: for its `rows` × `PER_UNIT` outputs,
+/// `acc[i · PER_UNIT + j] += Σ_kk a[kk · a_stride + ty + SIDE · i] · b[kk · TILE_N + tx + SIDE · j]`
+/// over the `TILE_K` staged rows, in that order (the grouped GEMM, once per weight of a gated
+/// pair, and the outer products of the backward pass).
+#[cube]
+fn tile_fma(
+    a: &Shared<[f32]>,
+    b: &Shared<[f32]>,
+    acc: &mut Array<f32>,
+    a_stride: usize,
+    tx: usize,
+    ty: usize,
+    #[comptime] rows: usize,
+) {
+    #[unroll]
+    for kk in 0..TILE_K {
+        let mut av = Array::<f32>::new(rows);
+        #[unroll]
+        for i in 0..rows {
+            av[i] = a[kk * a_stride + ty + SIDE * i];
+        }
+        #[unroll]
+        for j in 0..PER_UNIT {
+            let bv = b[kk * TILE_N + tx + SIDE * j];
+            #[unroll]
+            for i in 0..rows {
+                acc[i * PER_UNIT + j] += av[i] * bv;
+            }
+        }
+    }
+}
+
+/// Writes a unit's register tile to `out[base + row · n + col]` for the rows below `row_end`
+/// and the columns below `n`, through SwiGLU (`silu(acc) · acc2`) when `gated`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_tile<F: Float>(
+    out: &mut Tensor<F>,
+    acc: &Array<f32>,
+    acc2: &Array<f32>,
+    base: usize,
+    row0: usize,
+    row_end: usize,
+    col0: usize,
+    n: usize,
+    tx: usize,
+    ty: usize,
+    #[comptime] rows: usize,
+    #[comptime] gated: bool,
+) {
     #[unroll]
     for i in 0..rows {
         #[unroll]
@@ -403,7 +431,7 @@ pub(crate) fn grouped_matmul_kernel<F: Float, I: Numeric>(
                 if gated {
                     value = value / (1.0f32 + f32::exp(-value)) * acc2[i * PER_UNIT + j];
                 }
-                out[row * n + col] = F::cast_from(value);
+                out[base + row * n + col] = F::cast_from(value);
             }
         }
     }
@@ -542,36 +570,24 @@ pub(crate) fn segment_outer_kernel<F: Float, I: Numeric>(
             sg[rg * TILE_N + c] = vg;
         }
         sync_cube();
-        #[unroll]
-        for rr in 0..TILE_K {
-            let mut av = Array::<f32>::new(PER_UNIT);
-            #[unroll]
-            for i in 0..PER_UNIT {
-                av[i] = sa[rr * TILE_M + ty + SIDE * i];
-            }
-            #[unroll]
-            for j in 0..PER_UNIT {
-                let bv = sg[rr * TILE_N + tx + SIDE * j];
-                #[unroll]
-                for i in 0..PER_UNIT {
-                    acc[i * PER_UNIT + j] += av[i] * bv;
-                }
-            }
-        }
+        tile_fma(&sa, &sg, &mut acc, TILE_M, tx, ty, PER_UNIT);
         sync_cube();
     }
-    let base = e * kdim * n;
-    #[unroll]
-    for i in 0..PER_UNIT {
-        #[unroll]
-        for j in 0..PER_UNIT {
-            let k = k0 + ty + SIDE * i;
-            let col = col0 + tx + SIDE * j;
-            if k < kdim && col < n {
-                out[base + k * n + col] = F::cast_from(acc[i * PER_UNIT + j]);
-            }
-        }
-    }
+    // Rows of this tile are K indices of expert e's `[K, N]` block.
+    store_tile::<F>(
+        out,
+        &acc,
+        &acc,
+        e * kdim * n,
+        k0,
+        kdim,
+        col0,
+        n,
+        tx,
+        ty,
+        PER_UNIT,
+        false,
+    );
 }
 
 pub(super) fn grouped_matmul(
