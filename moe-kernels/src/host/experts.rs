@@ -32,9 +32,18 @@ pub enum Compute {
 }
 
 impl Compute {
+    /// `x` as this precision holds it: bf16 rows rounded once (a copy only where some value
+    /// is not a bf16 already).
+    pub(super) fn rows(self, x: &[f32]) -> std::borrow::Cow<'_, [f32]> {
+        match self == Compute::Bf16 && x.iter().any(|&v| self.round(v) != v) {
+            true => x.iter().map(|&v| self.round(v)).collect(),
+            false => x.into(),
+        }
+    }
+
     /// `v` as this precision holds it.
     #[inline]
-    fn round(self, v: f32) -> f32 {
+    pub(super) fn round(self, v: f32) -> f32 {
         match self {
             Compute::F32 => v,
             Compute::Bf16 => half::bf16::from_f32(v).to_f32(),
@@ -133,7 +142,7 @@ struct Packs {
 
 /// The products a call may use for its long segments (the panel always takes the short ones).
 #[derive(Debug, Clone, Copy)]
-struct Paths {
+pub(super) struct Paths {
     /// Our f32 tiles (needs [`tiles::available`]); else the `gemm` crate.
     tiles: bool,
     /// The bf16 pair tiles (needs [`pairs::available`], bf16 rows and bf16 weights).
@@ -285,17 +294,21 @@ pub fn grouped_ffn_in(
     experts: &ExpertMatrices<'_>,
     compute: Compute,
 ) -> Result<Vec<f32>, KernelError> {
-    let paths = Paths {
-        tiles: tiles::available(),
-        pairs: pairs::available(),
-        bf16_rows: false,
-    };
-    grouped_ffn_on(x, plan, experts, compute, paths)
+    grouped_ffn_on(x, plan, experts, compute, Paths::available())
 }
 
 impl Paths {
+    /// Every product this CPU runs.
+    pub(super) fn available() -> Self {
+        Self {
+            tiles: tiles::available(),
+            pairs: pairs::available(),
+            bf16_rows: false,
+        }
+    }
+
     /// `self` for one phase: the pair tiles only for bf16 rows and weights that are all bf16.
-    fn for_phase(self, compute: Compute, weights: &[Option<Matrix<'_>>]) -> Self {
+    pub(super) fn for_phase(self, compute: Compute, weights: &[Option<Matrix<'_>>]) -> Self {
         let bf16 = weights
             .iter()
             .flatten()
@@ -341,15 +354,7 @@ fn grouped_ffn_on(
             ),
         });
     }
-    // bf16 rows: x rounded once (a copy only where some value is not a bf16 already)
-    let rounded: Vec<f32>;
-    let x = match compute == Compute::Bf16 && x.iter().any(|&v| compute.round(v) != v) {
-        true => {
-            rounded = x.iter().map(|&v| compute.round(v)).collect();
-            rounded.as_slice()
-        }
-        false => x,
-    };
+    let x = &*compute.rows(x);
 
     // phase 1: hidden = act(rows · gate, rows · up), [p, d_ff]
     let mut hidden = take_buffer(p * f);
@@ -411,32 +416,51 @@ fn grouped_ffn_on(
     });
 
     // phase 2: out = hidden · down, [p, d_model]
-    let mut out = take_buffer(p * h);
+    let phase2 = paths.for_phase(compute, &[Some(experts.down)]);
+    let down = |e| experts.expert(experts.down, e);
+    let out = sorted_rows_phase(&hidden, f, plan, down, h, phase2);
+    recycle(hidden);
+    Ok(out)
+}
+
+/// A phase whose rows already lie in sorted order as one `[p, k]` block: `out[r] = rows[r] ·
+/// weight(e)` for the rows `r` of expert `e`'s segment, `[p, n]` (the second phase of the
+/// experts, and a dense product: one expert holding every row).
+pub(super) fn sorted_rows_phase<'w>(
+    rows: &[f32],
+    k: usize,
+    plan: &HostPlan,
+    weight: impl Fn(usize) -> Matrix<'w> + Sync,
+    n: usize,
+    paths: Paths,
+) -> Vec<f32> {
+    let p = plan.active_rows();
+    let mut out = take_buffer(p * n);
     let out_ptr = OutBlock {
         ptr: out.as_mut_ptr(),
-        stride: h,
-        cols: h,
+        stride: n,
+        cols: n,
     };
-    let hidden_rows = &hidden;
-    let phase2 = paths.for_phase(compute, &[Some(experts.down)]);
-    run_phase(&items(plan, h, experts.down.elem_bytes()), |item, s| {
-        let seg = &hidden_rows[item.rows.start * f..item.rows.end * f];
-        let rows = ItemRows::new(
-            seg.chunks_exact(f).collect(),
+    let elem_bytes = match plan.num_experts {
+        0 => 4,
+        _ => weight(0).elem_bytes(),
+    };
+    run_phase(&items(plan, n, elem_bytes), |item, s| {
+        let seg = &rows[item.rows.start * k..item.rows.end * k];
+        let item_rows = ItemRows::new(
+            seg.chunks_exact(k).collect(),
             Some(seg),
             &mut s.gathered,
             &mut s.packs,
-            phase2,
+            paths,
         );
         let c0 = item.cols.start;
         // SAFETY: rows `item.rows`, columns `item.cols` of `out` belong to this item only.
         let block = unsafe { out_ptr.sub(item.rows.start, c0, item.cols.len()) };
-        let down = experts.expert(experts.down, item.expert);
         // SAFETY: `block` is this item's.
-        unsafe { rows.product(down, h, c0, block, &mut s.packs) };
+        unsafe { item_rows.product(weight(item.expert), n, c0, block, &mut s.packs) };
     });
-    recycle(hidden);
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@
 #[cfg(target_arch = "x86_64")]
 mod blocked;
 mod combine;
+mod dense;
 mod dots;
 mod experts;
 #[cfg(feature = "flex")]
@@ -54,6 +55,7 @@ mod stream;
 mod tiles;
 
 pub use combine::combine;
+pub use dense::dense;
 pub use experts::{Compute, ExpertMatrices, grouped_ffn, grouped_ffn_in};
 #[cfg(feature = "flex")]
 pub use flex::{HostTensor, host_available, host_under_autodiff};

@@ -13,6 +13,7 @@
 mod architecture;
 mod build;
 mod config;
+mod dense;
 mod model;
 
 pub use architecture::{

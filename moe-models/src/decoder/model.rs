@@ -14,6 +14,7 @@ use rand::rngs::StdRng;
 
 use super::architecture::QkNorm;
 use super::config::Mla;
+use super::dense::{linear, product};
 use crate::error::RunError;
 
 /// The shape of one layer's grouped-query attention ([`GroupedAttention`]).
@@ -244,9 +245,9 @@ impl GroupedAttention {
                 .reshape([b, l, heads * self.head_dim]),
             Some(norm) => norm.forward(t),
         };
-        let mut q = normed(self.q_proj.forward(x.clone()), self.heads, &self.q_norm);
-        let mut k = normed(self.k_proj.forward(x.clone()), self.kv_heads, &self.k_norm);
-        let mut v = self.v_proj.forward(x);
+        let mut q = normed(linear(&self.q_proj, x.clone()), self.heads, &self.q_norm);
+        let mut k = normed(linear(&self.k_proj, x.clone()), self.kv_heads, &self.k_norm);
+        let mut v = linear(&self.v_proj, x);
         if let Some(clip) = self.clip_qkv {
             q = q.clamp(-clip, clip);
             k = k.clamp(-clip, clip);
@@ -274,7 +275,7 @@ impl GroupedAttention {
         let (k, v) = (expand(k), expand(v));
         let scale = (self.head_dim as f64).sqrt().recip();
         let out = attend(q, k, v, mask, scale).reshape([b, l, self.heads * self.head_dim]);
-        self.o_proj.forward(out)
+        linear(&self.o_proj, out)
     }
 }
 
@@ -329,22 +330,21 @@ impl LatentAttention {
         let [b, l, _] = x.dims();
         let (heads, nope, rope, v_dim) = (self.heads, self.nope_dim, self.rope_dim, self.v_dim);
         let q = match (&self.q_a_proj, &self.q_a_layernorm) {
-            (Some(a), Some(norm)) => self.q_b_proj.forward(norm.forward(a.forward(x.clone()))),
-            _ => self.q_b_proj.forward(x.clone()),
+            (Some(a), Some(norm)) => linear(&self.q_b_proj, norm.forward(linear(a, x.clone()))),
+            _ => linear(&self.q_b_proj, x.clone()),
         };
         let q = q.reshape([b, l, heads, nope + rope]).swap_dims(1, 2);
         let q_pass = q.clone().narrow(3, 0, nope);
         let q_rot = q.narrow(3, nope, rope);
 
-        let latent = self.kv_a_proj_with_mqa.forward(x);
-        let kv = self
-            .kv_b_proj
-            .forward(
-                self.kv_a_layernorm
-                    .forward(latent.clone().narrow(2, 0, self.kv_lora_rank)),
-            )
-            .reshape([b, l, heads, nope + v_dim])
-            .swap_dims(1, 2);
+        let latent = linear(&self.kv_a_proj_with_mqa, x);
+        let kv = linear(
+            &self.kv_b_proj,
+            self.kv_a_layernorm
+                .forward(latent.clone().narrow(2, 0, self.kv_lora_rank)),
+        )
+        .reshape([b, l, heads, nope + v_dim])
+        .swap_dims(1, 2);
         let k_pass = kv.clone().narrow(3, 0, nope);
         let value = kv.narrow(3, nope, v_dim);
         let k_rot = latent
@@ -358,7 +358,7 @@ impl LatentAttention {
         let (k, value) = cache.append(k, value);
         let scale = ((nope + rope) as f64).sqrt().recip();
         let out = attend(q, k, value, mask, scale).reshape([b, l, heads * v_dim]);
-        self.o_proj.forward(out)
+        linear(&self.o_proj, out)
     }
 }
 
@@ -736,6 +736,20 @@ impl MoeCausalLm {
         options: &ForwardOptions,
         trace: bool,
     ) -> Result<ModelOutput, RunError> {
+        self.forward_checked(ids, mask, cache, options, trace, false)
+    }
+
+    /// [`MoeCausalLm::forward_with`]; with `last_only` the logits are those of each row's
+    /// last position only (`[B, 1, vocab]`): the lm_head multiplies one row per sequence.
+    fn forward_checked(
+        &self,
+        ids: &[Vec<i64>],
+        mask: &[Vec<bool>],
+        cache: &mut KvCache,
+        options: &ForwardOptions,
+        trace: bool,
+        last_only: bool,
+    ) -> Result<ModelOutput, RunError> {
         self.check_input(ids, mask, cache)?;
         if let Some(moe) = self.layers.iter().find_map(|layer| layer.mlp.moe()) {
             // k is checked once here so that a bad dial fails before the cache is touched.
@@ -743,12 +757,12 @@ impl MoeCausalLm {
                 .check_top_k(&options.top_k, ids.len() * ids[0].len(), ids[0].len())?;
         }
         let past = cache.len();
-        let out = self.run(ids, mask, cache, options, trace, false);
+        let out = self.run(ids, mask, cache, options, trace, false, last_only);
         match out {
             Ok(out) if all_finite(&out.logits) => Ok(out),
             Ok(_) => {
                 cache.truncate(past);
-                let stage = match self.run(ids, mask, cache, options, false, true) {
+                let stage = match self.run(ids, mask, cache, options, false, true, last_only) {
                     Err(RunError::NonFinite { stage }) => stage,
                     Err(other) => return Err(other),
                     // the values differ between two runs (should not happen): report the head
@@ -766,6 +780,7 @@ impl MoeCausalLm {
 
     /// The forward pass of a checked call. With `check`, fails with [`RunError::NonFinite`] at
     /// the first step whose output holds a non-finite value.
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         ids: &[Vec<i64>],
@@ -774,6 +789,7 @@ impl MoeCausalLm {
         options: &ForwardOptions,
         trace: bool,
         check: bool,
+        last_only: bool,
     ) -> Result<ModelOutput, RunError> {
         let device = self.embed_tokens.device();
         let dtype = self.dtype();
@@ -827,11 +843,12 @@ impl MoeCausalLm {
             x = out;
             traces.extend(moe_trace);
         }
-        let logits = self
-            .norm
-            .forward(x)
-            .matmul(self.lm_head.val().unsqueeze_dim(0))
-            .cast(DType::F32);
+        // The head reads only the positions whose logits are wanted.
+        let x = match last_only {
+            true => x.narrow(1, l - 1, 1),
+            false => x,
+        };
+        let logits = product(self.norm.forward(x), &self.lm_head.val()).cast(DType::F32);
         verify(check, &logits, Stage::Head)?;
         Ok(ModelOutput {
             logits,
@@ -1021,14 +1038,15 @@ impl MoeCausalLm {
                 cache = KvCache::new(layers, 1);
             }
             let mask = vec![vec![true; ids.len()]];
-            let out = self.forward(
+            let out = self.forward_checked(
                 std::slice::from_ref(&ids),
                 &mask,
                 &mut cache,
-                &options.top_k,
+                &ForwardOptions::new().with_top_k(options.top_k.clone()),
                 false,
+                true,
             )?;
-            let last = out.logits.narrow(1, ids.len() - 1, 1).reshape([1, vocab]);
+            let last = out.logits.reshape([1, vocab]);
             let token = match &mut sampler {
                 None => argmax_rows(last.clone())[0],
                 Some((temperature, rng)) => sample(last.clone(), *temperature, rng, step)?,
