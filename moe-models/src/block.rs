@@ -23,8 +23,11 @@ use burn::module::Param;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use moe_core::{Experts, MoeLayer, MoeLayerConfig, Router, SharedExpert};
 
+use half::{bf16, f16};
+use rayon::prelude::*;
+
 use crate::error::LoadError;
-use crate::tensors::ReadTensors;
+use crate::tensors::{FloatValue, ReadTensors};
 
 /// Expert tensor names of a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,40 +64,86 @@ fn check_shapes(
     Ok(())
 }
 
-/// Reads `[out, in]` matrices and returns them stacked as they are: `[n, out, in]`.
-fn stacked(
+/// `[out, in]` matrices read straight into the dtype they are stored in on the device (no f32
+/// copy): `[n, out, in]` as stored when `out_major` (the caller views it `[n, in, out]`), else
+/// transposed once into `[n, in, out]` over all threads. With `n = 1` the shape is 2-D.
+pub(crate) fn read_matrices(
     source: &dyn ReadTensors,
     names: &[String],
     out_dim: usize,
     in_dim: usize,
+    dtype: DType,
+    out_major: bool,
 ) -> Result<TensorData, LoadError> {
     check_shapes(source, names, &[out_dim, in_dim])?;
-    let mut stacked = Vec::with_capacity(names.len() * in_dim * out_dim);
-    for name in names {
-        stacked.extend(source.read_f32(name, &[out_dim, in_dim])?);
+    match dtype {
+        DType::BF16 => read_matrices_as::<bf16>(source, names, out_dim, in_dim, out_major),
+        DType::F16 => read_matrices_as::<f16>(source, names, out_dim, in_dim, out_major),
+        _ => read_matrices_as::<f32>(source, names, out_dim, in_dim, out_major),
     }
-    Ok(TensorData::new(stacked, [names.len(), out_dim, in_dim]))
 }
 
-/// Reads `[out, in]` matrices and returns them transposed and stacked: `[n, in, out]`.
-fn stacked_transposed(
+fn read_matrices_as<T: FloatValue + Default>(
     source: &dyn ReadTensors,
     names: &[String],
     out_dim: usize,
     in_dim: usize,
+    out_major: bool,
 ) -> Result<TensorData, LoadError> {
-    check_shapes(source, names, &[out_dim, in_dim])?;
-    let mut stacked = vec![0f32; names.len() * in_dim * out_dim];
-    for (n, name) in names.iter().enumerate() {
-        let m = source.read_f32(name, &[out_dim, in_dim])?;
-        let dst = &mut stacked[n * in_dim * out_dim..(n + 1) * in_dim * out_dim];
-        for o in 0..out_dim {
-            for i in 0..in_dim {
-                dst[i * out_dim + o] = m[o * in_dim + i];
-            }
-        }
+    let (n, size) = (names.len(), out_dim * in_dim);
+    let mut stored = Vec::with_capacity(n * size);
+    for name in names {
+        source.read_chunks(name, &[out_dim, in_dim], &mut |dtype, bytes| {
+            T::extend_from(dtype, bytes, &mut stored)
+        })?;
     }
-    Ok(TensorData::new(stacked, [names.len(), in_dim, out_dim]))
+    let shape = |a: usize, b: usize| match n {
+        1 => vec![a, b],
+        _ => vec![n, a, b],
+    };
+    if out_major {
+        return Ok(TensorData::new(stored, shape(out_dim, in_dim)));
+    }
+    // row r of the result is column r % in_dim of matrix r / in_dim; 64 rows per task read
+    // 64 neighbouring values of each stored row
+    const ROWS: usize = 64;
+    let mut transposed = vec![T::default(); n * size];
+    transposed
+        .par_chunks_mut(ROWS * out_dim)
+        .enumerate()
+        .for_each(|(chunk, dst)| {
+            let first = chunk * ROWS;
+            for o in 0..out_dim {
+                for (j, row) in dst.chunks_exact_mut(out_dim).enumerate() {
+                    let r = first + j;
+                    let (m, i) = (r / in_dim, r % in_dim);
+                    row[o] = stored[m * size + o * in_dim + i];
+                }
+            }
+        });
+    Ok(TensorData::new(transposed, shape(in_dim, out_dim)))
+}
+
+/// `[out, in]` matrices `names` as one `[n, in, out]` tensor of `dtype`: the checkpoint's own
+/// order viewed `[in, out]` when `out_major`, else transposed once.
+fn stacked_matrices(
+    source: &dyn ReadTensors,
+    names: &[String],
+    out_dim: usize,
+    in_dim: usize,
+    (device, dtype): (&Device, DType),
+    out_major: bool,
+) -> Result<Tensor<3>, LoadError> {
+    let mut data = read_matrices(source, names, out_dim, in_dim, dtype, out_major)?;
+    if names.len() == 1 {
+        let shape = data.shape().to_vec();
+        data = TensorData::from_bytes(data.into_bytes(), [1, shape[0], shape[1]], dtype);
+    }
+    let t = Tensor::<3>::from_data(data, (device, dtype));
+    Ok(match out_major {
+        true => t.swap_dims(1, 2),
+        false => t,
+    })
 }
 
 /// Loads routed experts: the packed layout when `{prefix}experts.gate_up_proj` exists,
@@ -169,11 +218,15 @@ fn load_experts(
             .map(|j| format!("{prefix}experts.{j}.{part}.weight"))
             .collect()
     };
-    let load = |part: &str, out_dim: usize, in_dim: usize| -> Result<Tensor<3>, LoadError> {
-        Ok(match out_major {
-            true => upload(stacked(source, &names(part), out_dim, in_dim)?).swap_dims(1, 2),
-            false => upload(stacked_transposed(source, &names(part), out_dim, in_dim)?),
-        })
+    let load = |part: &str, out_dim: usize, in_dim: usize| {
+        stacked_matrices(
+            source,
+            &names(part),
+            out_dim,
+            in_dim,
+            (device, dtype),
+            out_major,
+        )
     };
     Ok(Experts::from_tensors(
         Some(load(gate, i, h)?),
@@ -182,7 +235,24 @@ fn load_experts(
     )?)
 }
 
-/// Reads `[out, in]` matrix `name` as a `[in, out]` tensor of `dtype`.
+/// Reads `[out, in]` matrix `name` as a `[in, out]` tensor of `dtype`: the checkpoint's own
+/// order viewed `[in, out]` when `out_major`, else transposed once.
+pub(crate) fn matrix(
+    source: &dyn ReadTensors,
+    name: String,
+    (out_dim, in_dim): (usize, usize),
+    (device, dtype): (&Device, DType),
+    out_major: bool,
+) -> Result<Tensor<2>, LoadError> {
+    let data = read_matrices(source, &[name], out_dim, in_dim, dtype, out_major)?;
+    let t = Tensor::<2>::from_data(data, (device, dtype));
+    Ok(match out_major {
+        true => t.transpose(),
+        false => t,
+    })
+}
+
+/// Reads `[out, in]` matrix `name` as a `[in, out]` tensor of `dtype`, transposed once.
 pub(crate) fn matrix_transposed(
     source: &dyn ReadTensors,
     name: String,
@@ -191,8 +261,7 @@ pub(crate) fn matrix_transposed(
     device: &Device,
     dtype: DType,
 ) -> Result<Tensor<2>, LoadError> {
-    let data = stacked_transposed(source, &[name], out_dim, in_dim)?;
-    Ok(Tensor::<3>::from_data(data, (device, dtype)).reshape([in_dim, out_dim]))
+    matrix(source, name, (out_dim, in_dim), (device, dtype), false)
 }
 
 /// Loads a dense SwiGLU FFN (`{prefix}gate_proj.weight`, …) as a one-expert [`Experts`].
@@ -204,10 +273,9 @@ pub(crate) fn load_dense(
     device: &Device,
     dtype: DType,
 ) -> Result<Experts, LoadError> {
-    let load = |part: &str, out_dim: usize, in_dim: usize| -> Result<Tensor<3>, LoadError> {
-        let data =
-            stacked_transposed(source, &[format!("{prefix}{part}.weight")], out_dim, in_dim)?;
-        Ok(Tensor::<3>::from_data(data, (device, dtype)))
+    let load = |part: &str, out_dim: usize, in_dim: usize| {
+        let names = [format!("{prefix}{part}.weight")];
+        stacked_matrices(source, &names, out_dim, in_dim, (device, dtype), false)
     };
     Ok(Experts::from_tensors(
         Some(load("gate_proj", d_ff, d_model)?),

@@ -171,7 +171,12 @@ impl ReadTensors for Checkpoint {
     fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError> {
         Checkpoint::shape(self, name)
     }
-    fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
-        Checkpoint::read_f32(self, name, expected)
+    fn read_chunks(
+        &self,
+        name: &str,
+        expected: &[usize],
+        each: &mut dyn FnMut(safetensors::Dtype, &[u8]),
+    ) -> Result<(), LoadError> {
+        self.source(name)?.read_chunks(name, expected, each)
     }
 }

@@ -16,8 +16,86 @@ pub trait ReadTensors {
     fn contains(&self, name: &str) -> bool;
     /// The stored shape of a tensor (read from the header: nothing is allocated for its data).
     fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError>;
+    /// Calls `each` with the stored dtype (F32, BF16 or F16) and consecutive pieces (whole
+    /// values) of a float tensor's bytes, after checking its shape.
+    fn read_chunks(
+        &self,
+        name: &str,
+        expected: &[usize],
+        each: &mut dyn FnMut(Dtype, &[u8]),
+    ) -> Result<(), LoadError>;
     /// Reads a float tensor (F32, BF16 or F16) as f32, checking its shape.
-    fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError>;
+    fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
+        read_float(self, name, expected)
+    }
+}
+
+/// Reads a float tensor (F32, BF16 or F16) of `source` as `T` (f32, bf16 or f16), checking its
+/// shape: values stored as `T` are copied as they are, others converted once on the way in.
+pub fn read_float<T: FloatValue, S: ReadTensors + ?Sized>(
+    source: &S,
+    name: &str,
+    expected: &[usize],
+) -> Result<Vec<T>, LoadError> {
+    let mut values = Vec::with_capacity(expected.iter().product());
+    source.read_chunks(name, expected, &mut |dtype, b| {
+        T::extend_from(dtype, b, &mut values)
+    })?;
+    Ok(values)
+}
+
+/// A float type the loader reads tensors into: f32, bf16 or f16.
+pub trait FloatValue: burn::tensor::Element + Copy + Default + Send + Sync {
+    /// Appends the little-endian values `bytes` of stored dtype `dtype` (F32, BF16 or F16).
+    fn extend_from(dtype: Dtype, bytes: &[u8], out: &mut Vec<Self>);
+}
+
+/// The stored values of `bytes` as f32 (F32, BF16 or F16).
+fn stored_f32(dtype: Dtype, bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    let (f32s, halves) = match dtype {
+        Dtype::F32 => (bytes, &[][..]),
+        _ => (&[][..], bytes),
+    };
+    let f32s = f32s
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let halves = halves.chunks_exact(2).map(move |b| match dtype {
+        Dtype::BF16 => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        _ => f16::from_le_bytes([b[0], b[1]]).to_f32(),
+    });
+    f32s.chain(halves)
+}
+
+impl FloatValue for f32 {
+    fn extend_from(dtype: Dtype, bytes: &[u8], out: &mut Vec<Self>) {
+        out.extend(stored_f32(dtype, bytes));
+    }
+}
+
+impl FloatValue for bf16 {
+    fn extend_from(dtype: Dtype, bytes: &[u8], out: &mut Vec<Self>) {
+        match dtype {
+            Dtype::BF16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]])),
+            ),
+            _ => out.extend(stored_f32(dtype, bytes).map(bf16::from_f32)),
+        }
+    }
+}
+
+impl FloatValue for f16 {
+    fn extend_from(dtype: Dtype, bytes: &[u8], out: &mut Vec<Self>) {
+        match dtype {
+            Dtype::F16 => out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]])),
+            ),
+            _ => out.extend(stored_f32(dtype, bytes).map(f16::from_f32)),
+        }
+    }
 }
 
 impl ReadTensors for TensorSource {
@@ -27,8 +105,13 @@ impl ReadTensors for TensorSource {
     fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError> {
         TensorSource::shape(self, name)
     }
-    fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
-        TensorSource::read_f32(self, name, expected)
+    fn read_chunks(
+        &self,
+        name: &str,
+        expected: &[usize],
+        each: &mut dyn FnMut(Dtype, &[u8]),
+    ) -> Result<(), LoadError> {
+        TensorSource::read_chunks(self, name, expected, each)
     }
 }
 
@@ -282,34 +365,22 @@ impl TensorSource {
 
     /// Reads a float tensor (F32, BF16 or F16) as f32, checking its shape.
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
+        read_float(self, name, expected)
+    }
+
+    /// See [`ReadTensors::read_chunks`].
+    pub fn read_chunks(
+        &self,
+        name: &str,
+        expected: &[usize],
+        each: &mut dyn FnMut(Dtype, &[u8]),
+    ) -> Result<(), LoadError> {
         let (dtype, range) = self.checked(name, expected)?;
-        let convert: fn(&[u8], &mut Vec<f32>) = match dtype {
-            Dtype::F32 => |b, out| {
-                out.extend(
-                    b.chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                )
-            },
-            Dtype::BF16 => |b, out| {
-                out.extend(
-                    b.chunks_exact(2)
-                        .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-                )
-            },
-            Dtype::F16 => |b, out| {
-                out.extend(
-                    b.chunks_exact(2)
-                        .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
-                )
-            },
-            other => return Err(self.unsupported(name, other, "F32, BF16 or F16")),
-        };
-        let mut values = Vec::with_capacity(range.len() / dtype.bitsize().div_ceil(8).max(1));
+        if !matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+            return Err(self.unsupported(name, dtype, "F32, BF16 or F16"));
+        }
         self.bytes
-            .for_chunks(range, dtype.bitsize() / 8, &self.name, |b| {
-                convert(b, &mut values)
-            })?;
-        Ok(values)
+            .for_chunks(range, dtype.bitsize() / 8, &self.name, |b| each(dtype, b))
     }
 
     /// Reads an integer tensor (I64 or I32) as i64, checking its shape.

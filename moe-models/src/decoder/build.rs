@@ -7,7 +7,7 @@ use burn::module::Param;
 use burn::nn::{Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use indicatif::ProgressBar;
-use moe_core::{MoeLayer, MoeLayerConfig, SharedExpert};
+use moe_core::{Experts, MoeLayer, MoeLayerConfig, SharedExpert};
 
 use super::architecture::QkNorm;
 use super::config::MoeCausalLmConfig;
@@ -16,7 +16,7 @@ use super::model::{
     LatentAttention, LatentAttentionConfig, MoeCausalLm,
 };
 use crate::ExpertNaming;
-use crate::block::{load_block_as, load_dense, matrix_transposed};
+use crate::block::{load_block_as, load_dense, matrix, read_matrices};
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
 
@@ -249,6 +249,13 @@ pub(crate) struct FromCheckpoint<'a> {
 }
 
 impl FromCheckpoint<'_> {
+    /// Whether matrices keep the checkpoint's `[out, in]` order, viewed `[in, out]`: bf16 on
+    /// the host kernels where they read that layout fastest (as the experts do,
+    /// `Experts::prefers_out_major`).
+    fn out_major(&self) -> bool {
+        Experts::prefers_out_major(self.device, self.dtype)
+    }
+
     fn vector(&self, name: &str, size: usize) -> Result<Tensor<1>, LoadError> {
         let values = self.ckpt.read_f32(name, &[size])?;
         Ok(Tensor::<1>::from_data(
@@ -273,13 +280,12 @@ impl Weights for FromCheckpoint<'_> {
         inp: usize,
         bias: bool,
     ) -> Result<Linear, LoadError> {
-        let weight = matrix_transposed(
+        let weight = matrix(
             self.ckpt,
             name.to_string(),
-            out,
-            inp,
-            self.device,
-            self.dtype,
+            (out, inp),
+            (self.device, self.dtype),
+            self.out_major(),
         )?;
         let bias = match bias {
             true => {
@@ -310,12 +316,11 @@ impl Weights for FromCheckpoint<'_> {
     }
 
     fn embeddings(&mut self, v: usize, h: usize) -> Result<Tensor<2>, LoadError> {
-        let values = self.ckpt.read_f32("model.embed_tokens.weight", &[v, h])?;
+        // stored [V, H] is the layout: read as it is (the out-major read is the stored order)
+        let name = ["model.embed_tokens.weight".to_string()];
+        let data = read_matrices(self.ckpt, &name, v, h, self.dtype, true)?;
         self.bar.inc(1);
-        Ok(Tensor::<2>::from_data(
-            TensorData::new(values, [v, h]),
-            (self.device, self.dtype),
-        ))
+        Ok(Tensor::<2>::from_data(data, (self.device, self.dtype)))
     }
 
     fn lm_head(
@@ -327,13 +332,12 @@ impl Weights for FromCheckpoint<'_> {
         self.bar.inc(1);
         match tied {
             Some(embed) if !self.ckpt.contains("lm_head.weight") => Ok(embed.clone().transpose()),
-            _ => matrix_transposed(
+            _ => matrix(
                 self.ckpt,
                 "lm_head.weight".into(),
-                v,
-                h,
-                self.device,
-                self.dtype,
+                (v, h),
+                (self.device, self.dtype),
+                self.out_major(),
             ),
         }
     }
