@@ -36,6 +36,7 @@
 //! The same steps on the GPU are `crate::gpu`'s files of the same names; their tensor-op twins
 //! are in `moe_core::dispatch`.
 
+mod attention;
 #[cfg(target_arch = "x86_64")]
 mod blocked;
 mod combine;
@@ -54,6 +55,7 @@ mod schedule;
 mod stream;
 mod tiles;
 
+pub use attention::{AttentionShape, decode_attention};
 pub use combine::combine;
 pub use dense::dense;
 pub use experts::{Compute, ExpertMatrices, grouped_ffn, grouped_ffn_in};

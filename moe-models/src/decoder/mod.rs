@@ -13,7 +13,7 @@
 mod architecture;
 mod build;
 mod config;
-mod dense;
+mod host;
 mod model;
 
 pub use architecture::{

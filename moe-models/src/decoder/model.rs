@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 
 use super::architecture::QkNorm;
 use super::config::Mla;
-use super::dense::{linear, product};
+use super::host::{decode_attention, linear, product};
 use crate::error::RunError;
 
 /// The shape of one layer's grouped-query attention ([`GroupedAttention`]).
@@ -158,6 +158,22 @@ impl AttentionMask {
         mask
     }
 
+    /// Which of the `P` positions the last position sees, `[B, P]` row-major, when this call
+    /// runs one new position (decoding); `None` otherwise.
+    pub(crate) fn visible_to_last(&self) -> Option<Vec<bool>> {
+        let [b, _, _, p] = self.real.dims();
+        if p != self.past + 1 {
+            return None;
+        }
+        let real: Vec<bool> = self.real.clone().into_data().iter::<bool>().collect();
+        let window = self.window.unwrap_or(usize::MAX);
+        Some(
+            (0..b * p)
+                .map(|i| real[i] && self.past - i % p < window)
+                .collect(),
+        )
+    }
+
     /// The additive f32 mask of queries `start..start + len`, `[B, 1, len, P]`: 0 where a
     /// query sees a position, `f32::MIN` elsewhere.
     fn block(&self, start: usize, len: usize) -> Tensor<4> {
@@ -262,6 +278,13 @@ impl GroupedAttention {
         let k = apply_rope(k, cos, sin);
 
         let (k, v) = cache.append(k, v);
+        let scale = (self.head_dim as f64).sqrt().recip();
+        if let Some(out) = decode_attention(&q, &k, &v, mask, scale) {
+            return linear(
+                &self.o_proj,
+                out.reshape([b, l, self.heads * self.head_dim]),
+            );
+        }
         let repeat = self.heads / self.kv_heads;
         let expand = |t: Tensor<4>| -> Tensor<4> {
             if repeat == 1 {
@@ -273,7 +296,6 @@ impl GroupedAttention {
                 .reshape([b, kv * repeat, p, d])
         };
         let (k, v) = (expand(k), expand(v));
-        let scale = (self.head_dim as f64).sqrt().recip();
         let out = attend(q, k, v, mask, scale).reshape([b, l, self.heads * self.head_dim]);
         linear(&self.o_proj, out)
     }
@@ -357,7 +379,11 @@ impl LatentAttention {
 
         let (k, value) = cache.append(k, value);
         let scale = ((nope + rope) as f64).sqrt().recip();
-        let out = attend(q, k, value, mask, scale).reshape([b, l, heads * v_dim]);
+        let out = match decode_attention(&q, &k, &value, mask, scale) {
+            Some(out) => out,
+            None => attend(q, k, value, mask, scale),
+        }
+        .reshape([b, l, heads * v_dim]);
         linear(&self.o_proj, out)
     }
 }
