@@ -54,6 +54,34 @@ fn generate_json_matches_the_reference_continuation() {
     );
 }
 
+/// `generate` reports the prompt's pass (prefill) and the decode steps separately on stderr,
+/// with their token counts; one new token has no decode step.
+#[test]
+fn generate_reports_prefill_and_decode_separately() {
+    let run = |new: &str| {
+        let (ok, _, stderr) = moe(&[
+            "generate",
+            "--model",
+            TINY,
+            "--ids",
+            "5,6,7,8,9",
+            "--max-new-tokens",
+            new,
+            "--json",
+        ]);
+        assert!(ok, "{stderr}");
+        stderr
+    };
+    let four = run("4");
+    assert!(four.contains("4 new tokens in "), "{four}");
+    assert!(four.contains("prefill: 5 prompt tokens in "), "{four}");
+    assert!(four.contains("; decode: 3 tokens in "), "{four}");
+    assert!(four.contains(" ms per token, "), "{four}");
+    let one = run("1");
+    assert!(one.contains("prefill: 5 prompt tokens in "), "{one}");
+    assert!(!one.contains("decode:"), "{one}");
+}
+
 #[test]
 fn inspect_reports_sizes_and_parameters() {
     let (ok, stdout, _) = moe(&["inspect", "--model", TINY, "--json"]);

@@ -513,13 +513,18 @@ fn run(cli: Cli) -> Result<()> {
                 _ => None,
             };
             let start = Instant::now();
-            let new = m.generate(&ids, &options, &mut |token| match &mut stream {
-                Some(stream) => stream.push(token),
-                None if !json => {
-                    print!("{token} ");
-                    let _ = std::io::stdout().flush();
+            // the first token ends the prompt's pass (prefill); the others are decode steps
+            let mut first_token: Option<f64> = None;
+            let new = m.generate(&ids, &options, &mut |token| {
+                first_token.get_or_insert_with(|| start.elapsed().as_secs_f64());
+                match &mut stream {
+                    Some(stream) => stream.push(token),
+                    None if !json => {
+                        print!("{token} ");
+                        let _ = std::io::stdout().flush();
+                    }
+                    None => {}
                 }
-                None => {}
             })?;
             let seconds = start.elapsed().as_secs_f64();
             let text = match &tokenizer {
@@ -547,6 +552,23 @@ fn run(cli: Cli) -> Result<()> {
                 new.len(),
                 new.len() as f64 / seconds.max(1e-9)
             );
+            if let Some(prefill) = first_token {
+                let steps = new.len().saturating_sub(1);
+                let decode = seconds - prefill;
+                let mut line = format!(
+                    "prefill: {} prompt tokens in {prefill:.3} s ({:.1} tokens/s)",
+                    ids.len(),
+                    ids.len() as f64 / prefill.max(1e-9)
+                );
+                if steps > 0 {
+                    line += &format!(
+                        "; decode: {steps} tokens in {decode:.3} s ({:.1} ms per token, {:.1} tokens/s)",
+                        decode * 1e3 / steps as f64,
+                        steps as f64 / decode.max(1e-9)
+                    );
+                }
+                eprintln!("{line}");
+            }
         }
     }
     Ok(())
