@@ -20,6 +20,8 @@ pub struct AttentionShape {
     pub kv_heads: usize,
     /// Cached positions `P` (the new one included).
     pub positions: usize,
+    /// Positions the cache holds room for (`≥ P`): the stride of a head's rows.
+    pub capacity: usize,
     /// Query/key size per head.
     pub key_dim: usize,
     /// Value size per head.
@@ -27,8 +29,8 @@ pub struct AttentionShape {
 }
 
 /// `softmax(q · kᵀ · scale, masked) · v` for one query per batch row and head: `q`
-/// `[B, heads, key_dim]` f32, `k` `[B, kv_heads, P, key_dim]`, `v` `[B, kv_heads, P, value_dim]`,
-/// `visible` `[B, P]` (which positions each row's query sees), giving `[B, heads, value_dim]`.
+/// `[B, heads, key_dim]` f32, `k` `[B, kv_heads, capacity, key_dim]` and `v`
+/// `[B, kv_heads, capacity, value_dim]` whose first `P` positions are read, `visible` `[B, P]` (which positions each row's query sees), giving `[B, heads, value_dim]`.
 /// The softmax is f32; in a bf16 computation ([`Compute::Bf16`]) the scores are rounded to bf16
 /// before and after the scale and the probabilities after the softmax, as a bf16 model's
 /// matmuls round them. A row that sees no position gives zeros.
@@ -50,6 +52,7 @@ pub fn decode_attention(
         heads,
         kv_heads,
         positions,
+        capacity,
         key_dim,
         value_dim,
     } = shape;
@@ -57,16 +60,19 @@ pub fn decode_attention(
         op: "decode_attention",
         reason,
     };
-    if kv_heads == 0 || heads % kv_heads != 0 || key_dim == 0 || value_dim == 0 {
-        return Err(bad(format!(
-            "{heads} heads over {kv_heads} key/value heads, key size {key_dim}, value size {value_dim}"
-        )));
+    if kv_heads == 0
+        || !heads.is_multiple_of(kv_heads)
+        || key_dim == 0
+        || value_dim == 0
+        || capacity < positions
+    {
+        return Err(bad(format!("unusable sizes {shape:?}")));
     }
     let size = |dims: &[usize]| dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     let expected = [
         ("q", q.len(), size(&[batch, heads, key_dim])),
-        ("k", k.len(), size(&[batch, kv_heads, positions, key_dim])),
-        ("v", v.len(), size(&[batch, kv_heads, positions, value_dim])),
+        ("k", k.len(), size(&[batch, kv_heads, capacity, key_dim])),
+        ("v", v.len(), size(&[batch, kv_heads, capacity, value_dim])),
         ("visible", visible.len(), size(&[batch, positions])),
     ];
     for (name, got, want) in expected {
@@ -93,7 +99,7 @@ pub fn decode_attention(
             for (p, &sees) in seen.iter().enumerate() {
                 let s = match sees {
                     true => {
-                        let at = (kv * positions + p) * key_dim;
+                        let at = (kv * capacity + p) * key_dim;
                         let dot = compute.round(dot(query, k, at));
                         compute.round(dot * scale)
                     }
@@ -113,7 +119,7 @@ pub fn decode_attention(
             for (p, s) in scores.iter().enumerate() {
                 let prob = compute.round(s / sum);
                 if prob != 0.0 {
-                    axpy(out, prob, v, (kv * positions + p) * value_dim);
+                    axpy(out, prob, v, (kv * capacity + p) * value_dim);
                 }
             }
         });
@@ -164,25 +170,27 @@ mod tests {
     #[test]
     fn decode_attention_matches_a_f64_oracle() {
         let mut seed = 11;
-        for (batch, heads, kv_heads, positions, key_dim, value_dim) in [
-            (2, 4, 2, 7, 8, 5),
-            (1, 3, 3, 1, 4, 4),
-            (1, 8, 1, 33, 16, 16),
+        // the cache holds room for `capacity` positions, of which `positions` are read
+        for (batch, heads, kv_heads, positions, capacity, key_dim, value_dim) in [
+            (2, 4, 2, 7, 9, 8, 5),
+            (1, 3, 3, 1, 1, 4, 4),
+            (1, 8, 1, 33, 64, 16, 16),
         ] {
             let shape = AttentionShape {
                 batch,
                 heads,
                 kv_heads,
                 positions,
+                capacity,
                 key_dim,
                 value_dim,
             };
             let mut next = || lcg(&mut seed) * 4.0;
             let q: Vec<f32> = (0..batch * heads * key_dim).map(|_| next()).collect();
-            let k: Vec<f32> = (0..batch * kv_heads * positions * key_dim)
+            let k: Vec<f32> = (0..batch * kv_heads * capacity * key_dim)
                 .map(|_| next())
                 .collect();
-            let v: Vec<f32> = (0..batch * kv_heads * positions * value_dim)
+            let v: Vec<f32> = (0..batch * kv_heads * capacity * value_dim)
                 .map(|_| next())
                 .collect();
             // row 0 hides position 1; a second row, if any, sees nothing
@@ -207,7 +215,7 @@ mod tests {
                         let scores: Vec<Option<f64>> = (0..positions)
                             .map(|p| {
                                 visible[b * positions + p].then(|| {
-                                    let kr = &kr[(kv * positions + p) * key_dim..][..key_dim];
+                                    let kr = &kr[(kv * capacity + p) * key_dim..][..key_dim];
                                     qr.iter()
                                         .zip(kr)
                                         .map(|(x, y)| *x as f64 * *y as f64)
@@ -228,7 +236,7 @@ mod tests {
                                 .filter_map(|(p, s)| {
                                     s.map(|s| {
                                         (s - max).exp() / sum
-                                            * vr[(kv * positions + p) * value_dim + c] as f64
+                                            * vr[(kv * capacity + p) * value_dim + c] as f64
                                     })
                                 })
                                 .sum();
@@ -251,6 +259,7 @@ mod tests {
             heads: 4,
             kv_heads: 2,
             positions: 3,
+            capacity: 3,
             key_dim: 2,
             value_dim: 2,
         };
@@ -289,10 +298,19 @@ mod tests {
             (
                 AttentionShape {
                     positions: 4,
+                    capacity: 4,
                     ..shape
                 },
                 8,
                 4,
+            ),
+            (
+                AttentionShape {
+                    capacity: 2,
+                    ..shape
+                },
+                8,
+                3,
             ),
         ] {
             let err = run(s, &q[..q_len.min(8)], &vec![true; seen_len]).unwrap_err();

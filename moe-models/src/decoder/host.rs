@@ -8,7 +8,7 @@
 use burn::nn::Linear;
 use burn::tensor::Tensor;
 
-use super::model::AttentionMask;
+use super::model::{AttentionMask, CachedKv};
 
 /// `linear(x)`: `x · weight + bias`.
 ///
@@ -39,20 +39,19 @@ pub(crate) fn product(x: Tensor<3>, w: &Tensor<2>) -> Tensor<3> {
 /// backend, autodiff, a cache in another dtype or view).
 ///
 /// # Shapes
-/// - `q`: `[B, heads, 1, dk]`; `k`: `[B, kv_heads, P, dk]`; `v`: `[B, kv_heads, P, dv]`
-///   → `[B, 1, heads, dv]`
+/// - `q`: `[B, heads, 1, dk]`; the cache `[B, kv_heads, capacity, dk | dv]` holding `P`
+///   positions → `[B, 1, heads, dv]`
 pub(crate) fn decode_attention(
     q: &Tensor<4>,
-    k: &Tensor<4>,
-    v: &Tensor<4>,
+    cache: &CachedKv,
     mask: &AttentionMask,
     scale: f64,
 ) -> Option<Tensor<4>> {
     #[cfg(feature = "flex")]
-    return flex::decode_attention(q, k, v, mask, scale);
+    return flex::decode_attention(q, cache, mask, scale);
     #[cfg(not(feature = "flex"))]
     {
-        let _ = (q, k, v, mask, scale);
+        let _ = (q, cache, mask, scale);
         None
     }
 }
@@ -62,19 +61,19 @@ mod flex {
     use burn::tensor::{DType, Tensor, TensorData};
     use moe_kernels::host::{self, AttentionShape, Compute, HostTensor};
 
-    use super::AttentionMask;
+    use super::{AttentionMask, CachedKv};
 
     /// See [`super::decode_attention`].
     pub(super) fn decode_attention(
         q: &Tensor<4>,
-        k: &Tensor<4>,
-        v: &Tensor<4>,
+        cache: &CachedKv,
         mask: &AttentionMask,
         scale: f64,
     ) -> Option<Tensor<4>> {
         let device = q.device();
+        let (k, v, positions) = (&cache.keys, &cache.values, cache.len);
         let [batch, heads, len, key_dim] = q.dims();
-        let [_, kv_heads, positions, _] = k.dims();
+        let [_, kv_heads, capacity, _] = k.dims();
         let value_dim = v.dims()[3];
         if len != 1 || !host::host_available(&device) {
             return None;
@@ -94,6 +93,7 @@ mod flex {
             heads,
             kv_heads,
             positions,
+            capacity,
             key_dim,
             value_dim,
         };

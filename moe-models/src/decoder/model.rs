@@ -97,28 +97,78 @@ pub struct GroupedAttention {
     pub clip_qkv: Option<f64>,
 }
 
-/// Cached keys and values of one layer, `[B, kv_heads, positions, head_dim]`.
+/// Cached keys and values of one layer: `[B, kv_heads, capacity, d]` tensors whose first `len`
+/// positions hold the sequence so far. A call's keys and values are written in place after
+/// them (the tensors are this cache's only handles between calls); when they do not fit, the
+/// capacity doubles, so a sequence is copied a bounded number of times instead of once per
+/// step.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
     keys: Option<Tensor<4>>,
     values: Option<Tensor<4>>,
+    len: usize,
+}
+
+/// Positions a layer's cache first holds room for.
+const MIN_CACHE_CAPACITY: usize = 64;
+
+/// A layer's cache after a call's keys and values were appended.
+pub(crate) struct CachedKv {
+    /// `[B, kv_heads, capacity, dk]`.
+    pub(crate) keys: Tensor<4>,
+    /// `[B, kv_heads, capacity, dv]`.
+    pub(crate) values: Tensor<4>,
+    /// Positions held.
+    pub(crate) len: usize,
+}
+
+impl CachedKv {
+    /// The positions held, as `[B, kv_heads, len, d]` views.
+    fn held(self) -> (Tensor<4>, Tensor<4>) {
+        (
+            self.keys.narrow(2, 0, self.len),
+            self.values.narrow(2, 0, self.len),
+        )
+    }
 }
 
 impl LayerCache {
-    /// Appends this call's keys and values (`[B, heads, L, d]`) to the cached ones and returns
-    /// them all.
-    fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let k = match self.keys.take() {
-            Some(past) => Tensor::cat(vec![past, k], 2),
-            None => k,
+    /// Appends this call's keys and values (`[B, heads, L, d]`) after the cached ones.
+    fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> CachedKv {
+        let (len, new) = (self.len, k.dims()[2]);
+        let grow = |cached: Option<Tensor<4>>, fresh: &Tensor<4>| -> Tensor<4> {
+            let [b, heads, _, d] = fresh.dims();
+            match cached {
+                Some(t) if t.dims()[2] >= len + new => t,
+                cached => {
+                    let capacity = (2 * (len + new)).max(MIN_CACHE_CAPACITY);
+                    let room = Tensor::<4>::zeros(
+                        [b, heads, capacity, d],
+                        (&fresh.device(), fresh.dtype()),
+                    );
+                    match cached {
+                        Some(t) if len > 0 => {
+                            room.slice_assign([0..b, 0..heads, 0..len, 0..d], t.narrow(2, 0, len))
+                        }
+                        _ => room,
+                    }
+                }
+            }
         };
-        let v = match self.values.take() {
-            Some(past) => Tensor::cat(vec![past, v], 2),
-            None => v,
+        let write = |room: Tensor<4>, fresh: Tensor<4>| -> Tensor<4> {
+            let [b, heads, _, d] = fresh.dims();
+            room.slice_assign([0..b, 0..heads, len..len + new, 0..d], fresh)
         };
-        self.keys = Some(k.clone());
-        self.values = Some(v.clone());
-        (k, v)
+        let keys = write(grow(self.keys.take(), &k), k);
+        let values = write(grow(self.values.take(), &v), v);
+        self.len = len + new;
+        self.keys = Some(keys.clone());
+        self.values = Some(values.clone());
+        CachedKv {
+            keys,
+            values,
+            len: self.len,
+        }
     }
 }
 
@@ -277,14 +327,15 @@ impl GroupedAttention {
         let q = apply_rope(q, cos, sin);
         let k = apply_rope(k, cos, sin);
 
-        let (k, v) = cache.append(k, v);
+        let cached = cache.append(k, v);
         let scale = (self.head_dim as f64).sqrt().recip();
-        if let Some(out) = decode_attention(&q, &k, &v, mask, scale) {
+        if let Some(out) = decode_attention(&q, &cached, mask, scale) {
             return linear(
                 &self.o_proj,
                 out.reshape([b, l, self.heads * self.head_dim]),
             );
         }
+        let (k, v) = cached.held();
         let repeat = self.heads / self.kv_heads;
         let expand = |t: Tensor<4>| -> Tensor<4> {
             if repeat == 1 {
@@ -377,11 +428,14 @@ impl LatentAttention {
         let q = Tensor::cat(vec![q_pass, q_rot], 3);
         let k = Tensor::cat(vec![k_pass, k_rot], 3);
 
-        let (k, value) = cache.append(k, value);
+        let cached = cache.append(k, value);
         let scale = ((nope + rope) as f64).sqrt().recip();
-        let out = match decode_attention(&q, &k, &value, mask, scale) {
+        let out = match decode_attention(&q, &cached, mask, scale) {
             Some(out) => out,
-            None => attend(q, k, value, mask, scale),
+            None => {
+                let (k, value) = cached.held();
+                attend(q, k, value, mask, scale)
+            }
         }
         .reshape([b, l, heads * v_dim]);
         linear(&self.o_proj, out)
@@ -590,9 +644,7 @@ impl KvCache {
             row.truncate(len);
         }
         for layer in &mut self.layers {
-            let keep = |t: Option<Tensor<4>>| t.filter(|_| len > 0).map(|t| t.narrow(2, 0, len));
-            layer.keys = keep(layer.keys.take());
-            layer.values = keep(layer.values.take());
+            layer.len = layer.len.min(len);
         }
     }
 }
