@@ -156,14 +156,8 @@ fn axpy(out: &mut [f32], s: f32, m: Matrix<'_>, at: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::panel::tests::lcg;
     use half::bf16;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
 
     /// Against a dumb f64 loop: grouped heads, a masked position, a row that sees nothing,
     /// one position, f32 and bf16 caches.

@@ -53,14 +53,8 @@ pub fn dense(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::panel::tests::lcg;
     use half::bf16;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
 
     /// Every layout and precision against a dumb f64 loop, on row counts that take the panel
     /// (1, 8), the tiles (9, 130) and widths that are not multiples of any block (n = 1, 37,
