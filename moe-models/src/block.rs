@@ -137,7 +137,8 @@ fn stacked_matrices(
     let mut data = read_matrices(source, names, out_dim, in_dim, dtype, out_major)?;
     if names.len() == 1 {
         let shape = data.shape().to_vec();
-        data = TensorData::from_bytes(data.into_bytes(), [1, shape[0], shape[1]], dtype);
+        let stored = data.dtype();
+        data = TensorData::from_bytes(data.into_bytes(), [1, shape[0], shape[1]], stored);
     }
     let t = Tensor::<3>::from_data(data, (device, dtype));
     Ok(match out_major {

@@ -33,7 +33,8 @@ pub struct AttentionShape {
 /// `[B, kv_heads, capacity, value_dim]` whose first `P` positions are read, `visible` `[B, P]` (which positions each row's query sees), giving `[B, heads, value_dim]`.
 /// The softmax is f32; in a bf16 computation ([`Compute::Bf16`]) the scores are rounded to bf16
 /// before and after the scale and the probabilities after the softmax, as a bf16 model's
-/// matmuls round them. A row that sees no position gives zeros.
+/// matmuls round them. A row that sees no position averages the values of all `P` positions
+/// (what an additive mask of `f32::MIN` gives a softmax); a NaN score gives NaN outputs.
 ///
 /// # Errors
 /// [`KernelError::Shape`] when a size is zero where it cannot be, `heads` is not a multiple of
@@ -108,8 +109,14 @@ pub fn decode_attention(
                 max = max.max(s);
                 scores.push(s);
             }
-            if max == f32::NEG_INFINITY {
+            if scores.iter().any(|s| s.is_nan()) {
+                out.fill(f32::NAN);
                 return;
+            }
+            if max == f32::NEG_INFINITY {
+                // nothing visible: every position weighs the same
+                scores.fill(0.0);
+                max = 0.0;
             }
             let mut sum = 0.0f32;
             for s in scores.iter_mut() {
@@ -159,8 +166,8 @@ mod tests {
     use crate::host::panel::tests::lcg;
     use half::bf16;
 
-    /// Against a dumb f64 loop: grouped heads, a masked position, a row that sees nothing,
-    /// one position, f32 and bf16 caches.
+    /// Against a dumb f64 loop: grouped heads, a masked position, a row that sees nothing (the
+    /// mean of the values), one position, f32 and bf16 caches.
     #[test]
     fn decode_attention_matches_a_f64_oracle() {
         let mut seed = 11;
@@ -218,6 +225,11 @@ mod tests {
                                 })
                             })
                             .collect();
+                        // a row that sees nothing weighs every position the same
+                        let scores: Vec<Option<f64>> = match scores.iter().all(Option::is_none) {
+                            true => vec![Some(0.0); positions],
+                            false => scores,
+                        };
                         let max = scores
                             .iter()
                             .flatten()
@@ -244,6 +256,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_nan_score_gives_nan() {
+        let shape = AttentionShape {
+            batch: 1,
+            heads: 1,
+            kv_heads: 1,
+            positions: 2,
+            capacity: 2,
+            key_dim: 2,
+            value_dim: 2,
+        };
+        let k = [1.0, 0.0, f32::NAN, 0.0];
+        let v = [1.0, 2.0, 3.0, 4.0];
+        let out = decode_attention(
+            &[1.0, 1.0],
+            Matrix::F32(&k),
+            Matrix::F32(&v),
+            &[true, true],
+            shape,
+            1.0,
+            Compute::F32,
+        )
+        .unwrap();
+        assert!(out.iter().all(|v| v.is_nan()), "{out:?}");
     }
 
     #[test]

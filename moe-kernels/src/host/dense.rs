@@ -47,7 +47,10 @@ pub fn dense(
     let plan = HostPlan::new(&vec![0i64; t], t, 1, 1)?;
     let x = compute.rows(x);
     let paths = Paths::available().for_phase(compute, &[Some(w)]);
-    Ok(sorted_rows_phase(&x, k, &plan, |_| w, n, paths))
+    let mut out = sorted_rows_phase(&x, k, &plan, |_| w, n, paths);
+    // the buffer may come from the pool, sized for a longer call: the result keeps only its own
+    out.shrink_to_fit();
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -298,3 +298,42 @@ fn packed_expert_layout_loads_identically() {
         }
     }
 }
+
+/// `load_block_as` in every float dtype the device takes, on the block with a shared expert
+/// (its one-expert tensors take the loader's single-matrix path): the parameters hold the f32
+/// load's values, converted (f64 exactly, f16 and bf16 rounded).
+#[test]
+fn blocks_load_in_every_float_dtype() {
+    let device = common::cpu();
+    let case = &cases()[2];
+    assert!(
+        case.shared,
+        "the case list changed: pick the block with a shared expert"
+    );
+    let path = common::data(&format!("moe-block/{}.safetensors", case.file));
+    let source = TensorSource::from_bytes(std::fs::read(&path).unwrap(), case.file).unwrap();
+    let f32_layer = load_block(&source, "", case.naming, &case.config, &device).unwrap();
+    let values = |layer: &moe_core::MoeLayer| -> Vec<Vec<f32>> {
+        let shared = layer.shared.as_ref().unwrap();
+        [
+            layer.experts.up.val(),
+            shared.ffn.up.val(),
+            shared.ffn.down.val(),
+        ]
+        .into_iter()
+        .map(|t| common::host(t.cast(burn::tensor::DType::F32)))
+        .collect()
+    };
+    let want = values(&f32_layer);
+    use burn::tensor::DType;
+    for (dtype, tolerance) in [(DType::F64, 0.0), (DType::F16, 1e-3), (DType::BF16, 1e-2)] {
+        if !device.supports_dtype(dtype) {
+            continue;
+        }
+        let layer = load_block_as(&source, "", case.naming, &case.config, &device, dtype).unwrap();
+        for (got, want) in values(&layer).iter().zip(&want) {
+            let err = common::max_abs_diff(got, want);
+            assert!(err <= tolerance, "{dtype:?}: off by {err}");
+        }
+    }
+}
