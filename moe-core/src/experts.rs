@@ -216,7 +216,27 @@ impl Experts {
         }
     }
 
-    /// Applies expert `expert` to every row of `x`. Where `x` and the weights differ in dtype
+    /// [`Experts::forward_expert`] where the experts step of [`Experts::forward`] would run
+    /// (the one decision, [`dispatch::experts_step`]): on the host kernels when it picks them
+    /// for these weights, tensor ops elsewhere. Shared experts and dense MLPs run through it.
+    ///
+    /// # Shapes
+    /// - `x`: `[n, d_model]` → `[n, d_model]`
+    pub(crate) fn forward_one(&self, expert: usize, x: Tensor<2>) -> Tensor<2> {
+        #[cfg(feature = "flex")]
+        if let Ok(path) =
+            dispatch::experts_step(dispatch::DispatchStrategy::Auto, &x.device(), self)
+            && path.ran == dispatch::DispatchPath::HostKernels
+            // the host kernels fail only on shapes the layer has already checked
+            && let Ok(out) = dispatch::run_expert(self, expert, x.clone())
+        {
+            return out;
+        }
+        self.forward_expert(expert, x)
+    }
+
+    /// Applies expert `expert` to every row of `x` with tensor ops (the twin of the host and
+    /// GPU kernels). Where `x` and the weights differ in dtype
     /// (f32 rows on bf16 weights, as the host kernels also take them) it computes in f32 and
     /// returns `x`'s dtype.
     ///

@@ -79,7 +79,7 @@ impl SharedExpert {
     /// # Shapes
     /// - `x`: `[T, d_model]` → `[T, d_model]`
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let out = self.ffn.forward_expert(0, x.clone());
+        let out = self.ffn.forward_one(0, x.clone());
         match &self.gate {
             Some(gate) => out * sigmoid(x.matmul(gate.val())),
             None => out,

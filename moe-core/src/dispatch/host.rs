@@ -30,19 +30,16 @@ pub(crate) fn unreadable(experts: &Experts) -> Result<Option<Fallback>, MoeError
     Ok(None)
 }
 
-/// The experts' output for `x` as `routing` says.
+/// Calls `run` with `experts`' weights as the host kernels read them.
 ///
 /// # Errors
-/// Those of the host kernels, and [`MoeError::KernelsUnavailable`] for weights they cannot
-/// read in place (which [`super::decide`] sends to the tensor-op path instead).
-///
-/// # Shapes
-/// - `x`: `[T, d_model]` → `[T, d_model]`, in `x`'s dtype
-pub(crate) fn run_experts(
+/// [`MoeError::KernelsUnavailable`] for weights they cannot read in place (which
+/// [`super::decide`] sends to the tensor-op path instead), and those of `run`.
+fn with_matrices<R>(
     experts: &Experts,
-    x: Tensor<2>,
-    routing: &Routing,
-) -> Result<Tensor<2>, MoeError> {
+    device: &burn::tensor::Device,
+    run: impl FnOnce(&ExpertMatrices<'_>) -> Result<R, MoeError>,
+) -> Result<R, MoeError> {
     let gate = experts
         .gate
         .as_ref()
@@ -51,7 +48,7 @@ pub(crate) fn run_experts(
     let up = HostTensor::new(experts.up.val())?;
     let down = HostTensor::new(experts.down.val())?;
     let unreadable = || MoeError::KernelsUnavailable {
-        device: format!("{:?} (expert weights not readable in place)", x.device()),
+        device: format!("{device:?} (expert weights not readable in place)"),
     };
     let (Some(up_m), Some(down_m)) = (up.matrix(), down.matrix()) else {
         return Err(unreadable());
@@ -68,33 +65,90 @@ pub(crate) fn run_experts(
         experts.d_model(),
         experts.d_ff(),
     )?;
+    run(&matrices)
+}
 
-    let [t, k] = routing.expert_ids.dims();
-    let (device, dtype) = (x.device(), x.dtype());
-    // 2. plan: the one read of the routing
-    let ids: Vec<i64> = routing.expert_ids.to_data().iter::<i64>().collect();
-    let plan = HostPlan::new(&ids, t, k, routing.num_experts)?;
-    let weights: Vec<f32> = routing.weights.to_data().iter::<f32>().collect();
-    // 3–4. permute + experts (the gather is fused into the products), in bf16 for a bf16
-    // computation (its activations are bf16: x, and the hidden rows rounded as they are made)
-    let compute = match dtype {
+/// Steps 3–4 on `x` (`[T, d_model]`) for the rows of `plan`, in the precision `x` holds
+/// (bf16 rows for a bf16 computation: `x` and the hidden rows as a bf16 model rounds them).
+fn experts_rows(
+    matrices: &ExpertMatrices<'_>,
+    plan: &HostPlan,
+    x: Tensor<2>,
+) -> Result<Vec<f32>, MoeError> {
+    let compute = match x.dtype() {
         DType::BF16 => host::Compute::Bf16,
         _ => host::Compute::F32,
     };
     let x = HostTensor::new(x)?;
-    let rows = match x.matrix() {
-        Some(host::Matrix::F32(values)) => host::grouped_ffn_in(values, &plan, &matrices, compute)?,
-        _ => host::grouped_ffn_in(&x.to_f32_vec()?, &plan, &matrices, compute)?,
-    };
-    // 5. unpermute + combine
-    let out = host::combine(&rows, &plan, &weights, experts.d_model())?;
-    host::recycle(rows);
-    let out = Tensor::<2>::from_data(
-        TensorData::new(out, [t, experts.d_model()]),
-        (&device, DType::F32),
-    );
-    Ok(match dtype {
+    Ok(match x.matrix() {
+        Some(host::Matrix::F32(values)) => host::grouped_ffn_in(values, plan, matrices, compute)?,
+        _ => host::grouped_ffn_in(&x.to_f32_vec()?, plan, matrices, compute)?,
+    })
+}
+
+/// `[T, d_model]` f32 values as a tensor of `dtype` on `device`.
+fn upload(
+    values: Vec<f32>,
+    [t, d]: [usize; 2],
+    device: &burn::tensor::Device,
+    dtype: DType,
+) -> Tensor<2> {
+    let out = Tensor::<2>::from_data(TensorData::new(values, [t, d]), (device, DType::F32));
+    match dtype {
         DType::F32 => out,
         other => out.cast(other),
+    }
+}
+
+/// The experts' output for `x` as `routing` says.
+///
+/// # Errors
+/// Those of the host kernels, and [`MoeError::KernelsUnavailable`] for weights they cannot
+/// read in place (which [`super::decide`] sends to the tensor-op path instead).
+///
+/// # Shapes
+/// - `x`: `[T, d_model]` → `[T, d_model]`, in `x`'s dtype
+pub(crate) fn run_experts(
+    experts: &Experts,
+    x: Tensor<2>,
+    routing: &Routing,
+) -> Result<Tensor<2>, MoeError> {
+    let [t, k] = routing.expert_ids.dims();
+    let (device, dtype) = (x.device(), x.dtype());
+    with_matrices(experts, &device, |matrices| {
+        // 2. plan: the one read of the routing
+        let ids: Vec<i64> = routing.expert_ids.to_data().iter::<i64>().collect();
+        let plan = HostPlan::new(&ids, t, k, routing.num_experts)?;
+        let weights: Vec<f32> = routing.weights.to_data().iter::<f32>().collect();
+        // 3–4. permute + experts (the gather is fused into the products)
+        let rows = experts_rows(matrices, &plan, x)?;
+        // 5. unpermute + combine
+        let out = host::combine(&rows, &plan, &weights, experts.d_model())?;
+        host::recycle(rows);
+        Ok(upload(out, [t, experts.d_model()], &device, dtype))
+    })
+}
+
+/// Expert `expert` on every row of `x` (a shared expert, a dense MLP): one segment holding
+/// all the rows, in order, so no combine.
+///
+/// # Errors
+/// As [`run_experts`].
+///
+/// # Shapes
+/// - `x`: `[T, d_model]` → `[T, d_model]`, in `x`'s dtype
+pub(crate) fn run_expert(
+    experts: &Experts,
+    expert: usize,
+    x: Tensor<2>,
+) -> Result<Tensor<2>, MoeError> {
+    let t = x.dims()[0];
+    let (device, dtype) = (x.device(), x.dtype());
+    with_matrices(experts, &device, |matrices| {
+        let plan = HostPlan::new(&vec![expert as i64; t], t, 1, experts.num_experts())?;
+        let mut rows = experts_rows(matrices, &plan, x)?;
+        // the buffer comes from the pool, perhaps sized for a longer call
+        rows.shrink_to_fit();
+        Ok(upload(rows, [t, experts.d_model()], &device, dtype))
     })
 }

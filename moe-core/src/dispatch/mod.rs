@@ -11,6 +11,8 @@ pub(crate) mod strategy;
 // `CallPath`, `DispatchPath` and `DispatchStrategy` are the crate root's.
 pub use decision::{FUSED_EPILOGUE_MAX_GROUPS, FUSED_EPILOGUE_MAX_TOKENS, Fallback, StepPath};
 pub(crate) use decision::{decide, epilogue, experts_step};
+#[cfg(feature = "flex")]
+pub(crate) use host::run_expert;
 pub use plan::DispatchPlan;
 pub(crate) use strategy::{DispatchPath, DispatchStrategy};
 

@@ -426,3 +426,33 @@ fn out_major_bf16_weights_give_the_row_major_results() {
         }
     }
 }
+
+/// A shared expert (and so a decoder's dense MLP) runs on the host kernels where the layer's
+/// experts do, and matches its tensor-op twin (`forward_expert`, then the sigmoid gate): f32 and
+/// bf16 weights, rows for the panel and for the tiles.
+#[test]
+fn shared_experts_on_the_host_kernels_match_their_twin() {
+    use burn::tensor::activation::sigmoid;
+    let Some(device) = flex() else { return };
+    let config = MoeLayerConfig::qwen2_moe(48, 40, 4, 2, 56);
+    let layer = common::seeded_layer(&config, 23, &device);
+    let shared = layer.shared.as_ref().unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let ffn = cast_experts(&shared.ffn, dtype);
+        let gate = shared.gate.as_ref().unwrap().val().cast(dtype);
+        let shared = moe_core::SharedExpert::from_parts(ffn.clone(), Some(gate.clone())).unwrap();
+        for t in [1, 3, 2 * PANEL_MAX_ROWS + 5, 150] {
+            let x = common::upload(common::normal(t * 48, 1.0, 40 + t as u64), [t, 48], &device)
+                .cast(dtype);
+            let got = common::host(shared.forward(x.clone()).cast(DType::F32));
+            let twin = ffn.forward_expert(0, x.clone()) * sigmoid(x.matmul(gate.clone()));
+            let want = common::host(twin.cast(DType::F32));
+            let tolerance = match dtype {
+                DType::F32 => 1e-5,
+                _ => 2e-2,
+            } * largest(&want).max(1.0);
+            let err = common::max_abs_diff(&got, &want);
+            assert!(err <= tolerance, "{dtype:?} t{t}: off by {err}");
+        }
+    }
+}
