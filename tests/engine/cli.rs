@@ -538,3 +538,59 @@ fn bench_prints_one_json_line_per_case() {
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
     }
 }
+
+/// `bench-model` times the tiny checkpoint as llama-bench would: one JSON object with the load,
+/// a prefill rate per prompt length, decode after the context, peak RSS; bad counts and a
+/// prompt longer than the model's context are one-line errors.
+#[test]
+fn bench_model_reports_load_prefill_and_decode() {
+    let (ok, stdout, stderr) = moe(&[
+        "bench-model",
+        "--model",
+        TINY,
+        "--prompts",
+        "4,9",
+        "--context",
+        "3",
+        "--gen",
+        "2",
+        "--runs",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(report["load_seconds"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(
+        report["load_to_first_token_seconds"].as_f64().unwrap()
+            >= report["load_seconds"].as_f64().unwrap()
+    );
+    let prompts: Vec<u64> = report["prefill"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["prompt"].as_u64().unwrap())
+        .collect();
+    assert_eq!(prompts, [4, 9], "{report}");
+    for p in report["prefill"].as_array().unwrap() {
+        assert!(p["tokens_per_second"].as_f64().unwrap() > 0.0, "{report}");
+    }
+    assert_eq!(report["decode"]["context"], 3, "{report}");
+    assert_eq!(report["decode"]["tokens"], 2, "{report}");
+    assert!(report["decode"]["ms_per_token"].as_f64().unwrap() > 0.0);
+    #[cfg(target_os = "linux")]
+    assert!(report["peak_rss_bytes"].as_u64().unwrap() > 0);
+
+    for bad in [
+        vec!["--runs", "0"],
+        vec!["--gen", "0"],
+        vec!["--prompts", "5000"],
+    ] {
+        let mut args = vec!["bench-model", "--model", TINY];
+        args.extend(bad.iter());
+        let (ok, _, stderr) = moe(&args);
+        assert!(!ok, "{bad:?}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{bad:?}: {stderr}");
+        assert!(stderr.starts_with("error:"), "{bad:?}: {stderr}");
+    }
+}

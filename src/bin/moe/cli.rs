@@ -128,6 +128,32 @@ pub enum Command {
         #[arg(long)]
         stream: bool,
     },
+    /// Time a whole checkpoint as llama-bench does: load to first token and peak memory,
+    /// prefill tokens/s at each prompt length, decode ms per token after a context (medians of
+    /// --runs, greedy, through `generate`).
+    BenchModel {
+        /// Checkpoint folder (config.json + safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt lengths whose prefill is timed, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "128,512")]
+        prompts: Vec<usize>,
+        /// Tokens before the timed decode steps.
+        #[arg(long, default_value_t = 8)]
+        context: usize,
+        /// Decode steps timed per run.
+        #[arg(long = "gen", default_value_t = 32)]
+        steps: usize,
+        /// Runs of each case.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Experts per token (the MoE-PHDS dial); the checkpoint's own k by default.
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// The backends of this build and the dtypes each computes in.
     Backends {
         /// Print one JSON object per line.

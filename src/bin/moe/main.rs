@@ -1,5 +1,6 @@
 //! `moe`: inspect an MoE checkpoint, write its logits, or generate text with it.
 
+mod bench_model;
 mod cli;
 
 use crate::cli::{Cli, Command, Dtype};
@@ -452,6 +453,28 @@ fn run(cli: Cli) -> Result<()> {
                 };
                 bench(backend, cli.dtype, p, &tokens, &options)?;
             }
+        }
+        Command::BenchModel {
+            model,
+            prompts,
+            context,
+            steps,
+            runs,
+            top_k: k,
+            json,
+        } => {
+            let start = Instant::now();
+            let (m, _) = load(&model, backend, cli.dtype, cli.strict)?;
+            let load_seconds = start.elapsed().as_secs_f64();
+            let bench = bench_model::ModelBench {
+                prompts: &prompts,
+                context,
+                steps,
+                runs,
+                top_k: top_k(k),
+                json,
+            };
+            bench_model::bench_model(&m, &model, load_seconds, &bench)?;
         }
         Command::Logits {
             model,
