@@ -100,13 +100,15 @@ pub struct GroupedAttention {
 /// Cached keys and values of one layer: `[B, kv_heads, capacity, d]` tensors whose first `len`
 /// positions hold the sequence so far. A call's keys and values are written in place after
 /// them (the tensors are this cache's only handles between calls); when they do not fit, the
-/// capacity doubles, so a sequence is copied a bounded number of times instead of once per
-/// step.
+/// capacity doubles (up to the model's context), so a sequence is copied a bounded number of
+/// times instead of once per step.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
     keys: Option<Tensor<4>>,
     values: Option<Tensor<4>>,
     len: usize,
+    /// The model's context, if it has one: the capacity never grows past it.
+    limit: Option<usize>,
 }
 
 /// Positions a layer's cache first holds room for.
@@ -141,7 +143,8 @@ impl LayerCache {
             match cached {
                 Some(t) if t.dims()[2] >= len + new => t,
                 cached => {
-                    let capacity = (2 * (len + new)).max(MIN_CACHE_CAPACITY);
+                    let wanted = (2 * (len + new)).max(MIN_CACHE_CAPACITY);
+                    let capacity = self.limit.map_or(wanted, |l| wanted.min(l)).max(len + new);
                     let room = Tensor::<4>::zeros(
                         [b, heads, capacity, d],
                         (&fresh.device(), fresh.dtype()),
@@ -917,6 +920,7 @@ impl MoeCausalLm {
         for (index, (layer, layer_cache)) in
             self.layers.iter().zip(cache.layers.iter_mut()).enumerate()
         {
+            layer_cache.limit = self.max_positions;
             let (out, moe_trace) = layer.forward(x, &inputs, layer_cache, index, trace)?;
             x = out;
             traces.extend(moe_trace);
@@ -1143,5 +1147,65 @@ impl MoeCausalLm {
             false => Tensor::cat(step_logits, 0),
         };
         Ok((sequence[prompt.len()..].to_vec(), logits))
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+
+    /// `[1, 2, l, 3]` keys numbered from `first`.
+    fn numbered(first: usize, l: usize) -> Tensor<4> {
+        let values: Vec<f32> = (0..2 * l * 3).map(|i| (first + i) as f32).collect();
+        Tensor::from_data(TensorData::new(values, [1, 2, l, 3]), &Device::flex())
+    }
+
+    fn host(t: Tensor<4>) -> Vec<f32> {
+        t.into_data().iter::<f32>().collect()
+    }
+
+    /// Appends of several lengths hold exactly the concatenation of what was appended; the
+    /// capacity grows by doubling from 64, never past the model's context (nor below what is
+    /// held), and truncation only moves the length.
+    #[test]
+    fn the_cache_holds_what_was_appended_within_its_limit() {
+        for limit in [None, Some(5), Some(200)] {
+            let mut cache = LayerCache {
+                limit,
+                ..LayerCache::default()
+            };
+            let parts = [
+                numbered(0, 3),
+                numbered(100, 1),
+                numbered(200, 1),
+                numbered(300, 2),
+            ];
+            let mut want: Vec<Tensor<4>> = Vec::new();
+            for (i, part) in parts.iter().enumerate() {
+                let cached = cache.append(part.clone(), part.clone());
+                want.push(part.clone());
+                let len: usize = want.iter().map(|t| t.dims()[2]).sum();
+                assert_eq!(cached.len, len);
+                let capacity = cached.keys.dims()[2];
+                let expected = match (limit, i) {
+                    (Some(5), 0) => 5,
+                    (Some(5), 3) => 7, // past the context: what is held
+                    (Some(5), _) => 5,
+                    _ => 64,
+                };
+                assert_eq!(capacity, expected, "limit {limit:?} after part {i}");
+                let (k, v) = cached.held();
+                let all = host(Tensor::cat(want.clone(), 2));
+                assert_eq!(host(k), all, "limit {limit:?} after part {i}");
+                assert_eq!(host(v), all);
+            }
+            // a failed call forgets the last part; the next append overwrites it
+            cache.len = 4;
+            want.truncate(2);
+            let cached = cache.append(numbered(400, 1), numbered(400, 1));
+            want.push(numbered(400, 1));
+            let (k, _) = cached.held();
+            assert_eq!(host(k), host(Tensor::cat(want, 2)));
+        }
     }
 }
