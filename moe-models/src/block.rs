@@ -27,7 +27,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::LoadError;
-use crate::tensors::{FloatValue, ReadTensors};
+use crate::tensors::{FloatValue, ReadTensors, append_float};
 
 /// Expert tensor names of a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,8 +66,8 @@ fn check_shapes(
 
 /// `[out, in]` matrices read straight into the dtype they are stored in on the device (no f32
 /// copy): `[n, out, in]` as stored when `out_major` (the caller views it `[n, in, out]`), else
-/// transposed once into `[n, in, out]` over all threads. With `n = 1` the shape is 2-D.
-pub(crate) fn read_matrices(
+/// transposed once into `[n, in, out]` over all threads.
+fn read_matrices(
     source: &dyn ReadTensors,
     names: &[String],
     out_dim: usize,
@@ -93,16 +93,10 @@ fn read_matrices_as<T: FloatValue + Default>(
     let (n, size) = (names.len(), out_dim * in_dim);
     let mut stored = Vec::with_capacity(n * size);
     for name in names {
-        source.read_chunks(name, &[out_dim, in_dim], &mut |dtype, bytes| {
-            T::extend_from(dtype, bytes, &mut stored)
-        })?;
+        append_float(source, name, &[out_dim, in_dim], &mut stored)?;
     }
-    let shape = |a: usize, b: usize| match n {
-        1 => vec![a, b],
-        _ => vec![n, a, b],
-    };
     if out_major {
-        return Ok(TensorData::new(stored, shape(out_dim, in_dim)));
+        return Ok(TensorData::new(stored, [n, out_dim, in_dim]));
     }
     // row r of the result is column r % in_dim of matrix r / in_dim; 64 rows per task read
     // 64 neighbouring values of each stored row
@@ -121,7 +115,7 @@ fn read_matrices_as<T: FloatValue + Default>(
                 }
             }
         });
-    Ok(TensorData::new(transposed, shape(in_dim, out_dim)))
+    Ok(TensorData::new(transposed, [n, in_dim, out_dim]))
 }
 
 /// `[out, in]` matrices `names` as one `[n, in, out]` tensor of `dtype`: the checkpoint's own
@@ -134,12 +128,7 @@ fn stacked_matrices(
     (device, dtype): (&Device, DType),
     out_major: bool,
 ) -> Result<Tensor<3>, LoadError> {
-    let mut data = read_matrices(source, names, out_dim, in_dim, dtype, out_major)?;
-    if names.len() == 1 {
-        let shape = data.shape().to_vec();
-        let stored = data.dtype();
-        data = TensorData::from_bytes(data.into_bytes(), [1, shape[0], shape[1]], stored);
-    }
+    let data = read_matrices(source, names, out_dim, in_dim, dtype, out_major)?;
     let t = Tensor::<3>::from_data(data, (device, dtype));
     Ok(match out_major {
         true => t.swap_dims(1, 2),
@@ -246,23 +235,14 @@ pub(crate) fn matrix(
     out_major: bool,
 ) -> Result<Tensor<2>, LoadError> {
     let data = read_matrices(source, &[name], out_dim, in_dim, dtype, out_major)?;
+    // one matrix: [1, a, b] read as [a, b] (the same bytes)
+    let (read, shape) = (data.dtype(), data.shape()[1..].to_vec());
+    let data = TensorData::from_bytes(data.into_bytes(), shape, read);
     let t = Tensor::<2>::from_data(data, (device, dtype));
     Ok(match out_major {
         true => t.transpose(),
         false => t,
     })
-}
-
-/// Reads `[out, in]` matrix `name` as a `[in, out]` tensor of `dtype`, transposed once.
-pub(crate) fn matrix_transposed(
-    source: &dyn ReadTensors,
-    name: String,
-    out_dim: usize,
-    in_dim: usize,
-    device: &Device,
-    dtype: DType,
-) -> Result<Tensor<2>, LoadError> {
-    matrix(source, name, (out_dim, in_dim), (device, dtype), false)
 }
 
 /// Loads a dense SwiGLU FFN (`{prefix}gate_proj.weight`, …) as a one-expert [`Experts`].
@@ -316,13 +296,12 @@ pub fn load_block_as(
     // the router's shape proves E and H before a layer of that size is built
     check_shapes(source, &[format!("{prefix}gate.weight")], &[e, h])?;
     let mut router: Router = config.router().init(device)?;
-    router.weight = Param::from_tensor(matrix_transposed(
+    router.weight = Param::from_tensor(matrix(
         source,
         format!("{prefix}gate.weight"),
-        e,
-        h,
-        device,
-        dtype,
+        (e, h),
+        (device, dtype),
+        false,
     )?);
     if let Some(bias) = &mut router.selection_bias {
         let data = source.read_f32(&format!("{prefix}gate.e_score_correction_bias"), &[e])?;
@@ -349,13 +328,12 @@ pub fn load_block_as(
                 dtype,
             )?;
             let gate = match s.gated {
-                true => Some(matrix_transposed(
+                true => Some(matrix(
                     source,
                     format!("{prefix}shared_expert_gate.weight"),
-                    1,
-                    h,
-                    device,
-                    dtype,
+                    (1, h),
+                    (device, dtype),
+                    false,
                 )?),
                 false => None,
             };

@@ -38,10 +38,20 @@ pub fn read_float<T: FloatValue, S: ReadTensors + ?Sized>(
     expected: &[usize],
 ) -> Result<Vec<T>, LoadError> {
     let mut values = Vec::with_capacity(expected.iter().product());
-    source.read_chunks(name, expected, &mut |dtype, b| {
-        T::extend_from(dtype, b, &mut values)
-    })?;
+    append_float(source, name, expected, &mut values)?;
     Ok(values)
+}
+
+/// [`read_float`], appending to `out` (several tensors into one buffer).
+pub(crate) fn append_float<T: FloatValue, S: ReadTensors + ?Sized>(
+    source: &S,
+    name: &str,
+    expected: &[usize],
+    out: &mut Vec<T>,
+) -> Result<(), LoadError> {
+    source.read_chunks(name, expected, &mut |dtype, b| {
+        T::extend_from(dtype, b, out)
+    })
 }
 
 /// A float type the loader reads tensors into: f32, bf16 or f16.
@@ -50,25 +60,25 @@ pub trait FloatValue: burn::tensor::Element + Copy + Default + Send + Sync {
     fn extend_from(dtype: Dtype, bytes: &[u8], out: &mut Vec<Self>);
 }
 
-/// The stored values of `bytes` as f32 (F32, BF16 or F16).
-fn stored_f32(dtype: Dtype, bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
-    let (f32s, halves) = match dtype {
-        Dtype::F32 => (bytes, &[][..]),
-        _ => (&[][..], bytes),
-    };
-    let f32s = f32s
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-    let halves = halves.chunks_exact(2).map(move |b| match dtype {
-        Dtype::BF16 => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-        _ => f16::from_le_bytes([b[0], b[1]]).to_f32(),
-    });
-    f32s.chain(halves)
+/// Calls `put` with each value of `bytes` (stored as `dtype`: F32, BF16 or F16) as f32: one
+/// loop per dtype.
+fn widen(dtype: Dtype, bytes: &[u8], mut put: impl FnMut(f32)) {
+    match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .for_each(|b| put(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .for_each(|b| put(bf16::from_le_bytes([b[0], b[1]]).to_f32())),
+        _ => bytes
+            .chunks_exact(2)
+            .for_each(|b| put(f16::from_le_bytes([b[0], b[1]]).to_f32())),
+    }
 }
 
 impl FloatValue for f32 {
     fn extend_from(dtype: Dtype, bytes: &[u8], out: &mut Vec<Self>) {
-        out.extend(stored_f32(dtype, bytes));
+        widen(dtype, bytes, |v| out.push(v));
     }
 }
 
@@ -80,7 +90,7 @@ impl FloatValue for bf16 {
                     .chunks_exact(2)
                     .map(|b| bf16::from_le_bytes([b[0], b[1]])),
             ),
-            _ => out.extend(stored_f32(dtype, bytes).map(bf16::from_f32)),
+            _ => widen(dtype, bytes, |v| out.push(bf16::from_f32(v))),
         }
     }
 }
@@ -93,7 +103,7 @@ impl FloatValue for f16 {
                     .chunks_exact(2)
                     .map(|b| f16::from_le_bytes([b[0], b[1]])),
             ),
-            _ => out.extend(stored_f32(dtype, bytes).map(f16::from_f32)),
+            _ => widen(dtype, bytes, |v| out.push(f16::from_f32(v))),
         }
     }
 }

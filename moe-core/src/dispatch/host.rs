@@ -75,15 +75,14 @@ fn experts_rows(
     plan: &HostPlan,
     x: Tensor<2>,
 ) -> Result<Vec<f32>, MoeError> {
-    let compute = match x.dtype() {
-        DType::BF16 => host::Compute::Bf16,
-        _ => host::Compute::F32,
-    };
+    let compute = host::Compute::for_dtype(x.dtype());
     let x = HostTensor::new(x)?;
-    Ok(match x.matrix() {
-        Some(host::Matrix::F32(values)) => host::grouped_ffn_in(values, plan, matrices, compute)?,
-        _ => host::grouped_ffn_in(&x.to_f32_vec()?, plan, matrices, compute)?,
-    })
+    Ok(host::grouped_ffn_in(
+        &x.f32_values()?,
+        plan,
+        matrices,
+        compute,
+    )?)
 }
 
 /// `[T, d_model]` f32 values as a tensor of `dtype` on `device`.

@@ -32,6 +32,14 @@ pub enum Compute {
 }
 
 impl Compute {
+    /// The precision a computation in `dtype` reads its rows in: bf16 for bf16, f32 otherwise.
+    pub fn for_dtype(dtype: burn::tensor::DType) -> Self {
+        match dtype {
+            burn::tensor::DType::BF16 => Compute::Bf16,
+            _ => Compute::F32,
+        }
+    }
+
     /// `x` as this precision holds it: bf16 rows rounded once (a copy only where some value
     /// is not a bf16 already).
     pub(super) fn rows(self, x: &[f32]) -> std::borrow::Cow<'_, [f32]> {

@@ -85,6 +85,18 @@ impl HostTensor {
         }
     }
 
+    /// The values as f32: the stored slice when it is contiguous f32, else widened into a new
+    /// vector ([`HostTensor::to_f32_vec`]).
+    ///
+    /// # Errors
+    /// As [`HostTensor::to_f32_vec`].
+    pub fn f32_values(&self) -> Result<std::borrow::Cow<'_, [f32]>, KernelError> {
+        match self.matrix() {
+            Some(Matrix::F32(values)) => Ok(values.into()),
+            _ => Ok(self.to_f32_vec()?.into()),
+        }
+    }
+
     /// The values widened to f32 in a new vector (any float dtype, any layout).
     ///
     /// # Errors

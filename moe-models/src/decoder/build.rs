@@ -16,7 +16,7 @@ use super::model::{
     LatentAttention, LatentAttentionConfig, MoeCausalLm,
 };
 use crate::ExpertNaming;
-use crate::block::{load_block_as, load_dense, matrix, read_matrices};
+use crate::block::{load_block_as, load_dense, matrix};
 use crate::checkpoint::Checkpoint;
 use crate::error::LoadError;
 
@@ -316,11 +316,11 @@ impl Weights for FromCheckpoint<'_> {
     }
 
     fn embeddings(&mut self, v: usize, h: usize) -> Result<Tensor<2>, LoadError> {
-        // stored [V, H] is the layout: read as it is (the out-major read is the stored order)
-        let name = ["model.embed_tokens.weight".to_string()];
-        let data = read_matrices(self.ckpt, &name, v, h, self.dtype, true)?;
+        // stored [V, H] is the layout: the out-major read, without its [in, out] view
+        let name = "model.embed_tokens.weight".to_string();
+        let embed = matrix(self.ckpt, name, (v, h), (self.device, self.dtype), true)?;
         self.bar.inc(1);
-        Ok(Tensor::<2>::from_data(data, (self.device, self.dtype)))
+        Ok(embed.transpose())
     }
 
     fn lm_head(

@@ -83,11 +83,8 @@ mod flex {
             HostTensor::new(k.clone()).ok()?,
             HostTensor::new(v.clone()).ok()?,
         );
-        let query = HostTensor::new(q.clone()).ok()?.to_f32_vec().ok()?;
-        let compute = match q.dtype() {
-            DType::BF16 => Compute::Bf16,
-            _ => Compute::F32,
-        };
+        let query = HostTensor::new(q.clone()).ok()?;
+        let query = query.f32_values().ok()?;
         let shape = AttentionShape {
             batch,
             heads,
@@ -101,10 +98,10 @@ mod flex {
             &query,
             keys.matrix()?,
             values.matrix()?,
-            &visible,
+            visible,
             shape,
             scale as f32,
-            compute,
+            Compute::for_dtype(q.dtype()),
         )
         .ok()?;
         let out = Tensor::<4>::from_data(
@@ -123,19 +120,15 @@ mod flex {
         }
         let [b, l, k] = x.dims();
         let [w_in, n] = w.dims();
-        let weight = HostTensor::new(w.clone()).ok()?;
-        let matrix = weight.matrix()?;
-        let rows = HostTensor::new(x.clone()).ok()?;
-        let compute = match x.dtype() {
-            DType::BF16 => Compute::Bf16,
-            _ => Compute::F32,
-        };
-        let out = match rows.matrix() {
-            Some(host::Matrix::F32(values)) => host::dense(values, matrix, w_in, n, compute),
-            _ => host::dense(&rows.to_f32_vec().ok()?, matrix, w_in, n, compute),
-        };
         // the shapes agree by construction; a mismatch takes the matmul, which reports it
-        let out = out.ok().filter(|_| k == w_in)?;
+        if k != w_in {
+            return None;
+        }
+        let weight = HostTensor::new(w.clone()).ok()?;
+        let rows = HostTensor::new(x.clone()).ok()?;
+        let values = rows.f32_values().ok()?;
+        let compute = Compute::for_dtype(x.dtype());
+        let out = host::dense(&values, weight.matrix()?, k, n, compute).ok()?;
         let out = Tensor::<3>::from_data(TensorData::new(out, [b, l, n]), (&device, DType::F32));
         Some(out.cast(x.dtype()))
     }

@@ -193,17 +193,36 @@ pub struct AttentionMask {
     /// The whole mask, built once for all layers when the new positions fit in one block
     /// (decode, and prompts of up to [`ATTENTION_CHUNK`] tokens).
     whole: Option<Tensor<4>>,
+    /// Which positions the one new position sees, `[B, P]` row-major, when the call runs one
+    /// (decoding): read by the host kernels' decode attention, made once for all layers.
+    last_visible: Option<Vec<bool>>,
 }
 
 impl AttentionMask {
     /// The mask of `len` new positions after `past` cached ones, with `real` (`[B, 1, 1, P]`)
     /// flagging the real tokens among all `P`.
-    fn new(real: Tensor<4, Bool>, past: usize, len: usize, window: Option<usize>) -> Self {
+    /// The mask of `len` new positions after `past` cached ones, with `real` (`[B][P]`
+    /// row-major, `P = past + len`) flagging the real tokens among all positions.
+    fn new(
+        real: Vec<bool>,
+        [b, past, len]: [usize; 3],
+        window: Option<usize>,
+        device: &Device,
+    ) -> Self {
+        let p = past + len;
+        let last_visible = (len == 1).then(|| {
+            let window = window.unwrap_or(usize::MAX);
+            (0..b * p)
+                .map(|i| real[i] && past - i % p < window)
+                .collect()
+        });
+        let real = Tensor::<4, Bool>::from_data(TensorData::new(real, [b, 1, 1, p]), device);
         let mut mask = AttentionMask {
             real,
             past,
             window,
             whole: None,
+            last_visible,
         };
         if len <= ATTENTION_CHUNK {
             mask.whole = Some(mask.block(0, len));
@@ -213,18 +232,8 @@ impl AttentionMask {
 
     /// Which of the `P` positions the last position sees, `[B, P]` row-major, when this call
     /// runs one new position (decoding); `None` otherwise.
-    pub(crate) fn visible_to_last(&self) -> Option<Vec<bool>> {
-        let [b, _, _, p] = self.real.dims();
-        if p != self.past + 1 {
-            return None;
-        }
-        let real: Vec<bool> = self.real.clone().into_data().iter::<bool>().collect();
-        let window = self.window.unwrap_or(usize::MAX);
-        Some(
-            (0..b * p)
-                .map(|i| real[i] && self.past - i % p < window)
-                .collect(),
-        )
+    pub(crate) fn visible_to_last(&self) -> Option<&[bool]> {
+        self.last_visible.as_deref()
     }
 
     /// The additive f32 mask of queries `start..start + len`, `[B, 1, len, P]`: 0 where a
@@ -880,7 +889,6 @@ impl MoeCausalLm {
         for (row, m) in cache.mask.iter_mut().zip(mask) {
             row.extend_from_slice(m);
         }
-        let total = past + l;
 
         // Positions: real tokens seen so far in the row, minus one, clamped at zero.
         let mut positions = Vec::with_capacity(b * l);
@@ -896,8 +904,7 @@ impl MoeCausalLm {
 
         // Causal, padding and window mask, from one flag per position.
         let real: Vec<bool> = cache.mask.iter().flatten().copied().collect();
-        let real = Tensor::<4, Bool>::from_data(TensorData::new(real, [b, 1, 1, total]), &device);
-        let mask = AttentionMask::new(real, past, l, self.sliding_window);
+        let mask = AttentionMask::new(real, [b, past, l], self.sliding_window, &device);
 
         let flat: Vec<i64> = ids.iter().flatten().copied().collect();
         let ids = Tensor::<1, Int>::from_data(TensorData::new(flat, [b * l]), &device);
