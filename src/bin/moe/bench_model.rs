@@ -48,12 +48,9 @@ fn time_generate(
     Ok((first.unwrap_or(total), total, tokens.len()))
 }
 
+/// Min, median (the `bench` command's) and max; `values` holds at least one.
 fn stats(values: &mut [f64]) -> (f64, f64, f64) {
-    values.sort_by(f64::total_cmp);
-    let median = match values.len() % 2 {
-        1 => values[values.len() / 2],
-        _ => (values[values.len() / 2 - 1] + values[values.len() / 2]) / 2.0,
-    };
+    let median = crate::median_of(values).unwrap_or(f64::NAN);
     (values[0], median, values[values.len() - 1])
 }
 
